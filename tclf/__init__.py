@@ -7,3 +7,7 @@ workers stay light.
 """
 
 __version__ = "0.1.0"
+
+
+class DataWarning(UserWarning):
+    """A file of the user's data was skipped; the message names it and says why."""

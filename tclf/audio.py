@@ -1,0 +1,382 @@
+"""Audio -> segments -> (spectrogram image, feature matrix).
+
+This module is the one implementation of the audio front end: `tclf-extract`
+uses it to write data/, and `tclf-predict` uses it in memory, so a track is
+seen by the model the same way in training and in prediction.
+
+Per segment (10 s of mono audio at 22050 Hz) one STFT is computed; the mel
+spectrogram, MFCC, chroma, tonnetz, spectral shape, RMS and onset strength
+are all derived from it. Only the zero-crossing rate and the RMS read the
+waveform (framed like the STFT).
+
+Feature columns (float32, one row per 1 s window; statistics are taken over
+the STFT frames whose centre falls in that second):
+
+=======  ==========================  ==========================================
+column   name                        meaning
+=======  ==========================  ==========================================
+0-19     mfcc_mean_01..20            mean of MFCC 1-20 (DCT-II of the mel dB)
+20-34    mfcc_std_01..15             standard deviation of MFCC 1-15
+35-46    chroma_mean_C..B            mean chroma energy per pitch class (STFT)
+47-52    tonnetz_mean_1..6           mean tonal centroid (fifths, minor and
+                                     major thirds; x/y each), from the chroma
+53, 54   centroid_mean, _std         spectral centroid, Hz
+55, 56   bandwidth_mean, _std        spectral bandwidth (2nd order), Hz
+57, 58   rolloff_mean, _std          85% spectral roll-off frequency, Hz
+59, 60   zcr_mean, _std              zero-crossing rate per frame (0-1)
+61, 62   rms_mean, _std              RMS of the waveform per frame
+63       rms_max                     loudest frame's RMS
+64, 65   onset_mean, _std            onset strength (mel spectral flux)
+66       tempo_bpm                   tempo of the whole segment, BPM (same in
+                                     every row: 1 s is too short for tempo)
+67       tempo_confidence            normalized onset autocorrelation at the
+                                     tempo's lag (0-1), whole segment
+=======  ==========================  ==========================================
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import io
+import math
+
+import numpy as np
+
+SAMPLE_RATE = 22050
+N_FFT = 2048
+HOP_LENGTH = 512
+N_MELS = 128
+TOP_DB = 80.0
+IMAGE_SIZE = 299
+WINDOWS = 10
+NUM_FEATURES = 68
+FEATURE_SHAPE = (WINDOWS, NUM_FEATURES)
+COLORMAP = "magma"
+AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".oga", ".mp3", ".aiff", ".aif", ".au", ".opus", ".m4a")
+
+_PITCH_CLASSES = ("C", "C#", "D", "D#", "E", "F", "F#", "G", "G#", "A", "A#", "B")
+FEATURE_NAMES = tuple(
+    [f"mfcc_mean_{i:02d}" for i in range(1, 21)]
+    + [f"mfcc_std_{i:02d}" for i in range(1, 16)]
+    + [f"chroma_mean_{p}" for p in _PITCH_CLASSES]
+    + [f"tonnetz_mean_{i}" for i in range(1, 7)]
+    + ["centroid_mean", "centroid_std", "bandwidth_mean", "bandwidth_std",
+       "rolloff_mean", "rolloff_std", "zcr_mean", "zcr_std",
+       "rms_mean", "rms_std", "rms_max", "onset_mean", "onset_std",
+       "tempo_bpm", "tempo_confidence"]
+)
+assert len(FEATURE_NAMES) == NUM_FEATURES  # A programming error, not an input check.
+
+
+class AudioError(ValueError):
+    """An audio file that cannot be decoded or is too short to use."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Segment:
+    """One analysed segment of a track.
+
+    Attributes
+    ----------
+    index : int
+        1-based position in the track (part_<index>.png / .npy).
+    start : float
+        Start time in seconds in the source audio.
+    image : np.ndarray [shape=(size, size, 3), dtype=uint8]
+        The mel spectrogram rendered as RGB (low frequencies at the bottom).
+    features : np.ndarray [shape=(10, 68), dtype=float32]
+        The feature matrix, columns as in the module docstring.
+    """
+
+    index: int
+    start: float
+    image: np.ndarray
+    features: np.ndarray
+
+    def png_bytes(self) -> bytes:
+        return encode_png(self.image)
+
+
+# ---------------------------------------------------------------------------
+# Decoding and segmenting.
+# ---------------------------------------------------------------------------
+
+
+def segment_starts(duration: float, num_segments: int = 6, segment_seconds: float = 10.0,
+                   skip_fraction: float = 0.1) -> list[float]:
+    """Start times of the segments taken from a track.
+
+    Segments never overlap. They are spread evenly over the body of the track
+    (without the first and last ``skip_fraction``) when that fits
+    ``num_segments``; otherwise over the whole track; a track that holds
+    fewer than ``num_segments`` yields as many as fit; under one segment,
+    none.
+
+    Parameters
+    ----------
+    duration : float
+        Length of the track in seconds.
+
+    Returns
+    -------
+    starts : list of float, in seconds, ascending.
+    """
+    if num_segments < 1 or segment_seconds <= 0:
+        raise ValueError(f"num_segments must be >= 1 and segment_seconds > 0, got "
+                         f"{num_segments} and {segment_seconds}")
+    begin, end = duration * skip_fraction, duration * (1.0 - skip_fraction)
+    if end - begin < num_segments * segment_seconds:
+        begin, end = 0.0, duration
+    count = min(num_segments, int(math.floor((end - begin) / segment_seconds + 1e-9)))
+    if count <= 0:
+        return []
+    if count == 1:
+        return [begin + (end - begin - segment_seconds) / 2.0]
+    step = (end - begin - segment_seconds) / (count - 1)
+    return [begin + i * step for i in range(count)]
+
+
+def _to_mono(samples: np.ndarray) -> np.ndarray:
+    return samples.mean(axis=1) if samples.ndim == 2 else samples
+
+
+def load_segments(path: str, num_segments: int = 6, segment_seconds: float = 10.0,
+                  sample_rate: int = SAMPLE_RATE, skip_fraction: float = 0.1
+                  ) -> list[tuple[float, np.ndarray]]:
+    """Read the segments of one audio file as mono float32 at ``sample_rate``.
+
+    Formats libsndfile can seek in (wav, flac, ogg, mp3, aiff) are read
+    segment by segment, so a long track is never decoded whole; anything else
+    falls back to ``librosa.load`` (audioread).
+
+    Returns
+    -------
+    segments : list of (start_seconds, y) with y np.ndarray [shape=(segment_seconds * sample_rate,)]
+
+    Raises
+    ------
+    AudioError
+        If the file cannot be decoded or is shorter than one segment.
+    """
+    import soundfile as sf
+
+    length = int(round(segment_seconds * sample_rate))
+    try:
+        with sf.SoundFile(path) as f:
+            source_rate, frames = f.samplerate, f.frames
+            if frames <= 0:
+                raise AudioError(f"{path}: no audio frames")
+            duration = frames / source_rate
+            starts = segment_starts(duration, num_segments, segment_seconds, skip_fraction)
+            segments = []
+            for start in starts:
+                f.seek(int(round(start * source_rate)))
+                y = _to_mono(f.read(int(math.ceil(segment_seconds * source_rate)),
+                                    dtype="float32", always_2d=False))
+                segments.append((start, y))
+    except AudioError:
+        raise
+    except Exception as error:  # libsndfile cannot read it: try audioread.
+        try:
+            import warnings
+
+            import librosa
+
+            with warnings.catch_warnings():  # librosa warns about its own fallback; we report.
+                warnings.simplefilter("ignore")
+                y, source_rate = librosa.load(path, sr=None, mono=True)
+        except Exception:
+            raise AudioError(f"{path}: not a readable audio file ({error})") from None
+        duration = len(y) / source_rate
+        starts = segment_starts(duration, num_segments, segment_seconds, skip_fraction)
+        count = int(math.ceil(segment_seconds * source_rate))
+        segments = [(s, y[int(round(s * source_rate)):][:count]) for s in starts]
+    if not segments:
+        raise AudioError(f"{path}: {duration:.1f} s is shorter than one "
+                         f"{segment_seconds:g} s segment")
+    return [(start, _fit(_resample(y, source_rate, sample_rate), length))
+            for start, y in segments]
+
+
+def _resample(y: np.ndarray, source_rate: int, target_rate: int) -> np.ndarray:
+    if source_rate == target_rate:
+        return y.astype(np.float32, copy=False)
+    import soxr
+
+    return soxr.resample(y, source_rate, target_rate, quality="HQ").astype(np.float32)
+
+
+def _fit(y: np.ndarray, length: int) -> np.ndarray:
+    if len(y) >= length:
+        return np.ascontiguousarray(y[:length])
+    return np.pad(y, (0, length - len(y)))
+
+
+# ---------------------------------------------------------------------------
+# Analysis.
+# ---------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=4)
+def _filter_banks(sample_rate: int):
+    import librosa
+
+    mel = librosa.filters.mel(sr=sample_rate, n_fft=N_FFT, n_mels=N_MELS).astype(np.float32)
+    chroma = librosa.filters.chroma(sr=sample_rate, n_fft=N_FFT).astype(np.float32)
+    frequencies = librosa.fft_frequencies(sr=sample_rate, n_fft=N_FFT).astype(np.float32)
+    window = np.hanning(N_FFT + 1)[:-1].astype(np.float32)  # periodic Hann, as librosa.
+    return mel, chroma, frequencies, window
+
+
+@functools.lru_cache(maxsize=2)
+def _colormap_lut(name: str = COLORMAP) -> np.ndarray:
+    from matplotlib import colormaps
+
+    return (colormaps[name](np.linspace(0.0, 1.0, 256))[:, :3] * 255.0 + 0.5).astype(np.uint8)
+
+
+def _stft_magnitude(y: np.ndarray, window: np.ndarray) -> np.ndarray:
+    """|STFT| [shape=(1 + N_FFT/2, frames)], centred frames, as librosa.stft."""
+    padded = np.pad(y, N_FFT // 2, mode="constant")
+    frames = np.lib.stride_tricks.sliding_window_view(padded, N_FFT)[::HOP_LENGTH]
+    return np.abs(np.fft.rfft(frames * window, axis=1)).T.astype(np.float32)
+
+
+def render_image(mel_db: np.ndarray, size: int = IMAGE_SIZE) -> np.ndarray:
+    """Map a mel dB matrix to an RGB image, with no axes and no margins.
+
+    Parameters
+    ----------
+    mel_db : np.ndarray [shape=(n_mels, frames)]
+        Mel power in dB relative to the segment's maximum, within [-TOP_DB, 0].
+
+    Returns
+    -------
+    image : np.ndarray [shape=(size, size, 3), dtype=uint8]
+    """
+    from PIL import Image
+
+    scaled = np.clip((mel_db + TOP_DB) / TOP_DB, 0.0, 1.0)[::-1]  # Low frequencies at the bottom.
+    resized = Image.fromarray(np.ascontiguousarray(scaled, dtype=np.float32), mode="F").resize(
+        (size, size), Image.BILINEAR)
+    index = np.clip(np.asarray(resized) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    return _colormap_lut()[index]
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    """Encode an RGB uint8 image as PNG bytes."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(image, mode="RGB").save(buffer, format="PNG", compress_level=1)
+    return buffer.getvalue()
+
+
+def _window_stats(frames: np.ndarray, window_of_frame: np.ndarray, windows: int):
+    """Mean and std over frames per window. frames [shape=(d, t)] -> 2x [shape=(windows, d)]."""
+    counts = np.bincount(window_of_frame, minlength=windows).astype(np.float64)
+    counts = np.maximum(counts, 1.0)[:, None]
+    total = np.zeros((windows, frames.shape[0]))
+    squares = np.zeros((windows, frames.shape[0]))
+    np.add.at(total, window_of_frame, frames.T.astype(np.float64))
+    np.add.at(squares, window_of_frame, frames.T.astype(np.float64) ** 2)
+    mean = total / counts
+    std = np.sqrt(np.maximum(squares / counts - mean**2, 0.0))
+    return mean, std
+
+
+def analyze_segment(y: np.ndarray, sample_rate: int = SAMPLE_RATE, image_size: int = IMAGE_SIZE,
+                    windows: int = WINDOWS) -> tuple[np.ndarray, np.ndarray]:
+    """Spectrogram image and feature matrix of one segment.
+
+    Parameters
+    ----------
+    y : np.ndarray [shape=(n,)]
+        Mono audio of one segment (normally 10 s at ``sample_rate``).
+
+    Returns
+    -------
+    image : np.ndarray [shape=(image_size, image_size, 3), dtype=uint8]
+    features : np.ndarray [shape=(windows, 68), dtype=float32]
+    """
+    import librosa
+
+    y = np.asarray(y, dtype=np.float32)
+    if y.ndim != 1 or len(y) < N_FFT:
+        raise AudioError(f"segment must be mono with at least {N_FFT} samples, got shape {y.shape}")
+    mel_basis, chroma_basis, frequencies, window = _filter_banks(sample_rate)
+    magnitude = _stft_magnitude(y, window)  # [1025, t]
+    power = magnitude**2
+    mel = mel_basis @ power  # [128, t]
+    mel_db = 10.0 * np.log10(np.maximum(mel, 1e-10))
+    peak = mel_db.max()
+    image = render_image(np.maximum(mel_db - peak, -TOP_DB), image_size)
+
+    # MFCC as librosa.feature.mfcc(S=power_to_db(mel), n_mfcc=20): top_db clipped, DCT-II ortho.
+    import scipy.fft
+
+    mfcc = scipy.fft.dct(np.maximum(mel_db, peak - TOP_DB), axis=0, type=2, norm="ortho")[:20]
+    chroma = chroma_basis @ power
+    chroma /= np.maximum(chroma.max(axis=0, keepdims=True), 1e-10)  # As chroma_stft (inf-norm).
+    tonnetz = librosa.feature.tonnetz(chroma=chroma, sr=sample_rate)
+    centroid = librosa.feature.spectral_centroid(S=magnitude, freq=frequencies)[0]
+    bandwidth = librosa.feature.spectral_bandwidth(S=magnitude, freq=frequencies,
+                                                   centroid=centroid[None])[0]
+    rolloff = librosa.feature.spectral_rolloff(S=magnitude, freq=frequencies)[0]
+    zcr = librosa.feature.zero_crossing_rate(y, frame_length=N_FFT, hop_length=HOP_LENGTH)[0]
+    rms = librosa.feature.rms(y=y, frame_length=N_FFT, hop_length=HOP_LENGTH)[0]
+    onset = librosa.onset.onset_strength(S=np.maximum(mel_db, peak - TOP_DB), sr=sample_rate,
+                                         hop_length=HOP_LENGTH)
+    tempo, confidence = _tempo(onset, sample_rate)
+
+    frames = magnitude.shape[1]
+    seconds = len(y) / sample_rate
+    window_of_frame = np.minimum(
+        (np.arange(frames) * HOP_LENGTH / sample_rate * windows / seconds).astype(np.int64),
+        windows - 1)
+    per_frame = np.vstack([mfcc, chroma, tonnetz, centroid, bandwidth, rolloff,
+                           zcr[:frames], rms[:frames], onset[:frames]])
+    mean, std = _window_stats(per_frame, window_of_frame, windows)
+    # Rows of per_frame: 0-19 mfcc, 20-31 chroma, 32-37 tonnetz, 38 centroid, 39 bandwidth,
+    # 40 rolloff, 41 zcr, 42 rms, 43 onset.
+    rms_max = np.zeros(windows)
+    np.maximum.at(rms_max, window_of_frame, rms[:frames])
+    spectral = np.stack([mean[:, 38:44], std[:, 38:44]], axis=2).reshape(windows, 12)[:, :10]
+    features = np.hstack([
+        mean[:, 0:20], std[:, 0:15], mean[:, 20:32], mean[:, 32:38],
+        spectral,  # centroid, bandwidth, rolloff, zcr, rms: (mean, std) each.
+        rms_max[:, None], mean[:, 43:44], std[:, 43:44],
+        np.full((windows, 1), tempo), np.full((windows, 1), confidence),
+    ]).astype(np.float32)
+    return image, features
+
+
+def _tempo(onset: np.ndarray, sample_rate: int) -> tuple[float, float]:
+    """Tempo (BPM) of an onset envelope and how clearly it pulses (0-1)."""
+    import librosa
+
+    tempo = float(librosa.feature.tempo(onset_envelope=onset, sr=sample_rate,
+                                        hop_length=HOP_LENGTH)[0])
+    centred = onset - onset.mean()
+    autocorrelation = librosa.autocorrelate(centred)
+    if autocorrelation[0] <= 0 or tempo <= 0:
+        return tempo, 0.0
+    lag = int(round(60.0 * sample_rate / HOP_LENGTH / tempo))
+    if lag >= len(autocorrelation):
+        return tempo, 0.0
+    return tempo, float(np.clip(autocorrelation[lag] / autocorrelation[0], 0.0, 1.0))
+
+
+def analyze_file(path: str, num_segments: int = 6, segment_seconds: float = 10.0,
+                 sample_rate: int = SAMPLE_RATE, image_size: int = IMAGE_SIZE,
+                 skip_fraction: float = 0.1) -> list[Segment]:
+    """All segments of one audio file, analysed. Raises AudioError for unusable files."""
+    return [Segment(index, start, *analyze_segment(y, sample_rate, image_size))
+            for index, (start, y) in enumerate(
+                load_segments(path, num_segments, segment_seconds, sample_rate, skip_fraction),
+                start=1)]
+
+
+def is_audio_file(name: str) -> bool:
+    return name.lower().endswith(AUDIO_EXTENSIONS)

@@ -1,0 +1,158 @@
+"""The tf.data reader of packed records.
+
+One function, :func:`make_dataset`, builds every dataset; training and
+evaluation differ only by its arguments. Elements are
+``({"spectrogram": uint8 [B, H, W, 3], "features": float32 [B, 10, 68]}, label)``,
+keyed by the model's input names so a batch feeds the model as it is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import tensorflow as tf
+
+from tclf import records
+from tclf.records import FEATURES_KEY, LABEL_KEY, SPECTROGRAM_KEY, TRACK_ID_KEY
+
+AUTOTUNE = tf.data.AUTOTUNE
+
+
+def shard_paths(records_dir: str, split: str, manifest: dict | None = None) -> list[str]:
+    """The shard files of a split, as listed by the manifest."""
+    manifest = manifest or records.load_manifest(records_dir)
+    if split not in manifest["splits"]:
+        raise ValueError(f"{records_dir}: no split {split!r}; the manifest has "
+                         f"{sorted(manifest['splits'])}")
+    return [records.join(records_dir, shard["file"]) for shard in manifest["splits"][split]["shards"]]
+
+
+def decode_example(serialized: tf.Tensor, feature_shape, image_size: int | None = None,
+                   include_track_id: bool = False):
+    """Parse one serialized record and decode its PNG. Image stays uint8."""
+    parsed = tf.io.parse_single_example(serialized, records.feature_description(feature_shape))
+    image = tf.io.decode_png(parsed[SPECTROGRAM_KEY], channels=3)
+    if image_size is not None:
+        image = tf.cast(tf.clip_by_value(tf.round(
+            tf.image.resize(image, (image_size, image_size), antialias=True)), 0, 255), tf.uint8)
+    inputs = {SPECTROGRAM_KEY: image, FEATURES_KEY: parsed[FEATURES_KEY]}
+    label = tf.cast(parsed[LABEL_KEY], tf.int32)
+    if include_track_id:
+        return inputs, label, parsed[TRACK_ID_KEY]
+    return inputs, label
+
+
+def make_dataset(records_dir: str, split: str = "train", batch_size: int = 32,
+                 training: bool = False, image_size: int | None = None, cache: bool | str = False,
+                 include_track_id: bool = False, shuffle_buffer: int = 1024,
+                 seed: int | None = None, repeat: bool = False, drop_remainder: bool = False,
+                 options: tf.data.Options | None = None) -> tf.data.Dataset:
+    """A batched, prefetched dataset over one split of RECORDS_DIR.
+
+    Parameters
+    ----------
+    records_dir : str
+        A folder written by `tclf-pack` (any tf.io.gfile path, e.g. gs://).
+    split : str
+        "train" or "val".
+    training : bool
+        Shuffle shards and records, and read shards in a non-deterministic
+        interleave (faster). False gives a fixed order, for evaluation.
+    image_size : int, optional
+        Resize spectrograms to image_size x image_size (for small models);
+        None keeps the stored 299x299.
+    cache : bool or str
+        Keep decoded examples after the first epoch: True in memory, a path
+        for a cache file. Memory cost is ~268 kB per 299x299 record.
+    include_track_id : bool
+        Yield ``(inputs, label, track_id)``; for track-level metrics, not fit().
+    repeat : bool
+        Repeat forever (use with steps_per_epoch).
+
+    Returns
+    -------
+    tf.data.Dataset
+    """
+    manifest = records.load_manifest(records_dir)
+    files = shard_paths(records_dir, split, manifest)
+    if not files:
+        raise ValueError(f"{records_dir}: split {split!r} has no records")
+    for shard, path in zip(manifest["splits"][split]["shards"], files):
+        if "bytes" in shard and tf.io.gfile.stat(path).length != shard["bytes"]:
+            raise CorruptRecordsError(f"{path}: {tf.io.gfile.stat(path).length} bytes, the "
+                                      f"manifest says {shard['bytes']} (truncated or replaced?); "
+                                      f"re-run tclf-pack")
+    feature_shape = manifest["feature_shape"]
+    stored_size = manifest["image_size"][0]
+    resize_to = image_size if image_size and image_size != stored_size else None
+
+    # Order, and why: shuffle file names (cheap) -> interleave reads of several shards in
+    # parallel -> [shuffle serialized records, small, when not caching] -> parse + decode in
+    # parallel -> [cache decoded] -> [shuffle decoded, after the cache so each epoch differs] ->
+    # [repeat] -> batch -> prefetch so that the model never waits for the next batch.
+    dataset = tf.data.Dataset.from_tensor_slices(files)
+    if training:
+        dataset = dataset.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
+    dataset = dataset.interleave(
+        lambda path: _records_of(path), cycle_length=min(len(files), 16),
+        block_length=1, num_parallel_calls=AUTOTUNE, deterministic=not training)
+    if training and not cache:
+        dataset = dataset.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+    dataset = dataset.map(
+        lambda x: decode_example(x, feature_shape, resize_to, include_track_id),
+        num_parallel_calls=AUTOTUNE, deterministic=not training)
+    if cache:
+        dataset = dataset.cache("" if cache is True else cache)
+        if training:
+            dataset = dataset.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+    if repeat:
+        dataset = dataset.repeat()
+    dataset = dataset.batch(batch_size, drop_remainder=drop_remainder,
+                            num_parallel_calls=AUTOTUNE, deterministic=not training)
+    dataset = dataset.prefetch(AUTOTUNE)
+    if options is not None:
+        dataset = dataset.with_options(options)
+    return dataset
+
+
+def _records_of(path: tf.Tensor) -> tf.data.Dataset:
+    # A large read buffer: shards are read sequentially, and several at once.
+    return tf.data.TFRecordDataset(path, buffer_size=4 * 2**20)
+
+
+class CorruptRecordsError(RuntimeError):
+    """A shard of a pack cannot be read; the message names it."""
+
+
+@contextlib.contextmanager
+def naming_corrupt_shards(records_dir: str, split: str | None = None):
+    """Turn TF's anonymous "corrupted record at N" into an error naming the shard.
+
+    TFRecordDataset reports a broken record without its file, so on such an
+    error the split's shards are read once more, one by one, to find it.
+    """
+    try:
+        yield
+    except (tf.errors.DataLossError, tf.errors.InvalidArgumentError) as error:
+        broken = verify_shards(records_dir, split)
+        if not broken:
+            raise
+        where = "; ".join(f"{path}: {message}" for path, message in broken)
+        raise CorruptRecordsError(f"corrupt records shard {where} "
+                                  f"(re-run tclf-pack to rebuild it)") from error
+
+
+def verify_shards(records_dir: str, split: str | None = None) -> list[tuple[str, str]]:
+    """Read every shard of a pack end to end. Returns (shard, error) for the broken ones."""
+    manifest = records.load_manifest(records_dir)
+    broken = []
+    for side in [split] if split else list(manifest["splits"]):
+        for path in shard_paths(records_dir, side, manifest):
+            try:
+                for record in tf.data.TFRecordDataset(path):
+                    tf.io.decode_png(tf.io.parse_single_example(
+                        record, records.feature_description(manifest["feature_shape"]))[
+                            SPECTROGRAM_KEY])
+            except (tf.errors.DataLossError, tf.errors.OpError) as error:
+                broken.append((path, error.message.splitlines()[0]))
+    return broken

@@ -1,0 +1,457 @@
+"""The TFRecord schema, and `tclf-pack`: data/ -> sharded TFRecords + manifest.json.
+
+This module owns the schema: the feature keys, the writer
+(:func:`create_example`) and the reader's description
+(:func:`feature_description`) sit side by side, and `tclf.data` parses with
+the latter. A record holds one segment:
+
+=============  ========  =====================================================
+key            type      content
+=============  ========  =====================================================
+spectrogram    bytes     the part_N.png file, byte for byte
+features       float[]   the 10x68 matrix, row-major
+label          int64     index into manifest["classes"]
+track_id       bytes     "<class>/<track folder>"
+segment        int64     N of part_N
+=============  ========  =====================================================
+"""
+
+from __future__ import annotations
+
+import collections
+import csv
+import io
+import json
+import math
+import posixpath
+import re
+import time
+import uuid
+import warnings
+
+import numpy as np
+
+import tclf
+from tclf import DataWarning
+from tclf.audio import FEATURE_SHAPE, IMAGE_SIZE
+
+SCHEMA_VERSION = 1
+SPECTROGRAM_KEY = "spectrogram"
+FEATURES_KEY = "features"
+LABEL_KEY = "label"
+TRACK_ID_KEY = "track_id"
+SEGMENT_KEY = "segment"
+MANIFEST_NAME = "manifest.json"
+SPLITS = ("train", "val")
+_PART = re.compile(r"^part_(\d+)\.(png|npy)$")
+
+
+def _tf():
+    import tensorflow as tf
+
+    return tf
+
+
+def join(*parts: str) -> str:
+    """Path join that keeps URLs such as gs://bucket/x intact."""
+    return posixpath.join(*parts) if "://" in parts[0] else __import__("os").path.join(*parts)
+
+
+# ---------------------------------------------------------------------------
+# Schema.
+# ---------------------------------------------------------------------------
+
+
+def create_example(png: bytes, features: np.ndarray, label: int, track_id: str,
+                   segment: int) -> bytes:
+    """Serialize one segment as a tf.train.Example."""
+    tf = _tf()
+    feature = tf.train.Feature
+    return tf.train.Example(features=tf.train.Features(feature={
+        SPECTROGRAM_KEY: feature(bytes_list=tf.train.BytesList(value=[png])),
+        FEATURES_KEY: feature(float_list=tf.train.FloatList(
+            value=np.asarray(features, np.float32).ravel())),
+        LABEL_KEY: feature(int64_list=tf.train.Int64List(value=[int(label)])),
+        TRACK_ID_KEY: feature(bytes_list=tf.train.BytesList(value=[track_id.encode()])),
+        SEGMENT_KEY: feature(int64_list=tf.train.Int64List(value=[int(segment)])),
+    })).SerializeToString()
+
+
+def feature_description(feature_shape=FEATURE_SHAPE) -> dict:
+    """The reader's view of :func:`create_example`, for tf.io.parse_single_example."""
+    tf = _tf()
+    return {
+        SPECTROGRAM_KEY: tf.io.FixedLenFeature([], tf.string),
+        FEATURES_KEY: tf.io.FixedLenFeature(list(feature_shape), tf.float32),
+        LABEL_KEY: tf.io.FixedLenFeature([], tf.int64),
+        TRACK_ID_KEY: tf.io.FixedLenFeature([], tf.string),
+        SEGMENT_KEY: tf.io.FixedLenFeature([], tf.int64),
+    }
+
+
+def load_manifest(records_dir: str) -> dict:
+    """Read RECORDS_DIR/manifest.json, with a clear error when it is missing."""
+    tf = _tf()
+    path = join(records_dir, MANIFEST_NAME)
+    if not tf.io.gfile.exists(path):
+        raise FileNotFoundError(f"{path} not found: {records_dir} is not a packed records folder "
+                                f"(run `tclf-pack DATA_DIR {records_dir}`)")
+    with tf.io.gfile.GFile(path) as f:
+        manifest = json.load(f)
+    if manifest.get("schema_version") != SCHEMA_VERSION:
+        raise ValueError(f"{path}: schema version {manifest.get('schema_version')}, this tclf "
+                         f"reads {SCHEMA_VERSION}; re-run tclf-pack")
+    return manifest
+
+
+# ---------------------------------------------------------------------------
+# Scanning and validating data/.
+# ---------------------------------------------------------------------------
+
+
+Sample = collections.namedtuple("Sample", "label track_id segment png_path npy_path")
+
+
+def scan_data(data_dir: str) -> tuple[list[str], list[Sample]]:
+    """Classes (sub-folders with at least one pair) and every png/npy pair of DATA_DIR.
+
+    A png without its npy (or the reverse) and a class folder without any
+    pair are reported with a DataWarning and left out.
+    """
+    tf = _tf()
+    if not tf.io.gfile.isdir(data_dir):
+        raise FileNotFoundError(f"{data_dir}: no such folder (expected DATA_DIR/<class>/<track>/)")
+    classes, samples = [], []
+    for class_name in sorted(n.rstrip("/") for n in tf.io.gfile.listdir(data_dir)):
+        class_dir = join(data_dir, class_name)
+        if class_name.startswith(".") or not tf.io.gfile.isdir(class_dir):
+            continue
+        found = []
+        for track in sorted(n.rstrip("/") for n in tf.io.gfile.listdir(class_dir)):
+            track_dir = join(class_dir, track)
+            if track.startswith(".") or not tf.io.gfile.isdir(track_dir):
+                continue
+            parts = collections.defaultdict(dict)
+            for name in tf.io.gfile.listdir(track_dir):
+                match = _PART.match(name)
+                if match:
+                    parts[int(match.group(1))][match.group(2)] = join(track_dir, name)
+            for segment in sorted(parts):
+                pair = parts[segment]
+                if len(pair) != 2:
+                    have, missing = ("png", "npy") if "png" in pair else ("npy", "png")
+                    warnings.warn(f"skipped {pair[have]}: no matching part_{segment}.{missing}",
+                                  DataWarning, stacklevel=2)
+                    continue
+                found.append((f"{class_name}/{track}", segment, pair["png"], pair["npy"]))
+        if not found:
+            warnings.warn(f"skipped class folder {class_dir}: it holds no part_N.png/.npy pairs",
+                          DataWarning, stacklevel=2)
+            continue
+        label = len(classes)
+        classes.append(class_name)
+        samples.extend(Sample(label, *item) for item in found)
+    return classes, samples
+
+
+def read_sample(sample: Sample, image_size: int = IMAGE_SIZE,
+                feature_shape=FEATURE_SHAPE) -> tuple[bytes, np.ndarray]:
+    """Read and check one pair. Returns (png bytes, features); ValueError naming the bad file."""
+    from PIL import Image
+
+    tf = _tf()
+    with tf.io.gfile.GFile(sample.png_path, "rb") as f:
+        png = f.read()
+    try:
+        with Image.open(io.BytesIO(png)) as image:
+            if image.format != "PNG":
+                raise ValueError(f"not a PNG ({image.format})")
+            image.load()
+            size, mode = image.size, image.mode
+    except Exception as error:
+        raise ValueError(f"{sample.png_path}: unreadable PNG ({error})") from None
+    if size != (image_size, image_size) or mode != "RGB":
+        raise ValueError(f"{sample.png_path}: image is {size[0]}x{size[1]} {mode}, expected "
+                         f"{image_size}x{image_size} RGB")
+    try:
+        with tf.io.gfile.GFile(sample.npy_path, "rb") as f:
+            features = np.load(io.BytesIO(f.read()), allow_pickle=False)
+    except Exception as error:
+        raise ValueError(f"{sample.npy_path}: unreadable .npy ({error})") from None
+    if features.shape != tuple(feature_shape):
+        raise ValueError(f"{sample.npy_path}: feature matrix has shape {features.shape}, "
+                         f"expected {tuple(feature_shape)}")
+    if not np.issubdtype(features.dtype, np.number) or not np.all(np.isfinite(features)):
+        raise ValueError(f"{sample.npy_path}: feature matrix holds non-finite values")
+    return png, features.astype(np.float32)
+
+
+# ---------------------------------------------------------------------------
+# Splitting.
+# ---------------------------------------------------------------------------
+
+
+def read_groups(path: str) -> dict[str, str]:
+    """CSV rows `track_id,group` (a header row is allowed) -> {track_id: group}."""
+    tf = _tf()
+    groups = {}
+    with tf.io.gfile.GFile(path) as f:
+        for number, row in enumerate(csv.reader(f), start=1):
+            if not row or row[0].startswith("#"):
+                continue
+            if len(row) < 2:
+                raise ValueError(f"{path}, line {number}: expected `track_id,group`, got {row}")
+            if number == 1 and row[0].strip().lower() == "track_id":
+                continue
+            groups[row[0].strip()] = row[1].strip()
+    return groups
+
+
+def split_tracks(track_labels: dict[str, int], val_fraction: float = 0.2, seed: int = 0,
+                 groups: dict[str, str] | None = None) -> dict[str, list[str]]:
+    """Split tracks into train and val, stratified by class, deterministic for a seed.
+
+    Each group (by default each track is its own group) goes to one side as a
+    whole. Groups are visited in a seeded random order and put in val while
+    that brings every class's val count closer to round(val_fraction * n).
+
+    Parameters
+    ----------
+    track_labels : {track_id: label}
+    groups : {track_id or track folder name: group}, optional
+
+    Returns
+    -------
+    {"train": [track ids], "val": [track ids]}, each sorted.
+    """
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    groups = groups or {}
+    per_class = collections.Counter(track_labels.values())
+    target = {}
+    for label, count in per_class.items():
+        wanted = int(round(count * val_fraction))
+        if val_fraction > 0 and count >= 2:
+            wanted = min(max(wanted, 1), count - 1)
+        target[label] = wanted
+    members = collections.defaultdict(list)
+    for track in sorted(track_labels):
+        group = groups.get(track, groups.get(track.split("/", 1)[-1]))
+        members[("group", group) if group is not None else ("track", track)].append(track)
+    keys = sorted(members)
+    order = np.random.default_rng(seed).permutation(len(keys))
+    in_val = collections.Counter()
+    split = {"train": [], "val": []}
+    for index in order:
+        tracks = members[keys[index]]
+        adds = collections.Counter(track_labels[t] for t in tracks)
+        change = sum(abs(in_val[c] + n - target[c]) - abs(in_val[c] - target[c])
+                     for c, n in adds.items())
+        side = "val" if change < 0 else "train"
+        if side == "val":
+            in_val.update(adds)
+        split[side].extend(tracks)
+    return {side: sorted(tracks) for side, tracks in split.items()}
+
+
+# ---------------------------------------------------------------------------
+# Packing.
+# ---------------------------------------------------------------------------
+
+
+def shard_name(split: str, index: int, count: int) -> str:
+    return f"{split}-{index:05d}-of-{count:05d}.tfrecord"
+
+
+def _num_shards(num_bytes: int, num_samples: int, shard_megabytes: float, min_shards: int) -> int:
+    by_size = math.ceil(num_bytes / (shard_megabytes * 2**20))
+    return max(1, min(num_samples, max(by_size, min_shards)))
+
+
+def _existing_pack(records_dir: str) -> list[str]:
+    tf = _tf()
+    if not tf.io.gfile.isdir(records_dir):
+        return []
+    return [n for n in tf.io.gfile.listdir(records_dir)
+            if n == MANIFEST_NAME or n.endswith(".tfrecord")]
+
+
+def pack(data_dir: str, records_dir: str, val_fraction: float = 0.2, seed: int = 0,
+         groups_file: str | None = None, shard_megabytes: float = 128.0, min_shards: int = 8,
+         overwrite: bool = False, progress: bool = True) -> dict:
+    """Pack DATA_DIR into sharded TFRecords and a manifest in RECORDS_DIR.
+
+    Everything is written into a hidden temporary folder inside RECORDS_DIR
+    and moved into place at the end, manifest.json last, so a folder with a
+    manifest is always complete. Samples are streamed: memory does not grow
+    with the data set.
+
+    Parameters
+    ----------
+    val_fraction : float
+        Share of each class's tracks in the validation split.
+    seed : int
+        Seed of the split and of the order of records in the shards.
+    groups_file : str, optional
+        CSV `track_id,group`; a group's tracks all land on one side.
+    shard_megabytes : float
+        Target shard size; shards hold 100-200 MB for big data sets.
+    min_shards : int
+        At least this many shards per split (capped by its sample count),
+        so that the reader can interleave reads.
+    overwrite : bool
+        Replace an existing pack in RECORDS_DIR.
+
+    Returns
+    -------
+    manifest : dict (as written to manifest.json)
+
+    Raises
+    ------
+    FileExistsError
+        RECORDS_DIR already holds a pack and overwrite is False.
+    RuntimeError
+        No valid sample at all.
+    """
+    tf = _tf()
+    from tqdm import tqdm
+
+    start_time = time.perf_counter()
+    if _existing_pack(records_dir) and not overwrite:
+        raise FileExistsError(f"{records_dir} already holds packed records; "
+                              f"use --overwrite to replace them")
+    classes, samples = scan_data(data_dir)
+    if not samples:
+        raise RuntimeError(f"no samples found in {data_dir} (expected "
+                           f"DATA_DIR/<class>/<track>/part_N.png + part_N.npy)")
+    groups = read_groups(groups_file) if groups_file else None
+    track_labels = {s.track_id: s.label for s in samples}
+    split = split_tracks(track_labels, val_fraction, seed, groups)
+    side_of = {track: side for side, tracks in split.items() for track in tracks}
+
+    tmp_dir = join(records_dir, f".tmp-pack-{uuid.uuid4().hex[:8]}")
+    tf.io.gfile.makedirs(tmp_dir)
+    rng = np.random.default_rng(seed)
+    manifest_splits, skipped = {}, collections.Counter()
+    total = collections.Counter()
+    feature_sum = np.zeros(FEATURE_SHAPE[1])
+    feature_squares = np.zeros(FEATURE_SHAPE[1])
+    feature_rows = 0
+    try:
+        bar = tqdm(total=len(samples), unit="segment", desc="pack", disable=not progress)
+        for side in SPLITS:
+            chosen = [s for s in samples if side_of[s.track_id] == side]
+            chosen = [chosen[i] for i in rng.permutation(len(chosen))]
+            num_bytes = sum(tf.io.gfile.stat(s.png_path).length for s in chosen)
+            count = _num_shards(num_bytes, len(chosen), shard_megabytes, min_shards)
+            names = [shard_name(side, i, count) for i in range(count)]
+            writers = [tf.io.TFRecordWriter(join(tmp_dir, n)) for n in names]
+            per_shard = [0] * count
+            per_class = collections.Counter()
+            tracks = set()
+            written = 0
+            try:
+                for sample in chosen:
+                    bar.update(1)
+                    try:
+                        png, features = read_sample(sample)
+                    except ValueError as error:
+                        warnings.warn(f"skipped {error}", DataWarning, stacklevel=2)
+                        skipped[classes[sample.label]] += 1
+                        continue
+                    shard = written % count
+                    writers[shard].write(create_example(png, features, sample.label,
+                                                        sample.track_id, sample.segment))
+                    per_shard[shard] += 1
+                    per_class[classes[sample.label]] += 1
+                    tracks.add(sample.track_id)
+                    written += 1
+                    if side == "train":
+                        feature_sum += features.sum(axis=0)
+                        feature_squares += (features.astype(np.float64) ** 2).sum(axis=0)
+                        feature_rows += features.shape[0]
+            finally:
+                for writer in writers:
+                    writer.close()
+            shards = []
+            for name, records in zip(names, per_shard):
+                if records:
+                    size = tf.io.gfile.stat(join(tmp_dir, name)).length
+                    shards.append({"file": name, "records": records, "bytes": size})
+                else:  # Fewer valid samples than shards: drop the empty files.
+                    tf.io.gfile.remove(join(tmp_dir, name))
+            total[side] = written
+            manifest_splits[side] = {
+                "records": written,
+                "counts": {c: per_class[c] for c in classes},
+                "shards": shards,
+                "tracks": sorted(tracks),
+            }
+        bar.close()
+        if not sum(total.values()):
+            raise RuntimeError(f"no valid sample in {data_dir}: all {len(samples)} were skipped")
+        mean = feature_sum / max(feature_rows, 1)
+        std = np.sqrt(np.maximum(feature_squares / max(feature_rows, 1) - mean**2, 0.0))
+        manifest = {
+            "schema_version": SCHEMA_VERSION,
+            "tclf_version": tclf.__version__,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "data_dir": data_dir,
+            "classes": classes,
+            "image_size": [IMAGE_SIZE, IMAGE_SIZE, 3],
+            "feature_shape": list(FEATURE_SHAPE),
+            "seed": seed,
+            "val_fraction": val_fraction,
+            "groups_file": groups_file,
+            "splits": manifest_splits,
+            "skipped": dict(skipped),
+            "feature_mean": [float(x) for x in mean],
+            "feature_std": [float(x) for x in std],
+        }
+        with tf.io.gfile.GFile(join(tmp_dir, MANIFEST_NAME), "w") as f:
+            json.dump(manifest, f, indent=1)
+        _move_into_place(tmp_dir, records_dir)
+    except BaseException:
+        tf.io.gfile.rmtree(tmp_dir)
+        raise
+    manifest["seconds"] = time.perf_counter() - start_time
+    return manifest
+
+
+def _move_into_place(tmp_dir: str, records_dir: str) -> None:
+    """Replace the pack in records_dir by tmp_dir's, manifest.json last.
+
+    The old pack is first moved aside (manifest first, so the folder stops
+    looking complete) and deleted only after the new one is in place: an
+    interruption leaves it in a hidden .old-* folder, never half-replaced.
+    """
+    tf = _tf()
+    old = _existing_pack(records_dir)
+    old_dir = None
+    if old:
+        old_dir = join(records_dir, f".old-pack-{uuid.uuid4().hex[:8]}")
+        tf.io.gfile.makedirs(old_dir)
+        for name in sorted(old, key=lambda n: n != MANIFEST_NAME):
+            tf.io.gfile.rename(join(records_dir, name), join(old_dir, name))
+    new = sorted(tf.io.gfile.listdir(tmp_dir), key=lambda n: n == MANIFEST_NAME)
+    for name in new:
+        tf.io.gfile.rename(join(tmp_dir, name), join(records_dir, name))
+    tf.io.gfile.rmtree(tmp_dir)
+    if old_dir:
+        tf.io.gfile.rmtree(old_dir)
+
+
+def summary_lines(manifest: dict) -> list[str]:
+    """Human-readable summary of a pack: records and tracks per class and split."""
+    lines = []
+    for side in SPLITS:
+        info = manifest["splits"][side]
+        tracks = collections.Counter(t.split("/", 1)[0] for t in info["tracks"])
+        per_class = ", ".join(f"{c}: {info['counts'][c]} ({tracks[c]} tracks)"
+                              for c in manifest["classes"])
+        lines.append(f"{side}: {info['records']} records in {len(info['shards'])} shards; "
+                     f"{per_class}")
+    skipped = manifest.get("skipped") or {}
+    lines.append(f"skipped: {sum(skipped.values())}"
+                 + (f" ({', '.join(f'{c}: {n}' for c, n in skipped.items())})" if skipped else ""))
+    return lines

@@ -1,0 +1,53 @@
+"""Shared, session-scoped fixtures: one small synthetic data set, extracted and packed once.
+
+Tracks are 22 s long, so each yields 2 segments of 10 s; 3 styles x 4 tracks.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+STYLES = ("dark", "goa", "psy")
+TRACKS_PER_STYLE = 4
+TRACK_SECONDS = 22.0
+
+
+@pytest.fixture(scope="session")
+def audio_dir(tmp_path_factory):
+    from tclf import demo
+
+    root = tmp_path_factory.mktemp("audio")
+    demo.make_demo_audio(str(root), tracks_per_style=TRACKS_PER_STYLE, duration=TRACK_SECONDS,
+                         seed=1, styles=STYLES)
+    return str(root)
+
+
+@pytest.fixture(scope="session")
+def data_dir(audio_dir, tmp_path_factory):
+    from tclf import extract
+
+    root = str(tmp_path_factory.mktemp("data"))
+    extract.extract(audio_dir, root, jobs=1, progress=False)
+    return root
+
+
+@pytest.fixture(scope="session")
+def records_dir(data_dir, tmp_path_factory):
+    from tclf import records
+
+    root = str(tmp_path_factory.mktemp("records"))
+    records.pack(data_dir, root, val_fraction=0.25, seed=0, min_shards=2, progress=False)
+    return root
+
+
+@pytest.fixture
+def data_copy(data_dir, tmp_path):
+    """A private copy of the extracted data, for tests that damage it."""
+    target = tmp_path / "data"
+    shutil.copytree(data_dir, target)
+    return str(target)
