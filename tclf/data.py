@@ -9,6 +9,7 @@ keyed by the model's input names so a batch feeds the model as it is.
 from __future__ import annotations
 
 import contextlib
+import re
 
 import tensorflow as tf
 
@@ -154,5 +155,6 @@ def verify_shards(records_dir: str, split: str | None = None) -> list[tuple[str,
                         record, records.feature_description(manifest["feature_shape"]))[
                             SPECTROGRAM_KEY])
             except (tf.errors.DataLossError, tf.errors.OpError) as error:
-                broken.append((path, error.message.splitlines()[0]))
+                message = re.sub(r"\{\{[^}]*\}\}|\[Op:[^\]]*\]|name: *$", "", error.message)
+                broken.append((path, message.splitlines()[0].strip()))
     return broken

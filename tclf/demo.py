@@ -11,8 +11,8 @@ The three styles differ roughly the way the real sub-genres do:
 ``goa``
     135-145 BPM, bright. A detuned saw lead runs 16th-note arpeggios (with a
     dotted-8th delay) over a minor-mode chord progression, plus a soft pad,
-    an off-beat bass, a four-on-the-floor kick, open hats on the off-beats
-    and closed 16th hats.
+    an off-beat bass, a four-on-the-floor kick with side-chain pumping,
+    open hats on the off-beats and closed 16th hats.
 ``psy``
     140-148 BPM, sparser. Short kick plus the rolling "KBBB" bass (kick, then
     three 16th bass notes per beat) through a resonant low-pass, closed hats,
@@ -21,8 +21,8 @@ The three styles differ roughly the way the real sub-genres do:
 ``dark``
     148-165 BPM, low-passed and noisy. Distorted low kick, rumbling KBBB bass
     with minor-second / tritone steps, a dissonant (minor second + tritone)
-    cluster drone, band-passed noise sweeps, dissonant stabs and low-passed
-    16th hats; the whole mix goes through a low-pass.
+    cluster drone, band-passed noise sweeps, dissonant stabs and 16th hats;
+    the whole mix goes through a low-pass.
 
 Every track draws its tempo, key, patterns, mix levels and filter settings
 from its own :class:`numpy.random.Generator`, so two tracks of one style are
@@ -127,12 +127,8 @@ def _filter_response(
     highpass: float | None = None,
     order: int = 2,
     resonance: float = 0.0,
-    extra_lowpass: float | None = None,
 ) -> np.ndarray:
-    """Butterworth-like magnitude response, optionally with a resonant bump.
-
-    ``extra_lowpass`` adds a second-order low-pass in series (a mix filter).
-    """
+    """Butterworth-like magnitude response, optionally with a resonant bump."""
     def butterworth(ratio_squared: np.ndarray, n: int) -> np.ndarray:
         power = ratio_squared
         for _ in range(n - 1):  # integer power by multiplication (fast)
@@ -140,8 +136,6 @@ def _filter_response(
         return 1.0 / np.sqrt(1.0 + power)
 
     h = np.ones_like(freqs)
-    if extra_lowpass is not None:
-        h *= butterworth(np.square(freqs / extra_lowpass), 2)
     if lowpass is not None:
         h *= butterworth(np.square(freqs / lowpass), order)
         if resonance > 0:
@@ -318,6 +312,22 @@ class _Grid:
         return np.zeros(self.length)
 
 
+def _sidechain(grid: _Grid, rng: np.random.Generator, depth: tuple[float, float]) -> np.ndarray:
+    """Per-beat gain that ducks under the kick and recovers ("pumping").
+
+    Besides being the sound of the genre, the pumping makes the beat (not the
+    16th-note grid) the dominant period of the onset envelope.
+    """
+    beat = 4 * grid.step
+    t = np.arange(beat) / grid.sr
+    release = rng.uniform(0.25, 0.45) * beat / grid.sr
+    duck = 1.0 - rng.uniform(*depth) * np.exp(-t / release)
+    m = min(int(0.004 * grid.sr), beat // 4)  # glide down just before the next kick
+    if m > 1:
+        duck[-m:] = np.linspace(duck[-m], duck[0], m)
+    return np.tile(duck, grid.n_steps // 4)
+
+
 def _jitter(rng: np.random.Generator, db: float, spread: float = 1.5) -> float:
     return db + float(np.clip(rng.normal(0.0, spread), -2 * spread, 2 * spread))
 
@@ -357,7 +367,8 @@ def _render_goa(rng: np.random.Generator, sr: int):
 
     # --- drums: four-on-the-floor kick, open hats on the off-beats, 16th hats
     perc = grid.loop()
-    kick = _kick(sr, rng, rng.uniform(180, 250), rng.uniform(45, 55), rng.uniform(0.16, 0.24), 0.4)
+    kick = _kick(sr, rng, rng.uniform(180, 250), rng.uniform(45, 55), rng.uniform(0.16, 0.24), 0.4,
+                 click=rng.uniform(0.6, 1.0))
     kick_loop = grid.loop()
     _place(kick_loop, kick, grid.positions(range(0, grid.n_steps, 4)))
     kicks = _level(kick_loop, 0.0)
@@ -372,7 +383,7 @@ def _render_goa(rng: np.random.Generator, sr: int):
         snare = grid.loop()
         _place(snare, _snare(sr, rng, rng.uniform(180, 240), rng.uniform(0.06, 0.12)),
                grid.positions(range(4, grid.n_steps, 8)))
-        perc += _level(snare, _jitter(rng, -13.0))
+        perc += _level(snare, _jitter(rng, -18.0))
 
     # --- lead: detuned saw arpeggio over the progression, 2 bars per chord
     arp = np.array(_ARPEGGIOS[rng.integers(len(_ARPEGGIOS))])
@@ -383,7 +394,7 @@ def _render_goa(rng: np.random.Generator, sr: int):
     gate = rng.uniform(0.5, 0.9) * step / sr
     decay = rng.uniform(0.08, 0.25)
     note_len = 2 * step
-    env = _envelope(note_len, sr, 0.002, decay, gate=gate, release=0.01)
+    env = _envelope(note_len, sr, 0.008, decay, gate=gate, release=0.01)
     cache: dict[int, np.ndarray] = {}
     lead = grid.loop()
     for s in range(grid.n_steps):
@@ -415,6 +426,8 @@ def _render_goa(rng: np.random.Generator, sr: int):
         for half in range(2):
             _place(pad, sound * pad_env, [(half * 8 + c * 2) * _STEPS_PER_BAR * step])
     music = _level(lead, _jitter(rng, -5.0)) + _level(pad, _jitter(rng, -14.0))
+    pump = _sidechain(grid, rng, (0.25, 0.5))
+    music *= pump
 
     # --- bass: off-beat bass following the chord roots
     bass_steps = ((2,), (2, 3), (3,), (2,))[rng.integers(4)]
@@ -431,7 +444,7 @@ def _render_goa(rng: np.random.Generator, sr: int):
             bass_cache[note] = _osc(_midi_hz(note), bass_env.shape[0], sr, "saw", 0.05) * bass_env
         _place(bass, bass_cache[note], [(beat * 4 + bass_steps[0]) * step])
     bass = _filter(bass, sr, lowpass=rng.uniform(700, 1500), order=2)
-    bass = _level(bass, _jitter(rng, -4.0))
+    bass = _level(bass, _jitter(rng, -4.0)) * pump
     return grid, {"kick": kicks, "perc": perc, "bass": bass, "music": music}
 
 
@@ -526,18 +539,19 @@ def _render_psy(rng: np.random.Generator, sr: int):
     return grid, {"kick": kicks, "perc": perc, "bass": bass, "music": music}
 
 
-def _noise_sweeps(grid: _Grid, rng: np.random.Generator, lowpass: float | None) -> np.ndarray:
+def _noise_sweeps(grid: _Grid, rng: np.random.Generator) -> np.ndarray:
     """Band-passed noise whose centre frequency rises / falls over a few bars."""
     sr, L = grid.sr, grid.length
     n_bands = 10
     centres = np.geomspace(150.0, 5000.0, n_bands)
     spectrum = np.fft.rfft(rng.standard_normal(L))
     freqs = np.fft.rfftfreq(L, 1.0 / sr)
-    bands = np.stack([np.fft.irfft(spectrum * _filter_response(freqs, lowpass=c * 1.4,
-                                                               highpass=c / 1.4, order=2,
-                                                               extra_lowpass=lowpass), n=L)
-                      for c in centres])
-    bands /= np.sqrt(np.mean(bands**2, axis=1, keepdims=True)) + 1e-12
+    bands = []
+    for centre in centres:
+        band = spectrum * _filter_response(freqs, lowpass=centre * 1.4, highpass=centre / 1.4)
+        energy = np.sqrt(np.sum(np.abs(band) ** 2) * 2.0 / L**2) + 1e-12  # ~ RMS (Parseval)
+        bands.append(np.fft.irfft(band / energy, n=L))
+    bands = np.stack(bands)
     bar = _STEPS_PER_BAR * grid.step
     position = np.full(L, np.nan)  # fractional band index over time
     amplitude = np.zeros(L)
@@ -563,27 +577,26 @@ def _render_dark(rng: np.random.Generator, sr: int):
     grid = _Grid(rng.uniform(*TEMPO_RANGES["dark"]), sr, TEMPO_RANGES["dark"])
     step, L = grid.step, grid.length
     root = int(rng.integers(26, 34))  # D1 .. A1
-    cutoff = rng.uniform(1800, 3200)  # everything is low-passed: dark, muffled timbre
+    cutoff = rng.uniform(1800, 3200)  # low-pass of the whole mix
 
     # --- drums: low distorted kick, noisy 16th hats, optional snare
     perc = grid.loop()
     kick = _kick(sr, rng, rng.uniform(130, 190), rng.uniform(38, 46), rng.uniform(0.06, 0.1),
-                 1.2 * step / sr, drive=rng.uniform(2.0, 5.0), click=0.2)
+                 1.2 * step / sr, drive=rng.uniform(2.0, 5.0), click=rng.uniform(0.3, 0.6))
     kick = _filter_oneshot(kick, sr, lowpass=cutoff)
     kick_loop = grid.loop()
     _place(kick_loop, kick, grid.positions(range(0, grid.n_steps, 4)))
     kicks = _level(kick_loop, 0.0)
     hats = grid.loop()
-    hat = _noise_hit(sr, rng, rng.uniform(0.02, 0.05), 0.12, highpass=rng.uniform(3000, 5000),
-                     lowpass=cutoff)
-    hat_steps = [s for s in range(grid.n_steps) if s % 4 != 0 and rng.random() < 0.8]
-    _place(hats, hat, grid.positions(hat_steps), rng.uniform(0.4, 1.0, len(hat_steps)))
+    hat = _noise_hit(sr, rng, rng.uniform(0.02, 0.05), 0.12, highpass=rng.uniform(3000, 5000))
+    hat_steps = [s for s in range(grid.n_steps) if s % 4 == 2 or (s % 2 == 1 and rng.random() < 0.7)]
+    hat_gains = [1.0 if s % 4 == 2 else rng.uniform(0.25, 0.5) for s in hat_steps]
+    _place(hats, hat, grid.positions(hat_steps), hat_gains)
     perc += _level(hats, _jitter(rng, -17.0))
     if rng.random() < 0.5:
         snare = grid.loop()
-        sound = _filter_oneshot(_snare(sr, rng, rng.uniform(150, 200), rng.uniform(0.08, 0.15)),
-                                sr, lowpass=cutoff)
-        _place(snare, sound, grid.positions(range(4, grid.n_steps, 8)))
+        _place(snare, _snare(sr, rng, rng.uniform(150, 200), rng.uniform(0.08, 0.15)),
+               grid.positions(range(4, grid.n_steps, 8)))
         perc += _level(snare, _jitter(rng, -15.0))
 
     # --- bass: rumbling KBBB with minor-second / tritone steps, plus noise rumble
@@ -594,8 +607,8 @@ def _render_dark(rng: np.random.Generator, sr: int):
                       rng.uniform(0.06, 0.1), rng.uniform(10, 25), 3,
                       fill_offsets=(1, 6, 13) if rng.random() < 0.5 else None)
     bass = _filter(bass, sr, lowpass=rng.uniform(160, 320), order=4, resonance=rng.uniform(0, 1.0))
-    step_env = np.tile(np.exp(-np.arange(step) / (0.06 * sr)), grid.n_steps)
-    rumble = _filter(rng.standard_normal(L), sr, lowpass=rng.uniform(80, 180), order=4) * step_env
+    pump = _sidechain(grid, rng, (0.5, 0.8))
+    rumble = _filter(rng.standard_normal(L), sr, lowpass=rng.uniform(80, 180), order=4) * pump
     bass = _level(bass, _jitter(rng, -3.0)) + _level(rumble, _jitter(rng, -10.0))
 
     # --- music: dissonant cluster drone, noise sweeps, dissonant stabs
@@ -610,8 +623,8 @@ def _render_dark(rng: np.random.Generator, sr: int):
         cycles = int(rng.choice([1, 2, 4, 8]))  # tremolo with a whole number of cycles per loop
         tremolo = 0.6 + 0.4 * np.sin(2 * np.pi * cycles * t * sr / L + rng.uniform(0, 2 * np.pi))
         drone += _osc(f, L, sr, "saw", 0.1, rng.random()) * tremolo
-    drone = _filter(drone, sr, lowpass=rng.uniform(500, 1200), order=2, extra_lowpass=cutoff)
-    sweeps = _noise_sweeps(grid, rng, lowpass=cutoff)
+    drone = _filter(drone, sr, lowpass=rng.uniform(500, 1200), order=2)
+    sweeps = _noise_sweeps(grid, rng)
     stabs = grid.loop()
     stab_steps = np.flatnonzero(rng.random(grid.n_steps) < rng.uniform(0.02, 0.06))
     stab_len = int(rng.uniform(0.1, 0.25) * sr)
@@ -619,11 +632,14 @@ def _render_dark(rng: np.random.Generator, sr: int):
     stab_root = root + int(rng.choice([36, 48]))
     stab = sum(_osc(_midi_hz(stab_root + i), stab_len, sr, "saw", 0.05, rng.random())
                for i in (0, 1, 6)) * stab_env
-    stab = _filter_oneshot(stab, sr, lowpass=cutoff)
     _place(stabs, stab, grid.positions(stab_steps), rng.uniform(0.5, 1.0, len(stab_steps)))
-    music = (_level(drone, _jitter(rng, -10.0)) + _level(sweeps, _jitter(rng, -14.0))
-             + (_level(stabs, _jitter(rng, -16.0)) if stab_steps.size else 0.0))
+    music = (_level(drone, _jitter(rng, -10.0)) + _level(sweeps, _jitter(rng, -14.0))) * pump
+    if stab_steps.size:
+        music += _level(stabs, _jitter(rng, -16.0))
 
+    # --- the mix (apart from the kick, filtered above) goes through a low-pass,
+    # after the levels are set: dark, muffled timbre
+    perc = _filter(perc, sr, lowpass=cutoff, order=2)
     music = _filter(music, sr, lowpass=cutoff, order=2)
     return grid, {"kick": kicks, "perc": perc, "bass": bass, "music": music}
 

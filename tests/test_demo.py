@@ -42,7 +42,7 @@ def _correlation(a, b):
 
 
 def test_different_seeds_and_styles_differ():
-    tracks = {(style, seed): synthesize_track(style, seed, duration=3.0)
+    tracks = {(style, seed): synthesize_track(style, seed, duration=2.0)
               for style in STYLES for seed in (1, 2)}
     keys = list(tracks)
     for i, first in enumerate(keys):
@@ -106,13 +106,16 @@ def test_make_demo_audio_writes_tree(tmp_path):
     np.testing.assert_allclose(y, expected_audio, atol=1.0 / 32768 + 1e-6)
 
     # Re-running overwrites (skips nothing) and gives identical files.
-    before = [sf.read(p)[0] for p in paths]
-    os.utime(paths[0], (0, 0))
-    again = make_demo_audio(out_dir, tracks_per_style=2, duration=3.0, seed=5, sample_rate=16000)
-    assert again == paths
-    assert os.path.getmtime(paths[0]) > 0
-    for old, path in zip(before, paths):
+    psy_paths = paths[2:4]
+    before = [sf.read(p)[0] for p in psy_paths]
+    os.utime(psy_paths[0], (0, 0))
+    again = make_demo_audio(out_dir, tracks_per_style=2, duration=3.0, seed=5, sample_rate=16000,
+                            styles=("psy",))
+    assert again == psy_paths
+    assert os.path.getmtime(psy_paths[0]) > 0
+    for old, path in zip(before, psy_paths):
         np.testing.assert_array_equal(old, sf.read(path)[0])
+    assert not _no_tmp_files(os.path.join(out_dir, "psy"))
 
 
 def test_make_demo_audio_subset_and_errors(tmp_path):

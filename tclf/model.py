@@ -1,0 +1,237 @@
+"""The two-branch model (SPEC section 4), built from built-in Keras layers only.
+
+    spectrogram uint8 [H, W, 3] -> EfficientNetB0 (global average pool) -> Dense(128)
+    features float32 [10, 68]   -> Normalization -> GRU(128, sequences) -> self-attention (4 heads)
+                                -> GRU(64) -> Dense(64)
+    concatenate -> Dense(128) -> Dropout(0.4) -> Dense(64) -> Dense(classes, softmax, float32)
+
+Because every layer is a Keras built-in, model.h5 loads with plain
+``keras.models.load_model(path, compile=False)`` in a process that never
+imports tclf. The class names are stored in the .h5 file itself
+(:func:`save_model` / :func:`load_class_names`), so prediction needs only it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import uuid
+
+import numpy as np
+
+from tclf.records import FEATURES_KEY, SPECTROGRAM_KEY
+
+BACKBONE_NAME = "efficientnetb0"
+CLASS_NAMES_ATTRIBUTE = "tclf_class_names"
+CONFIG_ATTRIBUTE = "tclf_config"
+IMAGENET_URL = ("https://storage.googleapis.com/keras-applications/efficientnetb0_notop.h5")
+
+
+class WeightsError(RuntimeError):
+    """The backbone weights asked for cannot be loaded."""
+
+
+def build_backbone(image_size: int = 299, weights: str | None = "imagenet"):
+    """EfficientNetB0 without its top, average-pooled, named "efficientnetb0".
+
+    Parameters
+    ----------
+    weights : "imagenet", None / "none", or a path to a weights file
+        (e.g. a local copy of efficientnetb0_notop.h5).
+    """
+    import keras
+
+    if weights in (None, "none", "None"):
+        weights = None
+    elif weights != "imagenet":
+        import tensorflow as tf
+
+        if not tf.io.gfile.exists(weights):
+            raise WeightsError(f"backbone weights file {weights} not found; use --weights none, "
+                               f"--weights imagenet, or the path of an existing file")
+        if "://" in weights:  # Keras reads local files only.
+            local = os.path.join(tempfile.mkdtemp(), os.path.basename(weights))
+            tf.io.gfile.copy(weights, local)
+            weights = local
+    try:
+        return keras.applications.EfficientNetB0(
+            include_top=False, weights=weights, input_shape=(image_size, image_size, 3),
+            pooling="avg", name=BACKBONE_NAME)
+    except Exception as error:
+        if weights == "imagenet":
+            raise WeightsError(
+                f"could not get the ImageNet weights of EfficientNetB0 ({type(error).__name__}: "
+                f"{str(error).splitlines()[0] if str(error) else ''}). Offline? Either train "
+                f"without them (--weights none) or download {IMAGENET_URL} on a connected machine "
+                f"and pass its path (--weights PATH), or put it in ~/.keras/models/.") from None
+        if weights is not None:
+            raise WeightsError(f"could not load backbone weights from {weights}: {error}") from None
+        raise
+
+
+def build_model(num_classes: int, feature_mean=None, feature_std=None, image_size: int = 299,
+                feature_shape=(10, 68), weights: str | None = "imagenet",
+                image_units: int = 128, gru_units: int = 128, gru2_units: int = 64,
+                feature_units: int = 64, fusion_units: int = 128, head_units: int = 64,
+                attention_heads: int = 4, dropout: float = 0.4):
+    """Build the two-branch classifier.
+
+    Parameters
+    ----------
+    num_classes : int
+    feature_mean, feature_std : array-like [shape=(68,)], optional
+        Training-split statistics of the feature columns (manifest.json); the
+        model normalizes its feature input with them. Default: identity.
+    image_size : int
+        Side of the square spectrogram input (299 in production; small in tests).
+    attention_heads : int
+        Heads of the self-attention over the 10 windows (keras MultiHeadAttention;
+        key size gru_units / heads).
+    weights : "imagenet", "none" or a file path
+        Backbone initialization.
+
+    Returns
+    -------
+    keras.Model with inputs {"spectrogram": uint8 [B, image_size, image_size, 3],
+    "features": float32 [B, 10, 68]} and output float32 [B, num_classes].
+    The mixed-precision policy in effect at call time applies.
+    """
+    import keras
+    from keras import layers
+
+    if num_classes < 2:
+        raise ValueError(f"need at least 2 classes to classify, got {num_classes}")
+    steps, columns = feature_shape
+    mean = np.zeros(columns) if feature_mean is None else np.asarray(feature_mean, np.float64)
+    std = np.ones(columns) if feature_std is None else np.asarray(feature_std, np.float64)
+    if mean.shape != (columns,) or std.shape != (columns,):
+        raise ValueError(f"feature statistics must have shape ({columns},), got {mean.shape} "
+                         f"and {std.shape}")
+    # A column constant over the training split carries no information: leave it unscaled
+    # rather than dividing by ~0 and blowing up whatever differs at prediction time.
+    std = np.where(std > 1e-6, std, 1.0)
+
+    spectrogram = keras.Input((image_size, image_size, 3), dtype="uint8", name=SPECTROGRAM_KEY)
+    features = keras.Input((steps, columns), dtype="float32", name=FEATURES_KEY)
+
+    # Image branch. EfficientNet rescales 0-255 itself; Rescaling(1) only casts uint8 to float.
+    x = layers.Rescaling(1.0, name="image_to_float")(spectrogram)
+    x = build_backbone(image_size, weights)(x)
+    x = layers.Dense(image_units, activation="relu", name="image_dense")(x)
+
+    # Sequence branch over the ten 1-second windows.
+    s = layers.Normalization(axis=-1, mean=mean.tolist(), variance=(std**2).tolist(),
+                             name="feature_normalization")(features)
+    s = layers.GRU(gru_units, return_sequences=True, name="gru_1")(s)
+    s = layers.MultiHeadAttention(num_heads=attention_heads, key_dim=gru_units // attention_heads,
+                                  name="self_attention")(s, s)
+    s = layers.GRU(gru2_units, name="gru_2")(s)
+    s = layers.Dense(feature_units, activation="relu", name="feature_dense")(s)
+
+    # Fusion head. The softmax runs in float32 so that mixed precision stays stable.
+    h = layers.Concatenate(name="fusion")([x, s])
+    h = layers.Dense(fusion_units, activation="relu", name="fusion_dense")(h)
+    h = layers.Dropout(dropout, name="fusion_dropout")(h)
+    h = layers.Dense(head_units, activation="relu", name="head_dense")(h)
+    outputs = layers.Dense(num_classes, activation="softmax", dtype="float32", name="style")(h)
+    return keras.Model({SPECTROGRAM_KEY: spectrogram, FEATURES_KEY: features}, outputs,
+                       name="tclf")
+
+
+def backbone_of(model):
+    return model.get_layer(BACKBONE_NAME)
+
+
+def freeze_backbone(model) -> None:
+    """Stage 1: the whole backbone frozen (its BatchNormalization in inference mode)."""
+    backbone = backbone_of(model)
+    backbone.trainable = False
+
+
+def unfreeze_top(model, num_layers: int = 20) -> list[str]:
+    """Stage 2: the last ``num_layers`` backbone layers trainable, BatchNormalization frozen.
+
+    Layers are counted in the backbone's layer order, BatchNormalization
+    included (as in the Keras fine-tuning guide). Returns the names of the
+    layers made trainable.
+    """
+    import keras
+
+    backbone = backbone_of(model)
+    backbone.trainable = True
+    layers = backbone.layers
+    if not 0 <= num_layers <= len(layers):
+        raise ValueError(f"can unfreeze 0-{len(layers)} backbone layers, got {num_layers}")
+    top = layers[len(layers) - num_layers:] if num_layers else []
+    for layer in layers:
+        layer.trainable = False
+    unfrozen = []
+    for layer in top:
+        if not isinstance(layer, keras.layers.BatchNormalization):
+            layer.trainable = True
+            unfrozen.append(layer.name)
+    return unfrozen
+
+
+def save_model(model, path: str, class_names, config: dict | None = None) -> None:
+    """Save model.h5 (no optimizer) with the class names as HDF5 attributes, atomically.
+
+    The file is written locally, tagged, then copied/renamed into place
+    through tf.io.gfile, so ``path`` may be remote and is never half-written.
+    """
+    import h5py
+    import tensorflow as tf
+
+    with tempfile.TemporaryDirectory() as tmp:
+        local = os.path.join(tmp, "model.h5")
+        model.save(local, include_optimizer=False)
+        with h5py.File(local, "a") as f:
+            f.attrs[CLASS_NAMES_ATTRIBUTE] = json.dumps(list(class_names))
+            if config is not None:
+                f.attrs[CONFIG_ATTRIBUTE] = json.dumps(config, default=str)
+        staging = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+        try:
+            tf.io.gfile.copy(local, staging, overwrite=True)
+            tf.io.gfile.rename(staging, path, overwrite=True)
+        finally:
+            if tf.io.gfile.exists(staging):
+                tf.io.gfile.remove(staging)
+
+
+def _local_copy(path: str, tmp: str) -> str:
+    import tensorflow as tf
+
+    if "://" not in path:
+        return path
+    local = os.path.join(tmp, os.path.basename(path))
+    tf.io.gfile.copy(path, local, overwrite=True)
+    return local
+
+
+def load_class_names(path: str) -> list[str]:
+    """The class names stored in a model.h5 written by tclf-train."""
+    import h5py
+
+    with tempfile.TemporaryDirectory() as tmp:
+        with h5py.File(_local_copy(path, tmp), "r") as f:
+            if CLASS_NAMES_ATTRIBUTE not in f.attrs:
+                raise ValueError(f"{path}: no class names in the file (not written by tclf-train)")
+            return json.loads(f.attrs[CLASS_NAMES_ATTRIBUTE])
+
+
+def load_model(path: str):
+    """(model, class_names) from a model.h5 written by tclf-train; not compiled."""
+    import keras
+    import tensorflow as tf
+
+    if not tf.io.gfile.exists(path):
+        raise FileNotFoundError(f"model file {path} not found (train one with tclf-train, or "
+                                f"pass --model)")
+    with tempfile.TemporaryDirectory() as tmp:
+        local = _local_copy(path, tmp)
+        try:
+            model = keras.models.load_model(local, compile=False)
+        except Exception as error:
+            raise ValueError(f"{path}: not a loadable Keras model ({error})") from None
+    return model, load_class_names(path)

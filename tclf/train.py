@@ -1,0 +1,521 @@
+"""`tclf-train`: the fixed two-stage schedule (SPEC section 5) and the version folder (section 6).
+
+Stage 1 trains the heads on a frozen backbone; stage 2 fine-tunes the last
+20 backbone layers (BatchNormalization kept frozen) at a lower rate. Both are
+:func:`run_stage` with different arguments, and :func:`train` is one readable
+sequence: devices -> data -> model -> stage 1 -> stage 2 -> reports -> model.h5.
+A Keras Tuner search calls the same :func:`build_model`, :func:`stage1` and
+:func:`stage2`.
+
+A version folder models/vX/ is complete when it holds model.h5: that file is
+written last, after every report, and models/latest.h5 is replaced only after
+it. A failed or interrupted run leaves vX/ without model.h5 (its
+training_log.txt says why) and never touches latest.h5.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+import time
+import uuid
+
+import numpy as np
+
+import tclf
+from tclf import records
+
+PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
+_VERSION = re.compile(r"^v(\d+)$")
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Every option of a training run; `--hparams FILE` may override any of them."""
+
+    records: str = "records"  # Folder written by tclf-pack.
+    models: str = "models"  # Parent of the version folders.
+    gpus: str = "all"  # "all", "none" or a comma list of GPU indices.
+    precision: str = "auto"  # One of PRECISIONS.
+    weights: str = "imagenet"  # Backbone: "imagenet", "none" or a weights file.
+    image_size: int = 299
+    batch_size: int = 32  # Global batch, split across replicas.
+    seed: int = 0
+    cache: bool = False  # Keep decoded training examples in memory after epoch 1.
+    # Model.
+    image_units: int = 128
+    gru_units: int = 128
+    gru2_units: int = 64
+    feature_units: int = 64
+    fusion_units: int = 128
+    head_units: int = 64
+    attention_heads: int = 4
+    dropout: float = 0.4
+    # Stage 1: frozen backbone.
+    stage1_epochs: int = 15
+    stage1_lr: float = 1e-4
+    stage1_warmup_epochs: float = 1.0
+    stage1_patience: int = 3
+    # Stage 2: fine-tuning.
+    stage2_layers: int = 20
+    stage2_lr: float = 1e-5
+    stage2_warmup_epochs: float = 1.0
+    stage2_min_epochs: int = 3
+    stage2_max_epochs: int = 8
+    stage2_patience: int = 2
+    verbose: int = 1  # Keras progress bar (0: silent).
+
+    MODEL_FIELDS = ("image_units", "gru_units", "gru2_units", "feature_units", "fusion_units",
+                    "head_units", "attention_heads", "dropout")
+
+    def replace(self, **overrides) -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(overrides) - names)
+        if unknown:
+            raise ValueError(f"unknown option(s) {unknown}; valid: {sorted(names)}")
+        return dataclasses.replace(self, **overrides)
+
+    def validate(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if not 2 <= self.stage2_max_epochs or self.stage2_min_epochs > self.stage2_max_epochs:
+            raise ValueError(f"stage 2 epochs: need min <= max, got {self.stage2_min_epochs} and "
+                             f"{self.stage2_max_epochs}")
+        for name in ("image_size", "batch_size", "stage1_epochs", "stage2_max_epochs"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+def load_hparams(path: str) -> dict:
+    """Options from a JSON object file (as the tuner writes them)."""
+    import tensorflow as tf
+
+    with tf.io.gfile.GFile(path) as f:
+        try:
+            values = json.load(f)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}: not valid JSON ({error})") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: expected a JSON object of option: value")
+    return values
+
+
+# ---------------------------------------------------------------------------
+# Devices and precision.
+# ---------------------------------------------------------------------------
+
+
+def configure_devices(gpus: str = "all"):
+    """Pick the distribution strategy for `--gpus`.
+
+    "all": every visible GPU (MirroredStrategy; one GPU: that GPU; none: CPU).
+    "none": CPU only. "0,1": those GPUs. Must run before TensorFlow touches a GPU.
+
+    Returns
+    -------
+    (strategy, description, on_gpu)
+    """
+    import tensorflow as tf
+
+    physical = tf.config.list_physical_devices("GPU")
+    spec = str(gpus).strip().lower()
+    if spec == "none":
+        if physical:
+            tf.config.set_visible_devices([], "GPU")
+        return tf.distribute.get_strategy(), "CPU (--gpus none)", False
+    if spec == "all":
+        chosen = physical
+    else:
+        try:
+            indices = sorted({int(i) for i in spec.split(",") if i.strip()})
+        except ValueError:
+            raise ValueError(f"--gpus must be all, none or GPU indices like 0,1; got {gpus!r}")
+        missing = [i for i in indices if i >= len(physical) or i < 0]
+        if missing or not indices:
+            raise ValueError(f"--gpus {gpus}: this machine has {len(physical)} GPU(s) "
+                             f"(indices 0-{len(physical) - 1})" if physical else
+                             f"--gpus {gpus}: this machine has no GPU; use --gpus none")
+        chosen = [physical[i] for i in indices]
+        tf.config.set_visible_devices(chosen, "GPU")
+    if not chosen:
+        return tf.distribute.get_strategy(), "CPU (no GPU found)", False
+    for device in chosen:
+        try:
+            tf.config.experimental.set_memory_growth(device, True)
+        except (ValueError, RuntimeError):
+            pass
+    logical = [f"/gpu:{i}" for i in range(len(chosen))]
+    names = ", ".join(d.name for d in chosen)
+    if len(chosen) == 1:
+        return tf.distribute.OneDeviceStrategy(logical[0]), f"1 GPU ({names})", True
+    return (tf.distribute.MirroredStrategy(logical),
+            f"{len(chosen)} GPUs, MirroredStrategy ({names})", True)
+
+
+def cpu_supports_bfloat16() -> bool:
+    """Whether the CPU has native bfloat16 arithmetic (AVX512-BF16 or AMX)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", flags))
+
+
+def resolve_precision(precision: str = "auto", on_gpu: bool = False) -> str:
+    """The Keras dtype policy for `--precision`.
+
+    auto: mixed_float16 on GPUs. On CPUs, mixed_bfloat16 only where the CPU
+    computes in bfloat16 natively; elsewhere it is emulated and measured
+    slower than float32 (BENCHMARKS.md), so float32.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision != "auto":
+        return precision
+    if on_gpu:
+        return "mixed_float16"
+    return "mixed_bfloat16" if cpu_supports_bfloat16() else "float32"
+
+
+# ---------------------------------------------------------------------------
+# Schedule pieces.
+# ---------------------------------------------------------------------------
+
+
+def class_weights(counts: dict, classes) -> dict[int, float]:
+    """Balanced weights n / (k * n_c) from the training counts (sklearn's "balanced")."""
+    present = [c for c in classes if counts.get(c, 0) > 0]
+    total = sum(counts[c] for c in present)
+    return {i: (total / (len(present) * counts[c]) if counts.get(c, 0) > 0 else 1.0)
+            for i, c in enumerate(classes)}
+
+
+def learning_rate_schedule(peak: float, steps_per_epoch: int, epochs: int,
+                           warmup_epochs: float = 1.0):
+    """Linear warm-up from 0 to ``peak``, then cosine decay to 0 at the end of ``epochs``.
+
+    1. Warm-up: the first warmup_epochs * steps_per_epoch steps.
+    2. Cosine decay over the remaining steps.
+    """
+    import keras
+
+    total = max(1, steps_per_epoch * epochs)
+    warmup = int(min(total - 1, round(warmup_epochs * steps_per_epoch)))
+    return keras.optimizers.schedules.CosineDecay(
+        initial_learning_rate=0.0 if warmup else peak, decay_steps=max(1, total - warmup),
+        alpha=0.0, warmup_target=peak if warmup else None, warmup_steps=warmup)
+
+
+def _callbacks_module():
+    import keras
+
+    class EarlyStoppingAfter(keras.callbacks.EarlyStopping):
+        """EarlyStopping that never stops before ``min_epochs`` epochs have run."""
+
+        def __init__(self, min_epochs: int = 0, **kwargs):
+            super().__init__(**kwargs)
+            self.min_epochs = min_epochs
+
+        def on_epoch_end(self, epoch, logs=None):
+            super().on_epoch_end(epoch, logs)
+            if self.model.stop_training and epoch + 1 < self.min_epochs:
+                self.model.stop_training = False
+                self.stopped_epoch = 0
+
+    class ProgressFile(keras.callbacks.Callback):
+        """One line per epoch in training_progress.txt, rewritten as training runs."""
+
+        def __init__(self, path: str, stage: str, lines: list):
+            super().__init__()
+            self.path, self.stage, self.lines = path, stage, lines
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self.started = time.perf_counter()
+
+        def on_epoch_end(self, epoch, logs=None):
+            from tclf import reports
+
+            logs = logs or {}
+            learning_rate = float(np.asarray(self.model.optimizer.learning_rate))
+            self.lines.append(
+                f"{self.stage} epoch {epoch + 1:3d}  "
+                f"accuracy {logs.get('accuracy', float('nan')):.4f}  "
+                f"loss {logs.get('loss', float('nan')):.4f}  "
+                f"val_accuracy {logs.get('val_accuracy', float('nan')):.4f}  "
+                f"val_loss {logs.get('val_loss', float('nan')):.4f}  "
+                f"lr {learning_rate:.3e}  seconds {time.perf_counter() - self.started:.1f}")
+            reports.write_bytes_atomic(self.path, "\n".join(self.lines) + "\n")
+
+    return EarlyStoppingAfter, ProgressFile
+
+
+@dataclasses.dataclass
+class StageResult:
+    name: str
+    history: dict
+    epochs_run: int
+    stop_reason: str
+    started: float
+    seconds: float
+
+
+def run_stage(model, train_data, val_data, *, name: str, learning_rate: float, epochs: int,
+              steps_per_epoch: int, warmup_epochs: float = 1.0, patience: int = 3,
+              min_epochs: int = 0, class_weight=None, callbacks=(), verbose=1) -> StageResult:
+    """Compile with Adam on a warm-up + cosine schedule and fit, with early stopping.
+
+    Early stopping watches val_loss, restores the best epoch's weights and
+    never stops before ``min_epochs``.
+    """
+    import keras
+
+    EarlyStoppingAfter, _ = _callbacks_module()
+    schedule = learning_rate_schedule(learning_rate, steps_per_epoch, epochs, warmup_epochs)
+    model.compile(optimizer=keras.optimizers.Adam(schedule),
+                  loss=keras.losses.SparseCategoricalCrossentropy(), metrics=["accuracy"])
+    stopper = EarlyStoppingAfter(min_epochs=min_epochs, monitor="val_loss", patience=patience,
+                                 restore_best_weights=True)
+    started = time.time()
+    history = model.fit(train_data, validation_data=val_data, epochs=epochs,
+                        steps_per_epoch=steps_per_epoch, class_weight=class_weight,
+                        callbacks=[stopper, *callbacks], verbose=verbose)
+    epochs_run = len(history.history.get("loss", []))
+    if stopper.stopped_epoch > 0:
+        reason = (f"early stopping: val_loss did not improve for {patience} epochs; "
+                  f"restored the best epoch, {stopper.best_epoch + 1}")
+    else:
+        best = f"; restored the best epoch, {stopper.best_epoch + 1}" if epochs_run else ""
+        reason = f"reached the maximum of {epochs} epochs{best}"
+    return StageResult(name, dict(history.history), epochs_run, reason, started,
+                       time.time() - started)
+
+
+def stage1(model, train_data, val_data, *, steps_per_epoch: int, learning_rate: float = 1e-4,
+           epochs: int = 15, warmup_epochs: float = 1.0, patience: int = 3, class_weight=None,
+           callbacks=(), verbose=1) -> StageResult:
+    """Stage 1: backbone frozen, heads trained at ``learning_rate``."""
+    from tclf.model import freeze_backbone
+
+    freeze_backbone(model)
+    return run_stage(model, train_data, val_data, name="stage1", learning_rate=learning_rate,
+                     epochs=epochs, steps_per_epoch=steps_per_epoch, warmup_epochs=warmup_epochs,
+                     patience=patience, class_weight=class_weight, callbacks=callbacks,
+                     verbose=verbose)
+
+
+def stage2(model, train_data, val_data, *, steps_per_epoch: int, num_layers: int = 20,
+           learning_rate: float = 1e-5, min_epochs: int = 3, max_epochs: int = 8,
+           warmup_epochs: float = 1.0, patience: int = 2, class_weight=None, callbacks=(),
+           verbose=1) -> StageResult:
+    """Stage 2: the last ``num_layers`` backbone layers trainable (BatchNorm frozen)."""
+    from tclf.model import unfreeze_top
+
+    unfreeze_top(model, num_layers)
+    return run_stage(model, train_data, val_data, name="stage2", learning_rate=learning_rate,
+                     epochs=max_epochs, min_epochs=min_epochs, steps_per_epoch=steps_per_epoch,
+                     warmup_epochs=warmup_epochs, patience=patience, class_weight=class_weight,
+                     callbacks=callbacks, verbose=verbose)
+
+
+# ---------------------------------------------------------------------------
+# Version folders.
+# ---------------------------------------------------------------------------
+
+
+def claim_version_dir(models_dir: str) -> tuple[str, int]:
+    """Create models/vX with X = 1 + the largest existing vN, atomically.
+
+    Locally, os.mkdir either creates the folder or fails because another run
+    got it first, in which case the next number is tried: two runs started
+    together never share a folder. Folders not named vN are ignored.
+    """
+    import tensorflow as tf
+
+    tf.io.gfile.makedirs(models_dir)
+    while True:
+        numbers = [int(m.group(1)) for n in tf.io.gfile.listdir(models_dir)
+                   if (m := _VERSION.match(n.rstrip("/")))]
+        number = max(numbers, default=0) + 1
+        path = records.join(models_dir, f"v{number}")
+        if "://" in models_dir:  # Object stores have no atomic mkdir; best effort.
+            if tf.io.gfile.exists(path):
+                continue
+            tf.io.gfile.makedirs(path)
+            return path, number
+        try:
+            os.mkdir(path)
+            return path, number
+        except FileExistsError:
+            continue
+
+
+# ---------------------------------------------------------------------------
+# The whole run.
+# ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class TrainResult:
+    version_dir: str
+    model_path: str
+    evaluation: object  # reports.Evaluation
+    stages: list
+    seconds: float
+    devices: str
+    precision: str
+
+
+def _stamp(seconds: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(seconds))
+
+
+def _training_log(config, manifest, devices, precision, weights, stages, evaluation=None,
+                  started=None, failure=None) -> str:
+    lines = [f"tclf {tclf.__version__} training log", ""]
+    lines.append(f"started: {_stamp(started)}")
+    if stages or evaluation:
+        lines.append(f"finished: {_stamp(time.time())}  "
+                     f"(duration {time.time() - started:.1f} s)")
+    lines += [f"devices: {devices}", f"precision: {precision}", f"records: {config.records}",
+              f"classes: {', '.join(manifest['classes'])}",
+              "training records per class: " + ", ".join(
+                  f"{c}: {manifest['splits']['train']['counts'][c]}" for c in manifest["classes"]),
+              "validation records per class: " + ", ".join(
+                  f"{c}: {manifest['splits']['val']['counts'][c]}" for c in manifest["classes"]),
+              "class weights: " + ", ".join(
+                  f"{c}: {weights[i]:.4f}" for i, c in enumerate(manifest["classes"])), ""]
+    for stage in stages:
+        lines += [f"{stage.name}: {stage.epochs_run} epochs, {_stamp(stage.started)} -> "
+                  f"{_stamp(stage.started + stage.seconds)} ({stage.seconds:.1f} s)",
+                  f"  stopped: {stage.stop_reason}"]
+    if evaluation is not None:
+        lines += ["", f"validation accuracy (segments): {evaluation.segment_accuracy:.4f} "
+                      f"over {evaluation.num_segments} segments",
+                  f"validation accuracy (tracks): {evaluation.track_accuracy:.4f} "
+                  f"over {evaluation.num_tracks} tracks",
+                  f"validation macro F1 (segments / tracks): {evaluation.segment_macro_f1:.4f} / "
+                  f"{evaluation.track_macro_f1:.4f}"]
+    if failure:
+        lines += ["", f"FAILED: {failure}", "No model.h5 was written; latest.h5 is unchanged."]
+    lines += ["", "options:"] + [f"  {k}: {v}" for k, v in dataclasses.asdict(config).items()]
+    return "\n".join(lines) + "\n"
+
+
+def train(config: TrainConfig) -> TrainResult:
+    """Run the two-stage schedule on config.records and write config.models/vX/."""
+    import keras
+    import tensorflow as tf
+
+    from tclf import data, reports
+    from tclf.evaluate import predict_records
+    from tclf.model import build_model, save_model
+
+    config.validate()
+    started = time.time()
+
+    # --- Devices, precision, seeds -------------------------------------------------------------
+    strategy, devices, on_gpu = configure_devices(config.gpus)
+    precision = resolve_precision(config.precision, on_gpu)
+    keras.mixed_precision.set_global_policy(precision)
+    keras.utils.set_random_seed(config.seed)
+
+    # --- Input pipeline ------------------------------------------------------------------------
+    manifest = records.load_manifest(config.records)
+    classes = manifest["classes"]
+    n_train = manifest["splits"]["train"]["records"]
+    if not n_train or not manifest["splits"]["val"]["records"]:
+        raise ValueError(f"{config.records}: training needs records in both splits "
+                         f"(train: {n_train}, val: {manifest['splits']['val']['records']})")
+    steps_per_epoch = math.ceil(n_train / config.batch_size)
+    train_data = data.make_dataset(config.records, "train", config.batch_size, training=True,
+                                   image_size=config.image_size, cache=config.cache,
+                                   seed=config.seed, repeat=True)
+    val_data = data.make_dataset(config.records, "val", config.batch_size,
+                                 image_size=config.image_size, cache=config.cache)
+    weights = class_weights(manifest["splits"]["train"]["counts"], classes)
+
+    # --- Version folder ------------------------------------------------------------------------
+    version_dir, _ = claim_version_dir(config.models)
+    out = lambda *names: records.join(version_dir, *names)  # noqa: E731
+    tf.io.gfile.makedirs(out("analysis"))
+    stages: list[StageResult] = []
+    write_log = lambda **kw: reports.write_bytes_atomic(  # noqa: E731
+        out("training_log.txt"),
+        _training_log(config, manifest, devices, precision, weights, stages, started=started,
+                      **kw))
+    write_log()
+    config_record = {**dataclasses.asdict(config), "classes": classes, "devices": devices,
+                     "resolved_precision": precision, "tclf_version": tclf.__version__,
+                     "version_dir": version_dir}
+    try:
+        # --- Model -----------------------------------------------------------------------------
+        with strategy.scope():
+            model = build_model(
+                len(classes), manifest["feature_mean"], manifest["feature_std"],
+                image_size=config.image_size, feature_shape=manifest["feature_shape"],
+                weights=config.weights,
+                **{k: getattr(config, k) for k in TrainConfig.MODEL_FIELDS})
+            _, ProgressFile = _callbacks_module()
+            progress_lines: list[str] = []
+            common = dict(steps_per_epoch=steps_per_epoch, class_weight=weights,
+                          verbose=config.verbose)
+            tensorboard = keras.callbacks.TensorBoard(out("logs"), write_graph=False)
+
+            # --- Stage 1: frozen backbone ------------------------------------------------------
+            with data.naming_corrupt_shards(config.records):
+                stages.append(stage1(
+                    model, train_data, val_data, learning_rate=config.stage1_lr,
+                    epochs=config.stage1_epochs, warmup_epochs=config.stage1_warmup_epochs,
+                    patience=config.stage1_patience,
+                    callbacks=[ProgressFile(out("training_progress.txt"), "stage1",
+                                            progress_lines), tensorboard], **common))
+                write_log()
+
+                # --- Stage 2: fine-tuning ------------------------------------------------------
+                stages.append(stage2(
+                    model, train_data, val_data, num_layers=config.stage2_layers,
+                    learning_rate=config.stage2_lr, min_epochs=config.stage2_min_epochs,
+                    max_epochs=config.stage2_max_epochs,
+                    warmup_epochs=config.stage2_warmup_epochs, patience=config.stage2_patience,
+                    callbacks=[ProgressFile(out("training_progress.txt"), "stage2",
+                                            progress_lines), tensorboard], **common))
+
+        # --- Reports ---------------------------------------------------------------------------
+        probabilities, labels, track_ids = predict_records(model, config.records, "val",
+                                                           config.batch_size, config.image_size)
+        evaluation = reports.evaluate(probabilities, labels, track_ids, classes)
+        title = f"{os.path.basename(version_dir.rstrip('/'))}: validation split of {config.records}"
+        histories = [s.history for s in stages]
+        for folder in (version_dir, out("analysis")):
+            reports.write_evaluation(evaluation, folder, title=title)
+            for metric in ("accuracy", "loss"):
+                reports.plot_history(histories, metric, records.join(folder, f"{metric}.png"),
+                                     stage_names=["stage 1 (frozen)", "stage 2 (fine-tune)"])
+        config_record["evaluation"] = evaluation.to_dict()
+        reports.write_bytes_atomic(out("config.json"), json.dumps(config_record, indent=1,
+                                                                  default=str))
+        log_text = _training_log(config, manifest, devices, precision, weights, stages,
+                                 evaluation, started)
+        for folder in (version_dir, out("analysis")):
+            reports.write_bytes_atomic(records.join(folder, "training_log.txt"), log_text)
+
+        # --- The model last: its presence marks the folder complete ----------------------------
+        save_model(model, out("model.h5"), classes, config_record)
+        latest = records.join(config.models, "latest.h5")
+        staging = f"{latest}.tmp-{uuid.uuid4().hex[:8]}"
+        tf.io.gfile.copy(out("model.h5"), staging, overwrite=True)
+        tf.io.gfile.rename(staging, latest, overwrite=True)
+    except BaseException as error:
+        reason = "interrupted" if isinstance(error, KeyboardInterrupt) else (
+            f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}")
+        try:
+            write_log(failure=reason)
+        except Exception:
+            pass
+        raise
+    return TrainResult(version_dir, out("model.h5"), evaluation, stages,
+                       time.time() - started, devices, precision)
