@@ -204,3 +204,69 @@ def train_command(hparams_file, **options):
                f"{result.devices} ({result.precision}): validation accuracy "
                f"{result.evaluation.segment_accuracy:.3f} (segments), "
                f"{result.evaluation.track_accuracy:.3f} (tracks)")
+
+
+@click.command(context_settings={"show_default": True, "help_option_names": ["-h", "--help"]})
+@click.argument("paths", nargs=-1, required=True, type=click.Path())
+@click.option("--model", "model_path", default="models/latest.h5",
+              help="A model.h5 written by tclf-train; its class names are read from it.")
+@click.option("--segments", "show_segments", is_flag=True,
+              help="Also show each segment's prediction.")
+@click.option("--format", "output_format", type=click.Choice(["table", "json", "csv"]),
+              default=None, help="Output format. [default: table on a terminal, json otherwise]")
+@click.option("--batch-size", default=32, type=click.IntRange(min=1),
+              help="Segments per forward pass.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary.")
+@command
+def predict_command(paths, model_path, show_segments, output_format, batch_size, quiet):
+    """Name the style of tracks: audio files, folders of audio, or data/ track folders.
+
+    Each audio file is cut and analysed exactly as tclf-extract does, in
+    memory; a track's probabilities are the mean over its segments. Files
+    that cannot be read are reported and skipped; the exit code is non-zero
+    only when nothing could be classified.
+    """
+    from tclf import predict
+
+    output_format = output_format or ("table" if sys.stdout.isatty() else "json")
+    result = predict.predict_paths(list(paths), model_path, batch_size=batch_size,
+                                   progress=not quiet)
+    if not result.tracks:
+        raise click.ClickException(f"no track could be classified ({len(result.failed)} failed)")
+    click.echo(predict.FORMATTERS[output_format](result, show_segments), nl=False)
+    if not quiet:
+        segments = sum(len(t.segments) for t in result.tracks)
+        click.echo(f"classified {len(result.tracks)} tracks ({segments} segments) in "
+                   f"{result.seconds:.1f} s; {len(result.failed)} failed", err=True)
+
+
+@click.command(context_settings={"show_default": True, "help_option_names": ["-h", "--help"]})
+@click.option("--model", "model_path", default="models/latest.h5",
+              help="A model.h5 written by tclf-train.")
+@click.option("--records", "records_dir", default="records", help="Records folder (tclf-pack).")
+@click.option("--split", default="val", help="Split of the records to evaluate.")
+@click.option("--out", "out_dir", default=None,
+              help="Write report.txt and confusion_matrix.png here (same formats as training). "
+                   "Without it the report is printed.")
+@click.option("--batch-size", default=32, type=click.IntRange(min=1), help="Segments per batch.")
+@command
+def eval_command(model_path, records_dir, split, out_dir, batch_size):
+    """Segment- and track-level accuracy, macro F1, report and confusion matrix of a model.
+
+    Works for any model written by tclf-train on any packed split whose
+    classes match the model's.
+    """
+    from tclf import evaluate, reports
+    from tclf.model import load_model
+
+    model, classes = load_model(model_path)
+    evaluation = evaluate.evaluate_records(model, classes, records_dir, split, batch_size)
+    title = f"{model_path}: {split} split of {records_dir}"
+    if out_dir:
+        for path in reports.write_evaluation(evaluation, out_dir, title=title):
+            click.echo(f"wrote {path}")
+    else:
+        click.echo(reports.format_report(evaluation, title=title), nl=False)
+    click.echo(f"accuracy {evaluation.segment_accuracy:.4f} (segments), "
+               f"{evaluation.track_accuracy:.4f} (tracks); macro F1 "
+               f"{evaluation.segment_macro_f1:.4f} / {evaluation.track_macro_f1:.4f}")

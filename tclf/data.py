@@ -28,14 +28,22 @@ def shard_paths(records_dir: str, split: str, manifest: dict | None = None) -> l
     return [records.join(records_dir, shard["file"]) for shard in manifest["splits"][split]["shards"]]
 
 
+def resize_image(image, image_size: int):
+    """Resize uint8 images [..., H, W, 3] to image_size x image_size, staying uint8.
+
+    The one resize used wherever a model smaller than 299 is fed (reader, prediction).
+    """
+    resized = tf.image.resize(image, (image_size, image_size), antialias=True)
+    return tf.cast(tf.clip_by_value(tf.round(resized), 0, 255), tf.uint8)
+
+
 def decode_example(serialized: tf.Tensor, feature_shape, image_size: int | None = None,
                    include_track_id: bool = False):
     """Parse one serialized record and decode its PNG. Image stays uint8."""
     parsed = tf.io.parse_single_example(serialized, records.feature_description(feature_shape))
     image = tf.io.decode_png(parsed[SPECTROGRAM_KEY], channels=3)
     if image_size is not None:
-        image = tf.cast(tf.clip_by_value(tf.round(
-            tf.image.resize(image, (image_size, image_size), antialias=True)), 0, 255), tf.uint8)
+        image = resize_image(image, image_size)
     inputs = {SPECTROGRAM_KEY: image, FEATURES_KEY: parsed[FEATURES_KEY]}
     label = tf.cast(parsed[LABEL_KEY], tf.int32)
     if include_track_id:

@@ -367,6 +367,7 @@ class TrainResult:
     seconds: float
     devices: str
     precision: str
+    model: object = None  # The trained keras.Model.
 
 
 def _stamp(seconds: float) -> str:
@@ -518,4 +519,4 @@ def train(config: TrainConfig) -> TrainResult:
             pass
         raise
     return TrainResult(version_dir, out("model.h5"), evaluation, stages,
-                       time.time() - started, devices, precision)
+                       time.time() - started, devices, precision, model)

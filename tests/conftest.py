@@ -51,3 +51,18 @@ def data_copy(data_dir, tmp_path):
     target = tmp_path / "data"
     shutil.copytree(data_dir, target)
     return str(target)
+
+
+TINY_TRAINING = dict(weights="none", image_size=32, batch_size=8, stage1_epochs=1,
+                     stage2_min_epochs=1, stage2_max_epochs=2, stage2_patience=1, verbose=0,
+                     image_units=16, gru_units=16, gru2_units=8, feature_units=8,
+                     fusion_units=16, head_units=8, attention_heads=2)
+
+
+@pytest.fixture(scope="session")
+def trained(records_dir, tmp_path_factory):
+    """One tiny two-stage training run on the shared records (image size 32)."""
+    from tclf import train
+
+    models = str(tmp_path_factory.mktemp("models"))
+    return train.train(train.TrainConfig(records=records_dir, models=models, **TINY_TRAINING))

@@ -1,0 +1,277 @@
+"""Classify new music: the library behind `tclf-predict`.
+
+Inputs may be audio files, folders searched recursively for audio, or track
+folders in the data/ layout (part_N.png + part_N.npy). Audio goes through
+:func:`tclf.audio.analyze_file`, the code `tclf-extract` uses, in memory. A
+track's prediction is the mean of its segments' probabilities. The class
+names come from the model file, so any model.h5 written by tclf-train works
+on its own.
+
+Output formats (stable; ``model`` is the model file used):
+
+* JSON: ``{"model", "classes", "tracks": [{"source", "style", "probabilities":
+  {class: p}, "num_segments", "segments": [{"index", "start", "style",
+  "probabilities"}]}], "failed": [{"source", "error"}]}``; ``segments`` only
+  with ``--segments``; ``start`` is in seconds, null for data/ folders.
+* CSV: header ``model,source,segment,start,style,p_<class>...``; one row per
+  track with segment ``all``, and with ``--segments`` one row per segment
+  (segment = its index) after it.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import os
+import re
+import time
+import warnings
+
+import numpy as np
+
+from tclf import DataWarning, audio
+
+_PART = re.compile(r"^part_(\d+)\.png$")
+
+
+@dataclasses.dataclass
+class SegmentPrediction:
+    index: int
+    start: float | None
+    probabilities: np.ndarray  # [classes]
+
+
+@dataclasses.dataclass
+class TrackPrediction:
+    source: str
+    style: str
+    probabilities: np.ndarray  # [classes], mean over segments
+    segments: list[SegmentPrediction]
+
+
+@dataclasses.dataclass
+class PredictionResult:
+    model: str
+    classes: list[str]
+    tracks: list[TrackPrediction]
+    failed: list[tuple[str, str]]
+    seconds: float = 0.0
+    analysis_seconds: float = 0.0  # Audio decoding and feature extraction.
+    model_seconds: float = 0.0  # Running the network.
+
+    def to_dict(self, segments: bool = False) -> dict:
+        def probs(p):
+            return {c: round(float(x), 6) for c, x in zip(self.classes, p)}
+
+        tracks = []
+        for track in self.tracks:
+            item = {"source": track.source, "style": track.style,
+                    "probabilities": probs(track.probabilities),
+                    "num_segments": len(track.segments)}
+            if segments:
+                item["segments"] = [
+                    {"index": s.index, "start": s.start,
+                     "style": self.classes[int(np.argmax(s.probabilities))],
+                     "probabilities": probs(s.probabilities)} for s in track.segments]
+            tracks.append(item)
+        return {"model": self.model, "classes": self.classes, "tracks": tracks,
+                "failed": [{"source": s, "error": e} for s, e in self.failed]}
+
+
+# ---------------------------------------------------------------------------
+# Inputs.
+# ---------------------------------------------------------------------------
+
+
+def is_track_folder(path: str) -> bool:
+    return os.path.isdir(path) and any(_PART.match(n) for n in os.listdir(path))
+
+
+def collect_inputs(paths) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """Expand PATHs into ("audio" | "track", path) items, and (path, error) for missing ones.
+
+    Folders are searched recursively; a folder holding part_N.png files is a
+    track folder (data/ layout), anything else is searched for audio files.
+    """
+    items, missing = [], []
+    for path in paths:
+        if os.path.isfile(path):
+            items.append(("audio", path))
+        elif is_track_folder(path):
+            items.append(("track", path))
+        elif os.path.isdir(path):
+            for root, dirs, files in os.walk(path):
+                dirs.sort()
+                if is_track_folder(root):
+                    items.append(("track", root))
+                    continue
+                items.extend(("audio", os.path.join(root, f)) for f in sorted(files)
+                             if audio.is_audio_file(f) and not f.startswith("."))
+        else:
+            missing.append((path, f"{path}: no such file or folder"))
+    return items, missing
+
+
+def read_track_folder(path: str) -> list[tuple[int, np.ndarray, np.ndarray]]:
+    """(index, image uint8 [299, 299, 3], features [10, 68]) per valid part of a data/ track."""
+    from PIL import Image
+
+    from tclf import records
+
+    parts = []
+    for name in sorted(os.listdir(path), key=lambda n: (len(n), n)):
+        match = _PART.match(name)
+        if not match:
+            continue
+        index = int(match.group(1))
+        sample = records.Sample(0, path, index, os.path.join(path, name),
+                                os.path.join(path, f"part_{index}.npy"))
+        try:
+            png, features = records.read_sample(sample)
+        except (ValueError, OSError) as error:
+            warnings.warn(f"skipped {error}", DataWarning, stacklevel=2)
+            continue
+        parts.append((index, np.asarray(Image.open(io.BytesIO(png)).convert("RGB")), features))
+    if not parts:
+        raise ValueError(f"{path}: no usable part_N.png + part_N.npy pair")
+    return parts
+
+
+# ---------------------------------------------------------------------------
+# Prediction.
+# ---------------------------------------------------------------------------
+
+
+def predict_paths(paths, model_path: str = "models/latest.h5", batch_size: int = 32,
+                  progress: bool = False, model=None, class_names=None) -> PredictionResult:
+    """Classify tracks.
+
+    Parameters
+    ----------
+    paths : list of str
+        Audio files, folders of audio, or data/ track folders.
+    model_path : str
+        A model.h5 written by tclf-train (the class names are read from it).
+    batch_size : int
+        Segments per forward pass; segments of several tracks share batches.
+    model, class_names : optional
+        An already loaded model (and its classes), to skip loading.
+
+    Returns
+    -------
+    PredictionResult; files that could not be used are in ``failed`` and
+    reported with a DataWarning each.
+    """
+    import tensorflow as tf
+
+    from tclf.data import resize_image
+    from tclf.model import load_model
+
+    started = time.perf_counter()
+    if model is None:
+        model, class_names = load_model(model_path)
+    image_size = next(int(t.shape[1]) for t in model.inputs if len(t.shape) == 4)
+    items, failed = collect_inputs(paths)
+    for _, error in failed:
+        warnings.warn(error, DataWarning, stacklevel=2)
+    result = PredictionResult(model_path, list(class_names), [], failed)
+
+    pending = []  # (track number, index, start, image, features) waiting for a batch.
+    tracks = []  # (source, [SegmentPrediction])
+
+    def run_batch():
+        nonlocal pending
+        if not pending:
+            return
+        tick = time.perf_counter()
+        images = np.stack([p[3] for p in pending])
+        if image_size != images.shape[1]:
+            images = resize_image(tf.constant(images), image_size).numpy()
+        inputs = {"spectrogram": images, "features": np.stack([p[4] for p in pending])}
+        probabilities = np.asarray(model(inputs, training=False), np.float64)
+        for (track, index, start, _, _), p in zip(pending, probabilities):
+            tracks[track][1].append(SegmentPrediction(index, start, p))
+        result.model_seconds += time.perf_counter() - tick
+        pending = []
+
+    from tqdm import tqdm
+
+    for kind, path in tqdm(items, unit="track", desc="predict", disable=not progress):
+        tick = time.perf_counter()
+        try:
+            if kind == "audio":
+                parts = [(s.index, s.start, s.image, s.features)
+                         for s in audio.analyze_file(path)]
+            else:
+                parts = [(i, None, image, f) for i, image, f in read_track_folder(path)]
+        except (audio.AudioError, ValueError, OSError) as error:
+            message = str(error) if path in str(error) else f"{path}: {error}"
+            result.failed.append((path, message))
+            warnings.warn(f"skipped {message}", DataWarning, stacklevel=2)
+            continue
+        finally:
+            result.analysis_seconds += time.perf_counter() - tick
+        tracks.append((path, []))
+        for index, start, image, features in parts:
+            pending.append((len(tracks) - 1, index, start, image, features))
+            if len(pending) >= batch_size:
+                run_batch()
+    run_batch()
+
+    for source, segments in tracks:
+        mean = np.mean([s.probabilities for s in segments], axis=0)
+        result.tracks.append(TrackPrediction(source, result.classes[int(np.argmax(mean))], mean,
+                                             segments))
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+# ---------------------------------------------------------------------------
+# Formatting.
+# ---------------------------------------------------------------------------
+
+
+def format_json(result: PredictionResult, segments: bool = False) -> str:
+    return json.dumps(result.to_dict(segments), indent=1)
+
+
+def format_csv(result: PredictionResult, segments: bool = False) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["model", "source", "segment", "start", "style"]
+                    + [f"p_{c}" for c in result.classes])
+    for track in result.tracks:
+        writer.writerow([result.model, track.source, "all", "", track.style]
+                        + [f"{p:.6f}" for p in track.probabilities])
+        if segments:
+            for s in track.segments:
+                writer.writerow([result.model, track.source, s.index,
+                                 "" if s.start is None else f"{s.start:.2f}",
+                                 result.classes[int(np.argmax(s.probabilities))]]
+                                + [f"{p:.6f}" for p in s.probabilities])
+    return buffer.getvalue()
+
+
+def format_table(result: PredictionResult, segments: bool = False) -> str:
+    width = max([len("track")] + [len(t.source) for t in result.tracks]) + 2
+    style_width = max([len("style")] + [len(c) for c in result.classes]) + 2
+    columns = [max(len(c), 6) + 2 for c in result.classes]
+    header = "track".ljust(width) + "style".ljust(style_width) + "".join(
+        c.rjust(w) for c, w in zip(result.classes, columns))
+    lines = [f"model: {result.model}", header, "-" * len(header)]
+    for track in result.tracks:
+        lines.append(track.source.ljust(width) + track.style.ljust(style_width) + "".join(
+            f"{p:.4f}".rjust(w) for p, w in zip(track.probabilities, columns)))
+        if segments:
+            for s in track.segments:
+                where = f"  part {s.index}" + ("" if s.start is None else f" @ {s.start:.1f} s")
+                lines.append(where.ljust(width)
+                             + result.classes[int(np.argmax(s.probabilities))].ljust(style_width)
+                             + "".join(f"{p:.4f}".rjust(w)
+                                       for p, w in zip(s.probabilities, columns)))
+    return "\n".join(lines) + "\n"
+
+
+FORMATTERS = {"table": format_table, "json": format_json, "csv": format_csv}
