@@ -1,0 +1,60 @@
+"""Small helpers shared by the benchmark scripts: machine description and BENCHMARKS.md sections.
+
+Each script owns one section of BENCHMARKS.md, between
+``<!-- name -->`` and ``<!-- /name -->``, and rewrites only that section.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCHMARKS = os.path.join(ROOT, "BENCHMARKS.md")
+
+
+def machine() -> str:
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            match = re.search(r"model name\s*:\s*(.+)", f.read())
+            cpu = match.group(1).strip() if match else cpu
+    except OSError:
+        pass
+    memory = ""
+    try:
+        with open("/proc/meminfo") as f:
+            kb = int(re.search(r"MemTotal:\s*(\d+)", f.read()).group(1))
+            memory = f", {kb / 2**20:.0f} GiB RAM"
+    except (OSError, AttributeError):
+        pass
+    versions = [f"Python {platform.python_version()}"]
+    for name in ("tensorflow", "keras", "librosa", "numpy"):
+        try:
+            versions.append(f"{name} {__import__(name).__version__}")
+        except ImportError:
+            pass
+    return (f"{cpu}, {os.cpu_count()} cores{memory}, no GPU; {', '.join(versions)}; "
+            f"measured {time.strftime('%Y-%m-%d')}")
+
+
+def write_section(name: str, body: str) -> None:
+    """Replace (or append) the section `name` of BENCHMARKS.md."""
+    text = open(BENCHMARKS).read() if os.path.exists(BENCHMARKS) else (
+        "# Benchmarks\n\nProduced by the scripts in tools/; each ratio is measured within one run "
+        "of its script on one machine (these machines are noisy, so compare ratios, not "
+        "absolute rates across runs).\n")
+    block = f"<!-- {name} -->\n{body.strip()}\n<!-- /{name} -->"
+    pattern = re.compile(rf"<!-- {re.escape(name)} -->.*?<!-- /{re.escape(name)} -->", re.S)
+    text = pattern.sub(lambda _: block, text) if pattern.search(text) else (
+        text.rstrip() + "\n\n" + block + "\n")
+    tmp = BENCHMARKS + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, BENCHMARKS)
+
+
+def verdict(value: float, target: float) -> str:
+    return "met" if value >= target else "NOT met"
