@@ -238,9 +238,12 @@ def _colormap_lut(name: str = COLORMAP) -> np.ndarray:
 
 def _stft_magnitude(y: np.ndarray, window: np.ndarray) -> np.ndarray:
     """|STFT| [shape=(1 + N_FFT/2, frames)], centred frames, as librosa.stft."""
+    import scipy.fft
+
     padded = np.pad(y, N_FFT // 2, mode="constant")
     frames = np.lib.stride_tricks.sliding_window_view(padded, N_FFT)[::HOP_LENGTH]
-    return np.abs(np.fft.rfft(frames * window, axis=1)).T.astype(np.float32)
+    # scipy keeps float32 in complex64 (numpy would widen to complex128): half the memory traffic.
+    return np.abs(scipy.fft.rfft(frames * window, axis=1)).T
 
 
 def render_image(mel_db: np.ndarray, size: int = IMAGE_SIZE) -> np.ndarray:
@@ -274,16 +277,17 @@ def encode_png(image: np.ndarray) -> bytes:
 
 
 def _window_stats(frames: np.ndarray, window_of_frame: np.ndarray, windows: int):
-    """Mean and std over frames per window. frames [shape=(d, t)] -> 2x [shape=(windows, d)]."""
-    counts = np.bincount(window_of_frame, minlength=windows).astype(np.float64)
-    counts = np.maximum(counts, 1.0)[:, None]
-    total = np.zeros((windows, frames.shape[0]))
-    squares = np.zeros((windows, frames.shape[0]))
-    np.add.at(total, window_of_frame, frames.T.astype(np.float64))
-    np.add.at(squares, window_of_frame, frames.T.astype(np.float64) ** 2)
-    mean = total / counts
-    std = np.sqrt(np.maximum(squares / counts - mean**2, 0.0))
-    return mean, std
+    """Mean and std over frames per window. frames [shape=(d, t)] -> 2x [shape=(windows, d)].
+
+    window_of_frame is non-decreasing and covers every window, so each window is
+    a contiguous run of frames and np.add.reduceat sums it.
+    """
+    starts = np.searchsorted(window_of_frame, np.arange(windows))
+    counts = np.diff(np.append(starts, len(window_of_frame)))[:, None].astype(np.float64)
+    values = frames.T.astype(np.float64)
+    mean = np.add.reduceat(values, starts, axis=0) / counts
+    squares = np.add.reduceat(values**2, starts, axis=0) / counts
+    return mean, np.sqrt(np.maximum(squares - mean**2, 0.0))
 
 
 def analyze_segment(y: np.ndarray, sample_rate: int = SAMPLE_RATE, image_size: int = IMAGE_SIZE,
@@ -320,17 +324,16 @@ def analyze_segment(y: np.ndarray, sample_rate: int = SAMPLE_RATE, image_size: i
     chroma = chroma_basis @ power
     chroma /= np.maximum(chroma.max(axis=0, keepdims=True), 1e-10)  # As chroma_stft (inf-norm).
     tonnetz = librosa.feature.tonnetz(chroma=chroma, sr=sample_rate)
-    centroid = librosa.feature.spectral_centroid(S=magnitude, freq=frequencies)[0]
-    bandwidth = librosa.feature.spectral_bandwidth(S=magnitude, freq=frequencies,
-                                                   centroid=centroid[None])[0]
-    rolloff = librosa.feature.spectral_rolloff(S=magnitude, freq=frequencies)[0]
-    zcr = librosa.feature.zero_crossing_rate(y, frame_length=N_FFT, hop_length=HOP_LENGTH)[0]
+    centroid, bandwidth, rolloff = _spectral_shape(magnitude, frequencies)
+    zcr = _zero_crossing_rate(y)
     rms = librosa.feature.rms(y=y, frame_length=N_FFT, hop_length=HOP_LENGTH)[0]
     onset = librosa.onset.onset_strength(S=np.maximum(mel_db, peak - TOP_DB), sr=sample_rate,
                                          hop_length=HOP_LENGTH)
     tempo, confidence = _tempo(onset, sample_rate)
 
     frames = magnitude.shape[1]
+    if frames < 2 * windows:
+        raise AudioError(f"segment of {len(y)} samples is too short for {windows} windows")
     seconds = len(y) / sample_rate
     window_of_frame = np.minimum(
         (np.arange(frames) * HOP_LENGTH / sample_rate * windows / seconds).astype(np.int64),
@@ -340,8 +343,8 @@ def analyze_segment(y: np.ndarray, sample_rate: int = SAMPLE_RATE, image_size: i
     mean, std = _window_stats(per_frame, window_of_frame, windows)
     # Rows of per_frame: 0-19 mfcc, 20-31 chroma, 32-37 tonnetz, 38 centroid, 39 bandwidth,
     # 40 rolloff, 41 zcr, 42 rms, 43 onset.
-    rms_max = np.zeros(windows)
-    np.maximum.at(rms_max, window_of_frame, rms[:frames])
+    rms_max = np.maximum.reduceat(rms[:frames], np.searchsorted(window_of_frame,
+                                                                 np.arange(windows)))
     spectral = np.stack([mean[:, 38:44], std[:, 38:44]], axis=2).reshape(windows, 12)[:, :10]
     features = np.hstack([
         mean[:, 0:20], std[:, 0:15], mean[:, 20:32], mean[:, 32:38],
@@ -350,6 +353,31 @@ def analyze_segment(y: np.ndarray, sample_rate: int = SAMPLE_RATE, image_size: i
         np.full((windows, 1), tempo), np.full((windows, 1), confidence),
     ]).astype(np.float32)
     return image, features
+
+
+def _spectral_shape(magnitude: np.ndarray, frequencies: np.ndarray):
+    """Centroid, bandwidth (p=2) and 85% roll-off per frame, as librosa's, in one pass.
+
+    librosa normalizes the spectrogram once per feature; here the three share it.
+    """
+    magnitude = magnitude.astype(np.float64)
+    total = magnitude.sum(axis=0)
+    safe = np.where(total > 0, total, 1.0)
+    centroid = (frequencies @ magnitude) / safe
+    second = (frequencies.astype(np.float64) ** 2 @ magnitude) / safe
+    bandwidth = np.sqrt(np.maximum(second - centroid**2, 0.0))
+    cumulative = np.cumsum(magnitude, axis=0)
+    rolloff = frequencies[np.argmax(cumulative >= 0.85 * cumulative[-1], axis=0)]
+    return centroid, bandwidth, rolloff
+
+
+def _zero_crossing_rate(y: np.ndarray) -> np.ndarray:
+    """Sign changes per sample in each centred STFT frame, as librosa.feature.zero_crossing_rate."""
+    padded = np.pad(y, N_FFT // 2, mode="edge")
+    negative = np.signbit(np.where(np.abs(padded) <= 1e-10, 0.0, padded))
+    counts = np.concatenate([[0], np.cumsum(negative[1:] != negative[:-1])])
+    starts = np.arange(0, len(padded) - N_FFT + 1, HOP_LENGTH)
+    return (counts[starts + N_FFT - 1] - counts[starts]) / N_FFT
 
 
 def _tempo(onset: np.ndarray, sample_rate: int) -> tuple[float, float]:

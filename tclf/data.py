@@ -53,7 +53,7 @@ def decode_example(serialized: tf.Tensor, feature_shape, image_size: int | None 
 
 def make_dataset(records_dir: str, split: str = "train", batch_size: int = 32,
                  training: bool = False, image_size: int | None = None, cache: bool | str = False,
-                 include_track_id: bool = False, shuffle_buffer: int = 1024,
+                 include_track_id: bool = False, shuffle_buffer: int = 256,
                  seed: int | None = None, repeat: bool = False, drop_remainder: bool = False,
                  options: tf.data.Options | None = None) -> tf.data.Dataset:
     """A batched, prefetched dataset over one split of RECORDS_DIR.
@@ -75,8 +75,12 @@ def make_dataset(records_dir: str, split: str = "train", batch_size: int = 32,
         for a cache file. Memory cost is ~268 kB per 299x299 record.
     include_track_id : bool
         Yield ``(inputs, label, track_id)``; for track-level metrics, not fit().
+    shuffle_buffer : int
+        Records in the shuffle buffer. pack already spreads records randomly over
+        the shards and shards are interleaved, so a small buffer suffices; larger
+        ones cost reader throughput (BENCHMARKS.md).
     repeat : bool
-        Repeat forever (use with steps_per_epoch).
+        Repeat forever, as one continuous stream (use with steps_per_epoch).
 
     Returns
     -------
@@ -95,13 +99,17 @@ def make_dataset(records_dir: str, split: str = "train", batch_size: int = 32,
     stored_size = manifest["image_size"][0]
     resize_to = image_size if image_size and image_size != stored_size else None
 
-    # Order, and why: shuffle file names (cheap) -> interleave reads of several shards in
-    # parallel -> [shuffle serialized records, small, when not caching] -> parse + decode in
-    # parallel -> [cache decoded] -> [shuffle decoded, after the cache so each epoch differs] ->
-    # [repeat] -> batch -> prefetch so that the model never waits for the next batch.
+    # Order, and why: shuffle file names (cheap) -> [repeat, when streaming and not caching: the
+    # stream never restarts, so the shuffle buffer is filled once, not once per epoch while the
+    # decoders wait] -> interleave reads of several shards in parallel -> [shuffle serialized
+    # records: half the memory of decoded ones] -> parse + decode in parallel -> [cache decoded
+    # -> repeat -> shuffle decoded, after the cache so each epoch differs] -> batch -> prefetch,
+    # so that the model never waits for the next batch.
     dataset = tf.data.Dataset.from_tensor_slices(files)
     if training:
         dataset = dataset.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
+    if repeat and not cache:
+        dataset = dataset.repeat()
     dataset = dataset.interleave(
         lambda path: _records_of(path), cycle_length=min(len(files), 16),
         block_length=1, num_parallel_calls=AUTOTUNE, deterministic=not training)
@@ -112,10 +120,10 @@ def make_dataset(records_dir: str, split: str = "train", batch_size: int = 32,
         num_parallel_calls=AUTOTUNE, deterministic=not training)
     if cache:
         dataset = dataset.cache("" if cache is True else cache)
+        if repeat:
+            dataset = dataset.repeat()
         if training:
             dataset = dataset.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
-    if repeat:
-        dataset = dataset.repeat()
     dataset = dataset.batch(batch_size, drop_remainder=drop_remainder,
                             num_parallel_calls=AUTOTUNE, deterministic=not training)
     dataset = dataset.prefetch(AUTOTUNE)

@@ -113,14 +113,19 @@ def _extract_one(task):
         return class_name, track_id, path, 0, f"{path}: {type(error).__name__}: {error}"
 
 
-def _init_worker():
-    # One BLAS thread per worker: the parallelism is across tracks.
+def _thread_limits():
+    """Limit BLAS/OpenMP pools of this process to one thread; returns the undo handle."""
     try:
         from threadpoolctl import threadpool_limits
 
-        threadpool_limits(1)
+        return threadpool_limits(1)
     except ImportError:
-        pass
+        return None
+
+
+def _init_worker():
+    # One BLAS thread per worker: the parallelism is across tracks.
+    _thread_limits()
 
 
 def _warm_up(options):
@@ -189,7 +194,9 @@ def extract(audio_dir: str, data_dir: str, num_segments: int = 6, segment_second
     from tqdm import tqdm
 
     bar = tqdm(total=len(tasks), unit="track", desc="extract", disable=not progress)
-    if jobs == 1:
+    limits = None
+    if jobs == 1:  # One core, as each worker of a pool: BLAS must not spread to the others.
+        limits = _thread_limits()
         results = map(_extract_one, tasks)
         pool = None
     else:
@@ -212,6 +219,8 @@ def extract(audio_dir: str, data_dir: str, num_segments: int = 6, segment_second
         if pool is not None:
             pool.terminate()
             pool.join()
+        if limits is not None:
+            limits.restore_original_limits()
     summary.seconds = time.perf_counter() - start_time
     if not summary.extracted and not summary.existing:
         raise RuntimeError(f"no track could be extracted from {audio_dir} "
