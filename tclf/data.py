@@ -9,6 +9,7 @@ keyed by the model's input names so a batch feeds the model as it is.
 from __future__ import annotations
 
 import contextlib
+import math
 import re
 
 import tensorflow as tf
@@ -126,6 +127,11 @@ def make_dataset(records_dir: str, split: str = "train", batch_size: int = 32,
             dataset = dataset.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
     dataset = dataset.batch(batch_size, drop_remainder=drop_remainder,
                             num_parallel_calls=AUTOTUNE, deterministic=not training)
+    if not repeat:  # Known length: Keras' progress bars and epoch ends rely on it.
+        records_in_split = manifest["splits"][split]["records"]
+        batches = (records_in_split // batch_size if drop_remainder
+                   else math.ceil(records_in_split / batch_size))
+        dataset = dataset.apply(tf.data.experimental.assert_cardinality(batches))
     dataset = dataset.prefetch(AUTOTUNE)
     if options is not None:
         dataset = dataset.with_options(options)

@@ -281,7 +281,7 @@ def run_stage(model, train_data, val_data, *, name: str, learning_rate: float, e
                                  restore_best_weights=True)
     started = time.time()
     history = model.fit(train_data, validation_data=val_data, epochs=epochs,
-                        steps_per_epoch=steps_per_epoch, class_weight=class_weight,
+                        steps_per_epoch=steps_per_epoch, class_weight=class_weight, shuffle=False,
                         callbacks=[stopper, *callbacks], verbose=verbose)
     epochs_run = len(history.history.get("loss", []))
     if stopper.stopped_epoch > 0:
