@@ -177,7 +177,7 @@ def load_segments(path: str, num_segments: int = 6, segment_seconds: float = 10.
                 segments.append((start, y))
     except AudioError:
         raise
-    except Exception as error:  # libsndfile cannot read it: try audioread.
+    except Exception as error:  # libsndfile cannot read it: try audioread, segment by segment.
         try:
             import warnings
 
@@ -185,13 +185,15 @@ def load_segments(path: str, num_segments: int = 6, segment_seconds: float = 10.
 
             with warnings.catch_warnings():  # librosa warns about its own fallback; we report.
                 warnings.simplefilter("ignore")
-                y, source_rate = librosa.load(path, sr=None, mono=True)
+                duration = librosa.get_duration(path=path)
+                starts = segment_starts(duration, num_segments, segment_seconds, skip_fraction)
+                segments = []
+                for start in starts:
+                    y, source_rate = librosa.load(path, sr=None, mono=True, offset=start,
+                                                  duration=segment_seconds)
+                    segments.append((start, y))
         except Exception:
             raise AudioError(f"{path}: not a readable audio file ({error})") from None
-        duration = len(y) / source_rate
-        starts = segment_starts(duration, num_segments, segment_seconds, skip_fraction)
-        count = int(math.ceil(segment_seconds * source_rate))
-        segments = [(s, y[int(round(s * source_rate)):][:count]) for s in starts]
     if not segments:
         raise AudioError(f"{path}: {duration:.1f} s is shorter than one "
                          f"{segment_seconds:g} s segment")

@@ -42,6 +42,13 @@ def command(function):
                 raise
             message = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
             raise click.ClickException(f"{type(error).__name__}: {message}") from None
+        except Exception as error:
+            # TensorFlow's own errors (a missing or unreadable file, gs:// permissions, GPU
+            # memory) are not OSError subclasses; they too get one line.
+            if os.environ.get("TCLF_DEBUG") or not type(error).__module__.startswith("tensorflow"):
+                raise
+            message = getattr(error, "message", str(error)).strip().splitlines()[0]
+            raise click.ClickException(f"{type(error).__name__}: {message}") from None
 
     return wrapper
 

@@ -68,9 +68,10 @@ def list_tracks(audio_dir: str) -> list[tuple[str, str, str]]:
             for name in sorted(files):
                 if name.startswith("."):
                     continue
-                track_id = track_id_for(name)
-                if track_id in seen:
-                    track_id = track_id_for(name.replace(".", "_"))
+                base = track_id = track_id_for(name)
+                number = 2
+                while track_id in seen:
+                    track_id, number = f"{base}_{number}", number + 1
                 seen.add(track_id)
                 tracks.append((class_name, track_id, os.path.join(root, name)))
     return tracks
@@ -135,6 +136,31 @@ def _warm_up(options):
                           sample_rate, image_size=8)
 
 
+SETTINGS_NAME = "extract.json"
+
+
+def record_settings(data_dir: str, options: dict) -> None:
+    """Write DATA_DIR/extract.json; refuse to mix settings in one data folder.
+
+    tclf-pack copies it into the manifest and tclf-train into model.h5, so
+    that tclf-predict analyses new audio exactly as the training data was.
+    """
+    import json
+
+    path = os.path.join(data_dir, SETTINGS_NAME)
+    if os.path.exists(path):
+        with open(path) as f:
+            existing = json.load(f)
+        if existing != options:
+            raise ValueError(f"{data_dir} was extracted with {existing}, not {options}; use the "
+                             f"same settings or another DATA_DIR")
+        return
+    os.makedirs(data_dir, exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(options, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
 def clean_temporary(data_dir: str) -> int:
     """Remove temporary track folders left by an interrupted run. Returns how many."""
     removed = 0
@@ -178,7 +204,12 @@ def extract(audio_dir: str, data_dir: str, num_segments: int = 6, segment_second
     start_time = time.perf_counter()
     options = dict(num_segments=num_segments, segment_seconds=segment_seconds,
                    sample_rate=sample_rate, image_size=image_size, skip_fraction=skip_fraction)
+    for path in (audio_dir, data_dir):
+        if "://" in path:
+            raise ValueError(f"{path}: tclf-extract works on local folders; copy the result "
+                             f"to remote storage afterwards (tclf-pack reads and writes gs://)")
     tracks = list_tracks(audio_dir)
+    record_settings(data_dir, options)
     clean_temporary(data_dir)
     summary = ExtractSummary(collections.Counter(), collections.Counter(),
                              collections.Counter(), [], 0.0)

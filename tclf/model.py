@@ -220,6 +220,16 @@ def load_class_names(path: str) -> list[str]:
             return json.loads(f.attrs[CLASS_NAMES_ATTRIBUTE])
 
 
+def load_config(path: str) -> dict | None:
+    """The training configuration stored in a model.h5 by tclf-train (None if absent)."""
+    import h5py
+
+    with tempfile.TemporaryDirectory() as tmp:
+        with h5py.File(_local_copy(path, tmp), "r") as f:
+            value = f.attrs.get(CONFIG_ATTRIBUTE)
+    return json.loads(value) if value is not None else None
+
+
 def load_model(path: str):
     """(model, class_names) from a model.h5 written by tclf-train; not compiled."""
     import keras

@@ -144,6 +144,15 @@ def read_track_folder(path: str) -> list[tuple[int, np.ndarray, np.ndarray]]:
 # ---------------------------------------------------------------------------
 
 
+def extraction_settings(model_path: str) -> dict:
+    """The tclf-extract settings the model's training data was made with (stored in model.h5)."""
+    from tclf.model import load_config
+
+    settings = (load_config(model_path) or {}).get("extraction") or {}
+    return {k: v for k, v in settings.items()
+            if k in ("num_segments", "segment_seconds", "sample_rate", "skip_fraction")}
+
+
 def predict_paths(paths, model_path: str = "models/latest.h5", batch_size: int = 32,
                   progress: bool = False, model=None, class_names=None) -> PredictionResult:
     """Classify tracks.
@@ -157,7 +166,9 @@ def predict_paths(paths, model_path: str = "models/latest.h5", batch_size: int =
     batch_size : int
         Segments per forward pass; segments of several tracks share batches.
     model, class_names : optional
-        An already loaded model (and its classes), to skip loading.
+        An already loaded model (and its classes), to skip loading; audio is then
+        analysed with the default extraction settings. Otherwise the settings
+        stored in the model file (those of its training data) are used.
 
     Returns
     -------
@@ -172,6 +183,9 @@ def predict_paths(paths, model_path: str = "models/latest.h5", batch_size: int =
     started = time.perf_counter()
     if model is None:
         model, class_names = load_model(model_path)
+        extraction = extraction_settings(model_path)
+    else:
+        extraction = {}
     image_size = next(int(t.shape[1]) for t in model.inputs if len(t.shape) == 4)
     items, failed = collect_inputs(paths)
     for _, error in failed:
@@ -203,10 +217,10 @@ def predict_paths(paths, model_path: str = "models/latest.h5", batch_size: int =
         try:
             if kind == "audio":
                 parts = [(s.index, s.start, s.image, s.features)
-                         for s in audio.analyze_file(path)]
+                         for s in audio.analyze_file(path, **extraction)]
             else:
                 parts = [(i, None, image, f) for i, image, f in read_track_folder(path)]
-        except (audio.AudioError, ValueError, OSError) as error:
+        except Exception as error:  # One bad file must not lose the others' results.
             message = str(error) if path in str(error) else f"{path}: {error}"
             result.failed.append((path, message))
             warnings.warn(f"skipped {message}", DataWarning, stacklevel=2)

@@ -405,6 +405,7 @@ def pack(data_dir: str, records_dir: str, val_fraction: float = 0.2, seed: int =
             "groups_file": groups_file,
             "splits": manifest_splits,
             "skipped": dict(skipped),
+            "extraction": _extraction_settings(data_dir),
             "feature_mean": [float(x) for x in mean],
             "feature_std": [float(x) for x in std],
         }
@@ -416,6 +417,16 @@ def pack(data_dir: str, records_dir: str, val_fraction: float = 0.2, seed: int =
         raise
     manifest["seconds"] = time.perf_counter() - start_time
     return manifest
+
+
+def _extraction_settings(data_dir: str) -> dict | None:
+    """DATA_DIR/extract.json written by tclf-extract, if any (None for hand-made data)."""
+    tf = _tf()
+    path = join(data_dir, "extract.json")
+    if not tf.io.gfile.exists(path):
+        return None
+    with tf.io.gfile.GFile(path) as f:
+        return json.load(f)
 
 
 def _move_into_place(tmp_dir: str, records_dir: str) -> None:

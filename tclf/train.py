@@ -450,6 +450,7 @@ def train(config: TrainConfig) -> TrainResult:
                       **kw))
     write_log()
     config_record = {**dataclasses.asdict(config), "classes": classes, "devices": devices,
+                     "extraction": manifest.get("extraction"),
                      "resolved_precision": precision, "tclf_version": tclf.__version__,
                      "version_dir": version_dir}
     try:
@@ -460,6 +461,10 @@ def train(config: TrainConfig) -> TrainResult:
                 image_size=config.image_size, feature_shape=manifest["feature_shape"],
                 weights=config.weights,
                 **{k: getattr(config, k) for k in TrainConfig.MODEL_FIELDS})
+            backbone_layers = len(model.get_layer("efficientnetb0").layers)
+            if not 0 <= config.stage2_layers <= backbone_layers:
+                raise ValueError(f"stage2_layers must be 0-{backbone_layers}, got "
+                                 f"{config.stage2_layers}")
             _, ProgressFile = _callbacks_module()
             progress_lines: list[str] = []
             common = dict(steps_per_epoch=steps_per_epoch, class_weight=weights,
@@ -508,8 +513,12 @@ def train(config: TrainConfig) -> TrainResult:
         save_model(model, out("model.h5"), classes, config_record)
         latest = records.join(config.models, "latest.h5")
         staging = f"{latest}.tmp-{uuid.uuid4().hex[:8]}"
-        tf.io.gfile.copy(out("model.h5"), staging, overwrite=True)
-        tf.io.gfile.rename(staging, latest, overwrite=True)
+        try:
+            tf.io.gfile.copy(out("model.h5"), staging, overwrite=True)
+            tf.io.gfile.rename(staging, latest, overwrite=True)
+        finally:
+            if tf.io.gfile.exists(staging):
+                tf.io.gfile.remove(staging)
     except BaseException as error:
         reason = "interrupted" if isinstance(error, KeyboardInterrupt) else (
             f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}")

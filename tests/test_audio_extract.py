@@ -118,7 +118,8 @@ def test_interrupted_extract_leaves_no_half_track_and_rerun_completes(
     with pytest.raises(KeyboardInterrupt):
         extract.extract(audio_dir, str(target), jobs=1, progress=False)
     monkeypatch.setattr(extract.np, "save", real_save)
-    done = [(c, t) for c in os.listdir(target) for t in os.listdir(target / c)]
+    done = [(c, t) for c in os.listdir(target) if (target / c).is_dir()
+            for t in os.listdir(target / c)]
     assert len(done) == 2  # Two complete tracks, the third never appeared.
     for c, t in done:
         assert len(os.listdir(target / c / t)) == 4
@@ -132,3 +133,20 @@ def test_interrupted_extract_leaves_no_half_track_and_rerun_completes(
         assert len(names) == TRACKS_PER_STYLE and not any(n.startswith(".") for n in names)
         for track in names:
             assert len(os.listdir(target / style / track)) == 4
+
+
+def test_track_ids_stay_unique_across_subfolders(tmp_path):
+    for folder in ("CD1", "CD2", "CD3"):
+        (tmp_path / "goa" / folder).mkdir(parents=True)
+        (tmp_path / "goa" / folder / "01 Intro.mp3").write_bytes(b"x")
+    ids = [track for _, track, _ in extract.list_tracks(str(tmp_path))]
+    assert ids == ["01_Intro", "01_Intro_2", "01_Intro_3"]
+
+
+def test_one_data_folder_one_set_of_settings(tmp_path, audio_dir, data_dir):
+    import json
+
+    settings = json.load(open(os.path.join(data_dir, extract.SETTINGS_NAME)))
+    assert settings["segment_seconds"] == 10.0 and settings["num_segments"] == 6
+    with pytest.raises(ValueError, match="extracted with"):
+        extract.extract(audio_dir, data_dir, segment_seconds=5.0, jobs=1, progress=False)

@@ -133,3 +133,8 @@ def test_eval_equals_the_training_report(trained, records_dir, tmp_path):
     assert os.path.getsize(tmp_path / "ev" / "confusion_matrix.png") > 0
     body = lambda text: text[text.index("classes:"):]  # noqa: E731 - all but the title.
     assert body((tmp_path / "ev" / "report.txt").read_text()) == body(trained_report)
+
+
+def test_model_carries_the_extraction_settings(trained):
+    assert predict.extraction_settings(trained.model_path) == {
+        "num_segments": 6, "segment_seconds": 10.0, "sample_rate": 22050, "skip_fraction": 0.1}
