@@ -268,8 +268,9 @@ training split of those tracks packed {copies} times over ({rd['records']} recor
 
 Spread between runs on this VM (the last runs of this script, same code): the streaming
 reader measured 0.77-0.91 x ceiling and --jobs 2 measured 1.81-1.95 x --jobs 1. The reader
-target (0.9) is therefore NOT reliably met: shuffling the serialized records costs about 10%
-(the same stream in fixed order measured 0.9-1.0 x). The bare decode loop in 2 threads
+target (0.9) is therefore NOT reliably met. In isolated experiments the same stream without
+its record shuffle measured about 0.9 x; a prefetch on each side of the shuffle (now in
+tclf.data) recovered most of that shuffle's cost there, but not reliably in this script. The bare decode loop in 2 threads
 reached 0.87-1.16 x the 1-core x 2 ceiling, so part of the gap is this machine's noise.
 """
     print(body)
