@@ -18,7 +18,9 @@ def predict_records(model, records_dir: str, split: str = "val", batch_size: int
     track_ids : list of str [length n]
     """
     if image_size is None:  # Feed the size the model was built for.
-        image_size = _input_size(model)
+        from tclf.model import image_size_of
+
+        image_size = image_size_of(model)
     dataset = data.make_dataset(records_dir, split, batch_size=batch_size, training=False,
                                 image_size=image_size, include_track_id=True)
     probabilities, labels, track_ids = [], [], []
@@ -28,13 +30,6 @@ def predict_records(model, records_dir: str, split: str = "val", batch_size: int
             labels.append(label.numpy())
             track_ids.extend(t.decode() for t in track.numpy())
     return np.concatenate(probabilities), np.concatenate(labels), track_ids
-
-
-def _input_size(model) -> int:
-    for tensor in model.inputs:
-        if len(tensor.shape) == 4:
-            return int(tensor.shape[1])
-    raise ValueError("model has no image input")
 
 
 def evaluate_records(model, class_names, records_dir: str, split: str = "val",

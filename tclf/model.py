@@ -139,6 +139,14 @@ def build_model(num_classes: int, feature_mean=None, feature_std=None, image_siz
                        name="tclf")
 
 
+def image_size_of(model) -> int:
+    """Side of the spectrogram input a model was built for."""
+    for tensor in model.inputs:
+        if len(tensor.shape) == 4:
+            return int(tensor.shape[1])
+    raise ValueError("model has no image input")
+
+
 def backbone_of(model):
     return model.get_layer(BACKBONE_NAME)
 

@@ -116,8 +116,6 @@ def collect_inputs(paths) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]
 
 def read_track_folder(path: str) -> list[tuple[int, np.ndarray, np.ndarray]]:
     """(index, image uint8 [299, 299, 3], features [10, 68]) per valid part of a data/ track."""
-    from PIL import Image
-
     from tclf import records
 
     parts = []
@@ -129,11 +127,11 @@ def read_track_folder(path: str) -> list[tuple[int, np.ndarray, np.ndarray]]:
         sample = records.Sample(0, path, index, os.path.join(path, name),
                                 os.path.join(path, f"part_{index}.npy"))
         try:
-            png, features = records.read_sample(sample)
+            _, features, image = records.read_sample(sample)
         except (ValueError, OSError) as error:
             warnings.warn(f"skipped {error}", DataWarning, stacklevel=2)
             continue
-        parts.append((index, np.asarray(Image.open(io.BytesIO(png)).convert("RGB")), features))
+        parts.append((index, image, features))
     if not parts:
         raise ValueError(f"{path}: no usable part_N.png + part_N.npy pair")
     return parts
@@ -178,7 +176,7 @@ def predict_paths(paths, model_path: str = "models/latest.h5", batch_size: int =
     import tensorflow as tf
 
     from tclf.data import resize_image
-    from tclf.model import load_model
+    from tclf.model import image_size_of, load_model
 
     started = time.perf_counter()
     if model is None:
@@ -186,7 +184,7 @@ def predict_paths(paths, model_path: str = "models/latest.h5", batch_size: int =
         extraction = extraction_settings(model_path)
     else:
         extraction = {}
-    image_size = next(int(t.shape[1]) for t in model.inputs if len(t.shape) == 4)
+    image_size = image_size_of(model)
     items, failed = collect_inputs(paths)
     for _, error in failed:
         warnings.warn(error, DataWarning, stacklevel=2)

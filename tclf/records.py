@@ -23,6 +23,7 @@ import csv
 import io
 import json
 import math
+import os
 import posixpath
 import re
 import time
@@ -54,7 +55,7 @@ def _tf():
 
 def join(*parts: str) -> str:
     """Path join that keeps URLs such as gs://bucket/x intact."""
-    return posixpath.join(*parts) if "://" in parts[0] else __import__("os").path.join(*parts)
+    return posixpath.join(*parts) if "://" in parts[0] else os.path.join(*parts)
 
 
 # ---------------------------------------------------------------------------
@@ -155,8 +156,12 @@ def scan_data(data_dir: str) -> tuple[list[str], list[Sample]]:
 
 
 def read_sample(sample: Sample, image_size: int = IMAGE_SIZE,
-                feature_shape=FEATURE_SHAPE) -> tuple[bytes, np.ndarray]:
-    """Read and check one pair. Returns (png bytes, features); ValueError naming the bad file."""
+                feature_shape=FEATURE_SHAPE) -> tuple[bytes, np.ndarray, np.ndarray]:
+    """Read and check one pair; ValueError naming the bad file.
+
+    Returns (png bytes, features float32 [10, 68], image uint8 [H, W, 3]); the
+    image is the decode that checked the PNG, so callers need not decode again.
+    """
     from PIL import Image
 
     tf = _tf()
@@ -168,6 +173,7 @@ def read_sample(sample: Sample, image_size: int = IMAGE_SIZE,
                 raise ValueError(f"not a PNG ({image.format})")
             image.load()
             size, mode = image.size, image.mode
+            pixels = np.asarray(image)
     except Exception as error:
         raise ValueError(f"{sample.png_path}: unreadable PNG ({error})") from None
     if size != (image_size, image_size) or mode != "RGB":
@@ -183,7 +189,7 @@ def read_sample(sample: Sample, image_size: int = IMAGE_SIZE,
                          f"expected {tuple(feature_shape)}")
     if not np.issubdtype(features.dtype, np.number) or not np.all(np.isfinite(features)):
         raise ValueError(f"{sample.npy_path}: feature matrix holds non-finite values")
-    return png, features.astype(np.float32)
+    return png, features.astype(np.float32), pixels
 
 
 # ---------------------------------------------------------------------------
@@ -354,7 +360,7 @@ def pack(data_dir: str, records_dir: str, val_fraction: float = 0.2, seed: int =
                 for sample in chosen:
                     bar.update(1)
                     try:
-                        png, features = read_sample(sample)
+                        png, features, _ = read_sample(sample)
                     except ValueError as error:
                         warnings.warn(f"skipped {error}", DataWarning, stacklevel=2)
                         skipped[classes[sample.label]] += 1

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import os
 import re
 import uuid
 
@@ -34,6 +33,8 @@ import numpy as np  # noqa: E402
 import seaborn as sns  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from sklearn import metrics as skmetrics  # noqa: E402
+
+from tclf.records import join  # noqa: E402
 
 REPORT_FILENAME = "report.txt"
 CONFUSION_FILENAME = "confusion_matrix.png"
@@ -95,11 +96,6 @@ def _remove_quietly(path: str) -> None:
             tf.io.gfile.remove(path)
     except Exception:  # pragma: no cover - best-effort cleanup
         pass
-
-
-def _join(directory: str, name: str) -> str:
-    """Join a directory (local or ``scheme://``) and a file name."""
-    return directory.rstrip("/") + "/" + name if "://" in directory else os.path.join(directory, name)
 
 
 # --------------------------------------------------------------------------
@@ -772,7 +768,7 @@ def write_evaluation(
         raise ValueError(f"out_dir must be a non-empty string, got {out_dir!r}")
     tf.io.gfile.makedirs(out_dir)
 
-    report_path = _join(out_dir, REPORT_FILENAME)
+    report_path = join(out_dir, REPORT_FILENAME)
     write_bytes_atomic(report_path, format_report(evaluation, title=title))
 
     panels = []
@@ -783,6 +779,6 @@ def write_evaluation(
         matrix, names = _validate_confusion(evaluation.track_confusion, evaluation.class_names)
         panels.append((matrix, f"track level ({evaluation.num_tracks} tracks)"))
     fig = _confusion_figure(panels, names, suptitle=title or "Confusion matrix")
-    confusion_path = _join(out_dir, CONFUSION_FILENAME)
+    confusion_path = join(out_dir, CONFUSION_FILENAME)
     _save_figure(fig, confusion_path)
     return [report_path, confusion_path]

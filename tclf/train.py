@@ -413,7 +413,7 @@ def train(config: TrainConfig) -> TrainResult:
 
     from tclf import data, reports
     from tclf.evaluate import predict_records
-    from tclf.model import build_model, save_model
+    from tclf.model import backbone_of, build_model, save_model
 
     config.validate()
     started = time.time()
@@ -461,7 +461,7 @@ def train(config: TrainConfig) -> TrainResult:
                 image_size=config.image_size, feature_shape=manifest["feature_shape"],
                 weights=config.weights,
                 **{k: getattr(config, k) for k in TrainConfig.MODEL_FIELDS})
-            backbone_layers = len(model.get_layer("efficientnetb0").layers)
+            backbone_layers = len(backbone_of(model).layers)
             if not 0 <= config.stage2_layers <= backbone_layers:
                 raise ValueError(f"stage2_layers must be 0-{backbone_layers}, got "
                                  f"{config.stage2_layers}")

@@ -20,7 +20,6 @@ Measured:
 from __future__ import annotations
 
 import glob
-import io
 import os
 import shutil
 import sys
