@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import platform
 import re
+import statistics
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -58,3 +59,13 @@ def write_section(name: str, body: str) -> None:
 
 def verdict(value: float, target: float) -> str:
     return "met" if value >= target else "NOT met"
+
+
+def paired(numerators: list[float], denominators: list[float]) -> tuple[float, float, float]:
+    """Ratios of two measurements taken side by side, round by round: (median, low, high).
+
+    On a shared, noisy machine a round's two measurements see the same conditions,
+    so their ratio is steadier than a ratio of rates taken minutes apart.
+    """
+    ratios = sorted(n / d for n, d in zip(numerators, denominators, strict=True))
+    return statistics.median(ratios), ratios[0], ratios[-1]
