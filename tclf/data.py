@@ -38,25 +38,18 @@ def resize_image(image, image_size: int):
     return tf.cast(tf.clip_by_value(tf.round(resized), 0, 255), tf.uint8)
 
 
-def decode_examples(serialized: tf.Tensor, feature_shape, image_shape,
-                    image_size: int | None = None, include_track_id: bool = False):
-    """Parse a batch of serialized records [B] and decode their PNGs; images stay uint8.
-
-    One call per batch rather than per record: the vectorized parse and a single
-    function call per batch leave the PNG decode as nearly all of the reader's
-    CPU time (BENCHMARKS.md). image_shape is the stored (H, W, 3); a PNG of another
-    size fails the batch.
-    """
-    parsed = tf.io.parse_example(serialized, records.feature_description(feature_shape))
-    images = tf.map_fn(lambda png: tf.io.decode_png(png, channels=3), parsed[SPECTROGRAM_KEY],
-                       fn_output_signature=tf.TensorSpec(image_shape, tf.uint8))
+def decode_example(serialized: tf.Tensor, feature_shape, image_size: int | None = None,
+                   include_track_id: bool = False):
+    """Parse one serialized record and decode its PNG. Image stays uint8."""
+    parsed = tf.io.parse_single_example(serialized, records.feature_description(feature_shape))
+    image = tf.io.decode_png(parsed[SPECTROGRAM_KEY], channels=3)
     if image_size is not None:
-        images = resize_image(images, image_size)
-    inputs = {SPECTROGRAM_KEY: images, FEATURES_KEY: parsed[FEATURES_KEY]}
-    labels = tf.cast(parsed[LABEL_KEY], tf.int32)
+        image = resize_image(image, image_size)
+    inputs = {SPECTROGRAM_KEY: image, FEATURES_KEY: parsed[FEATURES_KEY]}
+    label = tf.cast(parsed[LABEL_KEY], tf.int32)
     if include_track_id:
-        return inputs, labels, parsed[TRACK_ID_KEY]
-    return inputs, labels
+        return inputs, label, parsed[TRACK_ID_KEY]
+    return inputs, label
 
 
 def make_dataset(records_dir: str, split: str = "train", batch_size: int = 32,
@@ -85,8 +78,8 @@ def make_dataset(records_dir: str, split: str = "train", batch_size: int = 32,
         Yield ``(inputs, label, track_id)``; for track-level metrics, not fit().
     shuffle_buffer : int
         Records in the shuffle buffer. pack already spreads records randomly over
-        the shards and shards are interleaved, so a small buffer suffices; larger
-        ones cost reader throughput (BENCHMARKS.md).
+        the shards and shards are interleaved, so a small buffer suffices; a larger
+        one costs memory (~130 kB a record, ~268 kB when cached) and start-up time.
     repeat : bool
         Repeat forever, as one continuous stream (use with steps_per_epoch).
 
@@ -104,16 +97,15 @@ def make_dataset(records_dir: str, split: str = "train", batch_size: int = 32,
                                       f"manifest says {shard['bytes']} (truncated or replaced?); "
                                       f"re-run tclf-pack")
     feature_shape = manifest["feature_shape"]
-    image_shape = manifest["image_size"]
-    resize_to = image_size if image_size and image_size != image_shape[0] else None
+    stored_size = manifest["image_size"][0]
+    resize_to = image_size if image_size and image_size != stored_size else None
 
     # Order, and why: shuffle file names (cheap) -> [repeat, when streaming and not caching: the
     # stream never restarts, so the shuffle buffer is filled once, not once per epoch while the
     # decoders wait] -> interleave reads of several shards in parallel -> [shuffle serialized
-    # records: half the memory of decoded ones] -> batch the serialized records -> parse +
-    # decode whole batches in parallel -> [unbatch -> cache decoded -> repeat -> shuffle
-    # decoded, after the cache so each epoch differs -> batch] -> prefetch, so that the model
-    # never waits for the next batch.
+    # records: half the memory of decoded ones] -> parse + decode in parallel -> [cache decoded
+    # -> repeat -> shuffle decoded, after the cache so each epoch differs] -> batch -> prefetch,
+    # so that the model never waits for the next batch.
     dataset = tf.data.Dataset.from_tensor_slices(files)
     if training:
         dataset = dataset.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
@@ -124,17 +116,17 @@ def make_dataset(records_dir: str, split: str = "train", batch_size: int = 32,
         block_length=1, num_parallel_calls=AUTOTUNE, deterministic=not training)
     if training and not cache:
         dataset = dataset.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
-    dataset = dataset.batch(batch_size, drop_remainder=drop_remainder and not cache)
     dataset = dataset.map(
-        lambda x: decode_examples(x, feature_shape, image_shape, resize_to, include_track_id),
+        lambda x: decode_example(x, feature_shape, resize_to, include_track_id),
         num_parallel_calls=AUTOTUNE, deterministic=not training)
     if cache:
-        dataset = dataset.unbatch().cache("" if cache is True else cache)
+        dataset = dataset.cache("" if cache is True else cache)
         if repeat:
             dataset = dataset.repeat()
         if training:
             dataset = dataset.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
-        dataset = dataset.batch(batch_size, drop_remainder=drop_remainder)
+    dataset = dataset.batch(batch_size, drop_remainder=drop_remainder,
+                            num_parallel_calls=AUTOTUNE, deterministic=not training)
     if not repeat:  # Known length: Keras' progress bars and epoch ends rely on it.
         records_in_split = manifest["splits"][split]["records"]
         batches = (records_in_split // batch_size if drop_remainder

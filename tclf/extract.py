@@ -9,6 +9,7 @@ either the whole track (and skips it) or nothing.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import dataclasses
 import multiprocessing
 import os
@@ -234,8 +235,12 @@ def extract(audio_dir: str, data_dir: str, num_segments: int = 6, segment_second
         _warm_up(options)
         methods = multiprocessing.get_all_start_methods()
         context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
-        pool = context.Pool(jobs, initializer=_init_worker)
-        results = pool.imap_unordered(_extract_one, tasks)
+        # An executor, not multiprocessing.Pool: a worker that dies (the OOM killer) breaks
+        # it with an error, where a Pool would wait forever for the lost task.
+        pool = concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context,
+                                                      initializer=_init_worker)
+        results = (future.result() for future in concurrent.futures.as_completed(
+            [pool.submit(_extract_one, task) for task in tasks]))
     try:
         for class_name, track_id, path, count, error in results:
             if error:
@@ -245,11 +250,16 @@ def extract(audio_dir: str, data_dir: str, num_segments: int = 6, segment_second
                 summary.extracted[class_name] += 1
                 summary.segments[class_name] += count
             bar.update(1)
+    except concurrent.futures.process.BrokenProcessPool as error:
+        done = sum(summary.extracted.values())
+        raise RuntimeError(
+            f"an extraction worker process died (killed; out of memory?) after {done} of "
+            f"{len(tasks)} tracks; the finished tracks are kept: re-run to go on, with fewer "
+            f"--jobs if memory is short") from error
     finally:
         bar.close()
         if pool is not None:
-            pool.terminate()
-            pool.join()
+            pool.shutdown(wait=True, cancel_futures=True)
         if limits is not None:
             limits.restore_original_limits()
     summary.seconds = time.perf_counter() - start_time

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 
 import numpy as np
 import pytest
@@ -150,3 +151,25 @@ def test_one_data_folder_one_set_of_settings(tmp_path, audio_dir, data_dir):
     assert settings["segment_seconds"] == 10.0 and settings["num_segments"] == 6
     with pytest.raises(ValueError, match="extracted with"):
         extract.extract(audio_dir, data_dir, segment_seconds=5.0, jobs=1, progress=False)
+
+
+def _dying_worker(task):
+    """Stands in for a worker process that the OOM killer ends mid-track."""
+    os._exit(1)
+
+
+def test_dead_worker_is_reported_not_waited_for(tmp_path, audio_dir, monkeypatch):
+    monkeypatch.setattr(extract, "_extract_one", _dying_worker)
+    outcome = {}
+
+    def run():
+        try:
+            extract.extract(audio_dir, str(tmp_path / "data"), jobs=2, progress=False)
+        except RuntimeError as error:
+            outcome["error"] = str(error)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(120)
+    assert not thread.is_alive(), "tclf-extract hung after a worker died"
+    assert "worker process died" in outcome["error"] and "re-run" in outcome["error"]

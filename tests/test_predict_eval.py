@@ -30,10 +30,9 @@ def _segments_from_records(records_dir, track_id, image_size):
             for serialized in tf.data.TFRecordDataset(path):
                 parsed = tf.io.parse_single_example(serialized, description)
                 if parsed["track_id"].numpy().decode() == track_id:
-                    inputs, _ = data.decode_examples(
-                        serialized[None], manifest["feature_shape"], manifest["image_size"],
-                        image_size)
-                    found[int(parsed["segment"])] = {k: v[0] for k, v in inputs.items()}
+                    inputs, _ = data.decode_example(serialized, manifest["feature_shape"],
+                                                    image_size)
+                    found[int(parsed["segment"])] = inputs
     return found
 
 

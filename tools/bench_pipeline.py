@@ -26,6 +26,7 @@ import statistics
 import sys
 import tempfile
 import time
+from typing import NamedTuple
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -39,7 +40,7 @@ import benchlib  # noqa: E402
 # the other. A ratio is the median over rounds of the two measurements' ratio within a round
 # (benchlib.paired): the shared machines' speed drifts by tens of percent over a minute, and
 # measurements taken side by side see the same drift. Rates are medians over rounds.
-ROUNDS = 5
+ROUNDS = 7
 
 
 def naive_extract_segment(path: str, start: float, out_png: str) -> np.ndarray:
@@ -136,20 +137,25 @@ def bench_reader(data_dir: str, records_dir: str, epochs: int = 3) -> dict:
     def rate(dataset, repeats=epochs):
         for _ in dataset:  # Epoch 1: builds the pipeline (and fills a cache).
             pass
-        start = time.perf_counter()
-        for _ in range(repeats):
-            for _ in dataset:
-                pass
-        return count * repeats / (time.perf_counter() - start)
+
+        def epochs_():
+            for _ in range(repeats):
+                for _ in dataset:
+                    pass
+            return count * repeats
+        return timed(epochs_)
 
     def stream_rate(dataset, amount=2 * count):
         iterator, got = iter(dataset), 0
         while got < count:  # One epoch's worth to start up.
             got += int(next(iterator)[1].shape[0])
-        start, got = time.perf_counter(), 0
-        while got < amount:
-            got += int(next(iterator)[1].shape[0])
-        return got / (time.perf_counter() - start)
+
+        def stream():
+            got = 0
+            while got < amount:
+                got += int(next(iterator)[1].shape[0])
+            return got
+        return timed(stream)
 
     # The decode ceiling: one core decoding the same PNG bytes in a plain loop, times cores.
     description = records.feature_description(manifest["feature_shape"])
@@ -160,10 +166,11 @@ def bench_reader(data_dir: str, records_dir: str, epochs: int = 3) -> dict:
         tf.io.decode_png(png, channels=3)
 
     def one_core_rate():
-        start = time.perf_counter()
-        for png in pngs:
-            tf.io.decode_png(png, channels=3)
-        return len(pngs) / (time.perf_counter() - start)
+        def loop():
+            for png in pngs:
+                tf.io.decode_png(png, channels=3)
+            return len(pngs)
+        return timed(loop)
 
     # For scale: the same loop in one thread per core at once (decode_png releases the GIL).
     import threading
@@ -173,13 +180,14 @@ def bench_reader(data_dir: str, records_dir: str, epochs: int = 3) -> dict:
             for png in pngs:
                 tf.io.decode_png(png, channels=3)
 
-        threads = [threading.Thread(target=loop) for _ in range(os.cpu_count())]
-        start = time.perf_counter()
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        return len(pngs) * len(threads) / (time.perf_counter() - start)
+        def run_threads():
+            threads = [threading.Thread(target=loop) for _ in range(os.cpu_count())]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            return len(pngs) * len(threads)
+        return timed(run_threads)
 
     # The naive loader: PIL + np.load per file, one process, over the same training samples.
     train_tracks = set(manifest["splits"]["train"]["tracks"])
@@ -188,50 +196,45 @@ def bench_reader(data_dir: str, records_dir: str, epochs: int = 3) -> dict:
              if "/".join(p.split(os.sep)[-3:-1]) in train_tracks]
 
     def naive_rate():
-        start = time.perf_counter()
-        for png, npy in pairs:
-            np.asarray(Image.open(png).convert("RGB"))
-            np.load(npy)
-        return len(pairs) / (time.perf_counter() - start)
+        def loop():
+            for png, npy in pairs:
+                np.asarray(Image.open(png).convert("RGB"))
+                np.load(npy)
+            return len(pairs)
+        return timed(loop)
 
-    rounds = run_rounds({
-        "ceiling": lambda: one_core_rate() * os.cpu_count(),
+    runs = run_rounds({
+        "one_core": one_core_rate,
         "threaded": threaded_rate,
         # As tclf-train reads: one continuous, shuffled stream (repeat=True).
         "uncached": lambda: stream_rate(data.make_dataset(records_dir, "train", 32,
                                                           training=True, repeat=True)),
-        "per_record": lambda: stream_rate(per_record_stream(records_dir, manifest)),
         "uncached_epoch": lambda: rate(data.make_dataset(records_dir, "train", 32,
                                                          training=True), repeats=1),
         "naive": naive_rate,
         "cached": lambda: rate(data.make_dataset(records_dir, "train", 32, training=True,
                                                  cache=True), repeats=epochs * 2),
     }, ROUNDS)
-    return {**rounds, "records": count,
+    rates = {name: [run.records / run.wall for run in rs] for name, rs in runs.items()}
+    rates["ceiling"] = [rate * os.cpu_count() for rate in rates.pop("one_core")]
+    cpu_ms = {name: statistics.median(run.cpu / run.records * 1e3 for run in rs)
+              for name, rs in runs.items()}
+    cpu_ms["ceiling"] = cpu_ms.pop("one_core")
+    return {**rates, "cpu_ms": cpu_ms, "records": count,
             "png_kb": np.mean([len(p.numpy()) for p in pngs]) / 1024}
 
 
-def per_record_stream(records_dir: str, manifest: dict):
-    """tclf's stream as it was with a per-record parse + decode map, for comparison."""
-    import tensorflow as tf
+class Run(NamedTuple):
+    records: int
+    wall: float  # Seconds.
+    cpu: float  # CPU seconds of this process, all threads.
 
-    from tclf import data, records
 
-    description = records.feature_description(manifest["feature_shape"])
-
-    def decode(serialized):
-        parsed = tf.io.parse_single_example(serialized, description)
-        image = tf.io.decode_png(parsed[records.SPECTROGRAM_KEY], channels=3)
-        return {records.SPECTROGRAM_KEY: image,
-                records.FEATURES_KEY: parsed[records.FEATURES_KEY]}, parsed[records.LABEL_KEY]
-
-    files = data.shard_paths(records_dir, "train", manifest)
-    dataset = tf.data.Dataset.from_tensor_slices(files).shuffle(len(files)).repeat()
-    dataset = dataset.interleave(tf.data.TFRecordDataset, cycle_length=min(len(files), 16),
-                                 num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
-    dataset = dataset.shuffle(256).map(decode, num_parallel_calls=tf.data.AUTOTUNE,
-                                       deterministic=False)
-    return dataset.batch(32).prefetch(tf.data.AUTOTUNE)
+def timed(body) -> Run:
+    """Run body(), which returns the records it handled, and clock it."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    records = body()
+    return Run(records, time.perf_counter() - wall, time.process_time() - cpu)
 
 
 def ratio_cell(numerators, denominators, unit: str) -> str:
@@ -277,6 +280,7 @@ def main(tracks, copies, naive_segments, write):
     cores = os.cpu_count()
     med = {name: statistics.median(values) for name, values in {**rd, **ex}.items()
            if isinstance(values, list)}
+    cpu = rd["cpu_ms"]
     stream_ratio = benchlib.paired(rd["uncached"], rd["ceiling"])[0]
     cached_ratio = benchlib.paired(rd["cached"], rd["naive"])[0]
     jobs_ratio = benchlib.paired(ex["jobs2"], ex["jobs1"])[0]
@@ -292,15 +296,14 @@ Data: {3 * tracks} synthetic 75 s tracks (tclf/demo.py), 6 segments each. The re
 training split of those tracks packed {copies} times over ({rd['records']} records, PNGs of
 {rd['png_kb']:.0f} kB on average; files in the page cache).
 
-| reader | records/s | ratio (range) | target |
-|---|---:|---:|---|
-| decode ceiling (1 core x {cores}, tf.io.decode_png loop, no I/O) | {med['ceiling']:.0f} | 1.00 | |
-| for scale: the same loop in {cores} threads at once | {med['threaded']:.0f} | {ratio_cell(rd['threaded'], rd['ceiling'], 'ceiling')} | |
-| tclf reader, uncached, shuffled stream as tclf-train reads it (repeat=True) | {med['uncached']:.0f} | {ratio_cell(rd['uncached'], rd['ceiling'], 'ceiling')} | >= 0.9 x ceiling: {benchlib.verdict(stream_ratio, 0.9)} |
-| for comparison: per-record map (parse_single_example + decode_png per record), same stream | {med['per_record']:.0f} | {ratio_cell(rd['per_record'], rd['ceiling'], 'ceiling')} | |
-| tclf reader, uncached, epoch by epoch (repeat=False; each epoch restarts the pipeline) | {med['uncached_epoch']:.0f} | {ratio_cell(rd['uncached_epoch'], rd['ceiling'], 'ceiling')} | |
-| naive loader (PIL + np.load per file, 1 process) | {med['naive']:.0f} | 1.00 | |
-| tclf reader, cached epoch | {med['cached']:.0f} | {ratio_cell(rd['cached'], rd['naive'], 'naive')} | >= 20 x naive: {benchlib.verdict(cached_ratio, 20)} |
+| reader | records/s | ratio (range) | CPU ms/record | target |
+|---|---:|---:|---:|---|
+| decode ceiling (1 core x {cores}, tf.io.decode_png loop, no I/O) | {med['ceiling']:.0f} | 1.00 | {cpu['ceiling']:.2f} | |
+| for scale: the same loop in {cores} threads at once | {med['threaded']:.0f} | {ratio_cell(rd['threaded'], rd['ceiling'], 'ceiling')} | {cpu['threaded']:.2f} | |
+| tclf reader, uncached, shuffled stream as tclf-train reads it (repeat=True) | {med['uncached']:.0f} | {ratio_cell(rd['uncached'], rd['ceiling'], 'ceiling')} | {cpu['uncached']:.2f} | >= 0.9 x ceiling: {benchlib.verdict(stream_ratio, 0.9)} |
+| tclf reader, uncached, epoch by epoch (repeat=False; each epoch restarts the pipeline) | {med['uncached_epoch']:.0f} | {ratio_cell(rd['uncached_epoch'], rd['ceiling'], 'ceiling')} | {cpu['uncached_epoch']:.2f} | |
+| naive loader (PIL + np.load per file, 1 process) | {med['naive']:.0f} | 1.00 | {cpu['naive']:.2f} | |
+| tclf reader, cached epoch | {med['cached']:.0f} | {ratio_cell(rd['cached'], rd['naive'], 'naive')} | {cpu['cached']:.3f} | >= 20 x naive: {benchlib.verdict(cached_ratio, 20)} |
 
 | extraction | segments/s | per core | ratio (range) | target |
 |---|---:|---:|---:|---|
@@ -308,10 +311,10 @@ training split of those tracks packed {copies} times over ({rd['records']} recor
 | tclf-extract --jobs 1 ({ex['segments']} segments) | {med['jobs1']:.1f} | {med['jobs1']:.1f} | {ratio_cell(ex['jobs1'], ex['naive_extract'], 'naive')} | >= 8/s per core: {benchlib.verdict(med['jobs1'], 8)}; >= 4 x naive: {benchlib.verdict(naive_ratio, 4)} |
 | tclf-extract --jobs 2 | {med['jobs2']:.1f} | {med['jobs2'] / 2:.1f} | {ratio_cell(ex['jobs2'], ex['jobs1'], 'jobs 1')} | >= 1.8 x jobs 1: {benchlib.verdict(jobs_ratio, 1.8)} |
 
-The tclf reader parses and decodes whole batches: one tf.io.parse_example and one function
-call per batch of 32, so that the PNG decode is nearly all of its CPU time. "Per-record map"
-is the same stream decoding record by record (tclf's reader before it batched the decode),
-measured in the same rounds.
+CPU ms/record: CPU time of the whole process (all threads) per record, median over the
+rounds. The reader's excess over the ceiling row is what reading, shuffling, parsing and
+batching cost on top of the PNG decode (the ceiling loop pays Python's and eager
+dispatch's cost per call instead).
 """
     print(body)
     if write:
