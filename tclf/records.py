@@ -439,8 +439,9 @@ def _move_into_place(tmp_dir: str, records_dir: str) -> None:
     """Replace the pack in records_dir by tmp_dir's, manifest.json last.
 
     The old pack is first moved aside (manifest first, so the folder stops
-    looking complete) and deleted only after the new one is in place: an
-    interruption leaves it in a hidden .old-* folder, never half-replaced.
+    looking complete) and deleted only after the new one is in place. A failure
+    while the new files move in (remote storage) puts the old pack back; a hard
+    kill leaves it whole in a hidden .old-pack-* folder, never half-replaced.
     """
     tf = _tf()
     old = _existing_pack(records_dir)
@@ -451,8 +452,21 @@ def _move_into_place(tmp_dir: str, records_dir: str) -> None:
         for name in sorted(old, key=lambda n: n != MANIFEST_NAME):
             tf.io.gfile.rename(join(records_dir, name), join(old_dir, name))
     new = sorted(tf.io.gfile.listdir(tmp_dir), key=lambda n: n == MANIFEST_NAME)
-    for name in new:
-        tf.io.gfile.rename(join(tmp_dir, name), join(records_dir, name))
+    placed = []
+    try:
+        for name in new:
+            tf.io.gfile.rename(join(tmp_dir, name), join(records_dir, name))
+            placed.append(name)
+    except BaseException:
+        # Take the new files back out and put the old pack back, its manifest last; should
+        # that fail too, the old pack is still whole in its .old-pack-* folder.
+        for name in placed:
+            tf.io.gfile.rename(join(records_dir, name), join(tmp_dir, name))
+        if old_dir:
+            for name in sorted(old, key=lambda n: n == MANIFEST_NAME):
+                tf.io.gfile.rename(join(old_dir, name), join(records_dir, name))
+            tf.io.gfile.rmtree(old_dir)
+        raise
     tf.io.gfile.rmtree(tmp_dir)
     if old_dir:
         tf.io.gfile.rmtree(old_dir)

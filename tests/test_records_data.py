@@ -123,6 +123,26 @@ def test_bad_inputs_are_warned_and_skipped(data_copy, tmp_path):
     assert yielded == total
 
 
+def test_pack_failing_midway_through_replacing_keeps_the_old_pack(
+        records_dir, data_dir, tmp_path, monkeypatch):
+    target = tmp_path / "records"
+    shutil.copytree(records_dir, target)
+    before = {name: (target / name).read_bytes() for name in os.listdir(target)}
+    real_rename, moved_in = tf.io.gfile.rename, []
+
+    def rename(source, destination, overwrite=False):  # Remote storage failing mid-way.
+        if ".tmp-pack-" in source:
+            moved_in.append(source)
+            if len(moved_in) == 2:
+                raise tf.errors.UnavailableError(None, None, "connection reset")
+        return real_rename(source, destination, overwrite)
+
+    monkeypatch.setattr(tf.io.gfile, "rename", rename)
+    with pytest.raises(tf.errors.UnavailableError):
+        records.pack(data_dir, str(target), seed=3, overwrite=True, progress=False)
+    assert {name: (target / name).read_bytes() for name in os.listdir(target)} == before
+
+
 def test_no_valid_sample_raises_runtime_error(tmp_path):
     track = tmp_path / "data" / "goa" / "t1"
     track.mkdir(parents=True)
