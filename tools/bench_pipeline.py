@@ -315,6 +315,12 @@ CPU ms/record: CPU time of the whole process (all threads) per record, median ov
 rounds. The reader's excess over the ceiling row is what reading, shuffling, parsing and
 batching cost on top of the PNG decode (the ceiling loop pays Python's and eager
 dispatch's cost per call instead).
+
+Against this machine's own two-core decode (the {cores}-thread loop, in the same rounds) the
+uncached stream measured {ratio_cell(rd['uncached'], rd['threaded'], 'the loop')}. That loop
+itself reached {ratio_cell(rd['threaded'], rd['ceiling'], 'ceiling')}: the cores of this VM
+do not decode {cores} times as fast together as one does alone, which bounds any reader that
+decodes with tf.io.decode_png here, and which varies from run to run.
 """
     print(body)
     if write:
