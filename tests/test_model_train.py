@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -178,6 +179,14 @@ def test_full_run_writes_every_file(trained):
     latest = os.path.join(os.path.dirname(folder), "latest.h5")
     assert open(latest, "rb").read() == open(trained.model_path, "rb").read()
     assert tclf_model.load_class_names(trained.model_path) == list(STYLES)
+
+
+def test_saving_model_h5_logs_no_legacy_format_notice(trained, tmp_path, caplog):
+    path = str(tmp_path / "model.h5")
+    with caplog.at_level(logging.INFO):
+        tclf_model.save_model(trained.model, path, ["x", "y", "z"])
+    assert "HDF5" not in caplog.text
+    assert tclf_model.load_class_names(path) == ["x", "y", "z"]
 
 
 def test_model_h5_loads_in_a_process_without_tclf(trained, tmp_path):
