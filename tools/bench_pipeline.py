@@ -25,6 +25,7 @@ import shutil
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from typing import NamedTuple
 
@@ -165,23 +166,18 @@ def bench_reader(data_dir: str, records_dir: str, epochs: int = 3) -> dict:
     for png in pngs[:20]:
         tf.io.decode_png(png, channels=3)
 
-    def one_core_rate():
-        def loop():
-            for png in pngs:
-                tf.io.decode_png(png, channels=3)
-            return len(pngs)
-        return timed(loop)
+    def decode_all():
+        for png in pngs:
+            tf.io.decode_png(png, channels=3)
+        return len(pngs)
 
-    # For scale: the same loop in one thread per core at once (decode_png releases the GIL).
-    import threading
+    def one_core_rate():
+        return timed(decode_all)
 
     def threaded_rate():
-        def loop():
-            for png in pngs:
-                tf.io.decode_png(png, channels=3)
-
+        """For scale: the same loop in one thread per core at once (decode_png releases the GIL)."""
         def run_threads():
-            threads = [threading.Thread(target=loop) for _ in range(os.cpu_count())]
+            threads = [threading.Thread(target=decode_all) for _ in range(os.cpu_count())]
             for thread in threads:
                 thread.start()
             for thread in threads:
