@@ -128,8 +128,12 @@ _TRAIN_HELP = {
     "models": "Folder receiving the version folders vN/ and latest.h5.",
     "gpus": "all (every GPU; CPU if none), none (CPU), or GPU indices like 0,1. Several GPUs "
             "train with MirroredStrategy.",
+    "cpu_devices": "When training on the CPU: split it into this many logical devices and "
+                   "mirror over them (MirroredStrategy), to run the multi-device path without "
+                   "GPUs. For testing; not faster.",
     "precision": "Dtype policy: auto = mixed_float16 on GPUs; on CPUs mixed_bfloat16 where the "
-                 "CPU has native bfloat16, else float32.",
+                 "CPU has native bfloat16 (AVX512-BF16/AMX), else float32. The feature "
+                 "normalization and the softmax always compute in float32.",
     "weights": "EfficientNetB0 initialization: imagenet (downloaded once to ~/.keras/models), "
                "none (random), or the path of a weights file.",
     "image_size": "Side of the square spectrogram input; records are resized if it differs "

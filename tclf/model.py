@@ -9,6 +9,22 @@ Because every layer is a Keras built-in, model.h5 loads with plain
 ``keras.models.load_model(path, compile=False)`` in a process that never
 imports tclf. The class names are stored in the .h5 file itself
 (:func:`save_model` / :func:`load_class_names`), so prediction needs only it.
+
+Precision. Under mixed_float16 / mixed_bfloat16 every layer computes in the
+policy's compute dtype except two that run in float32:
+
+- feature_normalization: its inputs are raw features (spectral centroid,
+  bandwidth and roll-off in Hz, variances up to ~10^7) and its statistics.
+  In float16 those variances overflow to inf and the layer outputs exactly 0
+  for those columns; in bfloat16 means and values keep 8 significant bits.
+- style (the output softmax), as usual for mixed precision.
+
+The rest was checked layer by layer against float32 (tests/test_precision.py):
+the image cast (uint8 0-255 is exact in both half types), EfficientNet (its
+BatchNormalization computes its statistics in float32 in Keras), the GRUs
+(gates and states bounded by sigmoid/tanh), the self-attention (Keras
+computes its scores' softmax in float32 in ops.dot_product_attention) and the
+fusion Dense layers (inputs after ReLU of O(1) values).
 """
 
 from __future__ import annotations
@@ -96,7 +112,9 @@ def build_model(num_classes: int, feature_mean=None, feature_std=None, image_siz
     -------
     keras.Model with inputs {"spectrogram": uint8 [B, image_size, image_size, 3],
     "features": float32 [B, 10, 68]} and output float32 [B, num_classes].
-    The mixed-precision policy in effect at call time applies.
+    The dtype policy in effect at call time applies to every layer except the
+    feature normalization and the output softmax, which compute in float32
+    (module docstring, "Precision").
     """
     import keras
     from keras import layers
@@ -121,9 +139,12 @@ def build_model(num_classes: int, feature_mean=None, feature_std=None, image_siz
     x = build_backbone(image_size, weights)(x)
     x = layers.Dense(image_units, activation="relu", name="image_dense")(x)
 
-    # Sequence branch over the ten 1-second windows.
+    # Sequence branch over the ten 1-second windows. The normalization computes in float32
+    # under every policy: the spectral columns are in Hz, their variances exceed float16's
+    # maximum (65,504; the layer would output 0 for them) and bfloat16 keeps 8 bits of the raw
+    # values. Its output is O(1) and safe to cast to the compute dtype of the layers after it.
     s = layers.Normalization(axis=-1, mean=mean.tolist(), variance=(std**2).tolist(),
-                             name="feature_normalization")(features)
+                             dtype="float32", name="feature_normalization")(features)
     s = layers.GRU(gru_units, return_sequences=True, name="gru_1")(s)
     s = layers.MultiHeadAttention(num_heads=attention_heads, key_dim=gru_units // attention_heads,
                                   name="self_attention")(s, s)

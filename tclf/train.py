@@ -39,6 +39,7 @@ class TrainConfig:
     records: str = "records"  # Folder written by tclf-pack.
     models: str = "models"  # Parent of the version folders.
     gpus: str = "all"  # "all", "none" or a comma list of GPU indices.
+    cpu_devices: int = 1  # On the CPU: mirror over this many logical devices (tests).
     precision: str = "auto"  # One of PRECISIONS.
     weights: str = "imagenet"  # Backbone: "imagenet", "none" or a weights file.
     image_size: int = 299
@@ -84,7 +85,8 @@ class TrainConfig:
         if not 2 <= self.stage2_max_epochs or self.stage2_min_epochs > self.stage2_max_epochs:
             raise ValueError(f"stage 2 epochs: need min <= max, got {self.stage2_min_epochs} and "
                              f"{self.stage2_max_epochs}")
-        for name in ("image_size", "batch_size", "stage1_epochs", "stage2_max_epochs"):
+        for name in ("image_size", "batch_size", "stage1_epochs", "stage2_max_epochs",
+                     "cpu_devices"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
@@ -108,11 +110,16 @@ def load_hparams(path: str) -> dict:
 # ---------------------------------------------------------------------------
 
 
-def configure_devices(gpus: str = "all"):
-    """Pick the distribution strategy for `--gpus`.
+def configure_devices(gpus: str = "all", cpu_devices: int = 1):
+    """Pick the distribution strategy for `--gpus` (and `--cpu-devices`).
 
     "all": every visible GPU (MirroredStrategy; one GPU: that GPU; none: CPU).
-    "none": CPU only. "0,1": those GPUs. Must run before TensorFlow touches a GPU.
+    "none": CPU only. "0,1": those GPUs. Must run before TensorFlow touches a device.
+
+    On the CPU, ``cpu_devices`` > 1 splits it into that many logical devices and
+    mirrors over them: the multi-device path (MirroredStrategy, the global batch
+    split across replicas, gradient all-reduce) runs on a machine without GPUs.
+    It tests that path; it does not make training faster.
 
     Returns
     -------
@@ -120,12 +127,14 @@ def configure_devices(gpus: str = "all"):
     """
     import tensorflow as tf
 
+    if cpu_devices < 1:
+        raise ValueError(f"--cpu-devices must be >= 1, got {cpu_devices}")
     physical = tf.config.list_physical_devices("GPU")
     spec = str(gpus).strip().lower()
     if spec == "none":
         if physical:
             tf.config.set_visible_devices([], "GPU")
-        return tf.distribute.get_strategy(), "CPU (--gpus none)", False
+        return _cpu_strategy(cpu_devices, "--gpus none")
     if spec == "all":
         chosen = physical
     else:
@@ -141,7 +150,7 @@ def configure_devices(gpus: str = "all"):
         chosen = [physical[i] for i in indices]
         tf.config.set_visible_devices(chosen, "GPU")
     if not chosen:
-        return tf.distribute.get_strategy(), "CPU (no GPU found)", False
+        return _cpu_strategy(cpu_devices, "no GPU found")
     for device in chosen:
         try:
             tf.config.experimental.set_memory_growth(device, True)
@@ -155,10 +164,43 @@ def configure_devices(gpus: str = "all"):
             f"{len(chosen)} GPUs, MirroredStrategy ({names})", True)
 
 
-def cpu_supports_bfloat16() -> bool:
-    """Whether the CPU has native bfloat16 arithmetic (AVX512-BF16 or AMX)."""
+def _cpu_strategy(cpu_devices: int, why: str):
+    import tensorflow as tf
+
+    if cpu_devices == 1:
+        return tf.distribute.get_strategy(), f"CPU ({why})", False
+    cpu = tf.config.list_physical_devices("CPU")[0]
     try:
-        with open("/proc/cpuinfo") as f:
+        tf.config.set_logical_device_configuration(
+            cpu, [tf.config.LogicalDeviceConfiguration() for _ in range(cpu_devices)])
+    except RuntimeError:  # TensorFlow already started: fine if it has exactly that split.
+        have = len(tf.config.list_logical_devices("CPU"))
+        if have != cpu_devices:
+            raise ValueError(f"--cpu-devices {cpu_devices}: TensorFlow already started in this "
+                             f"process with {have} CPU device(s); the split must be set before "
+                             f"anything else uses TensorFlow (start a new process)") from None
+    logical = [f"/cpu:{i}" for i in range(cpu_devices)]
+    return (tf.distribute.MirroredStrategy(logical),
+            f"CPU split into {cpu_devices} logical devices, MirroredStrategy ({why})", False)
+
+
+CPU_BFLOAT16_ENV = "TCLF_CPU_BFLOAT16"  # "1" / "0": override the CPU flag check below.
+CPUINFO = "/proc/cpuinfo"
+
+
+def cpu_supports_bfloat16(cpuinfo: str | None = None) -> bool:
+    """Whether the CPU has native bfloat16 arithmetic (AVX512-BF16 or AMX).
+
+    The environment variable TCLF_CPU_BFLOAT16=1 or =0 overrides the check
+    (to reproduce on one machine what `--precision auto` does on another).
+    """
+    forced = os.environ.get(CPU_BFLOAT16_ENV, "").strip()
+    if forced:
+        if forced not in ("0", "1"):
+            raise ValueError(f"{CPU_BFLOAT16_ENV} must be 0 or 1, got {forced!r}")
+        return forced == "1"
+    try:
+        with open(cpuinfo or CPUINFO) as f:
             flags = f.read()
     except OSError:
         return False
@@ -368,6 +410,7 @@ class TrainResult:
     devices: str
     precision: str
     model: object = None  # The trained keras.Model.
+    replicas: int = 1  # Devices the global batch was split over.
 
 
 def _stamp(seconds: float) -> str:
@@ -407,7 +450,21 @@ def _training_log(config, manifest, devices, precision, weights, stages, evaluat
 
 
 def train(config: TrainConfig) -> TrainResult:
-    """Run the two-stage schedule on config.records and write config.models/vX/."""
+    """Run the two-stage schedule on config.records and write config.models/vX/.
+
+    Sets Keras' global dtype policy for the run and puts the previous one back
+    when it returns or fails, so that a run in a process leaves no trace in the next.
+    """
+    import keras
+
+    previous_policy = keras.mixed_precision.global_policy()
+    try:
+        return _train(config)
+    finally:
+        keras.mixed_precision.set_global_policy(previous_policy)
+
+
+def _train(config: TrainConfig) -> TrainResult:
     import keras
     import tensorflow as tf
 
@@ -419,7 +476,12 @@ def train(config: TrainConfig) -> TrainResult:
     started = time.time()
 
     # --- Devices, precision, seeds -------------------------------------------------------------
-    strategy, devices, on_gpu = configure_devices(config.gpus)
+    strategy, devices, on_gpu = configure_devices(config.gpus, config.cpu_devices)
+    replicas = strategy.num_replicas_in_sync
+    if replicas > 1:  # tf.distribute splits each global batch over the replicas.
+        low, high = config.batch_size // replicas, -(-config.batch_size // replicas)
+        devices += (f"; {replicas} replicas, global batch {config.batch_size} = "
+                    f"{low if low == high else f'{low}-{high}'} per replica")
     precision = resolve_precision(config.precision, on_gpu)
     keras.mixed_precision.set_global_policy(precision)
     keras.utils.set_random_seed(config.seed)
@@ -528,4 +590,4 @@ def train(config: TrainConfig) -> TrainResult:
             pass
         raise
     return TrainResult(version_dir, out("model.h5"), evaluation, stages,
-                       time.time() - started, devices, precision, model)
+                       time.time() - started, devices, precision, model, replicas)
