@@ -64,6 +64,47 @@ def train_steps(records_dir: str, precision: str, steps: int, batch_size: int) -
     return {"records_per_s": steps * batch_size / total, "wait_share": waiting / total}
 
 
+def step_rate(stage: int, precision: str, jit_compile, image_size: int = 299,
+              batch_size: int = 32, steps: int = 10, warmup: int = 3, seed: int = 0) -> dict:
+    """records/s of one stage's train steps on in-memory batches, on any Keras backend.
+
+    No input pipeline: what the device itself consumes. Stage 1: backbone frozen;
+    stage 2: its last 20 layers trainable. Imports no TensorFlow unless Keras runs on it
+    (tools/gpu_check.py uses this on JAX and PyTorch). Each step copies the batch from host
+    memory, as training does.
+    """
+    import keras
+    import numpy as np
+
+    from tclf.model import build_model, freeze_backbone, unfreeze_top
+
+    keras.mixed_precision.set_global_policy(precision)
+    keras.utils.set_random_seed(seed)
+    rng = np.random.default_rng(seed)
+    x = {"spectrogram": rng.integers(0, 256, (batch_size, image_size, image_size, 3),
+                                     dtype=np.uint8),
+         "features": rng.standard_normal((batch_size, 10, 68)).astype(np.float32)}
+    y = rng.integers(0, 3, batch_size)
+    model = build_model(3, image_size=image_size, weights="none")
+    if stage == 1:
+        freeze_backbone(model)
+    else:
+        unfreeze_top(model, 20)
+    model.compile(optimizer=keras.optimizers.Adam(1e-4), loss="sparse_categorical_crossentropy",
+                  jit_compile=jit_compile)
+    started = time.perf_counter()
+    for _ in range(warmup):  # Trace / compile.
+        model.train_on_batch(x, y)
+    compile_seconds = time.perf_counter() - started
+    started = time.perf_counter()
+    for _ in range(steps):
+        loss = model.train_on_batch(x, y)  # Returns host floats: each step is synchronized.
+    seconds = time.perf_counter() - started
+    return {"records_per_s": steps * batch_size / seconds, "warmup_s": compile_seconds,
+            "loss": float(np.asarray(loss).ravel()[0]), "backend": keras.backend.backend(),
+            "tensorflow_imported": "tensorflow" in sys.modules}
+
+
 def bench_training(records_dir: str, steps: int, batch_size: int) -> dict:
     from tclf.train import resolve_precision
 
@@ -71,16 +112,8 @@ def bench_training(records_dir: str, steps: int, batch_size: int) -> dict:
     results = {}
     for precision in dict.fromkeys(["float32", auto, "mixed_bfloat16"]):
         # A fresh process per policy: Keras' global policy and TF's caches do not leak across.
-        code = (f"import sys, json; sys.path.insert(0, {os.path.dirname(__file__)!r}); "
-                f"import bench_model; print('RESULT', json.dumps(bench_model.train_steps("
-                f"{records_dir!r}, {precision!r}, {steps}, {batch_size})))")
-        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-        line = [x for x in done.stdout.splitlines() if x.startswith("RESULT")]
-        if not line:
-            raise RuntimeError(f"{precision}: {done.stderr[-2000:]}")
-        import json
-
-        results[precision] = json.loads(line[0][7:])
+        results[precision] = benchlib.in_subprocess(__file__, "train_steps", records_dir,
+                                                    precision, steps, batch_size)
         print(precision, results[precision])
     return {"auto": auto, "results": results}
 

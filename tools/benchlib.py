@@ -6,17 +6,20 @@ Each script owns one section of BENCHMARKS.md, between
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import re
 import statistics
+import subprocess
+import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCHMARKS = os.path.join(ROOT, "BENCHMARKS.md")
 
 
-def machine() -> str:
+def machine(gpu: str | None = None) -> str:
     cpu = platform.processor() or "unknown CPU"
     try:
         with open("/proc/cpuinfo") as f:
@@ -32,12 +35,14 @@ def machine() -> str:
     except (OSError, AttributeError):
         pass
     versions = [f"Python {platform.python_version()}"]
-    for name in ("tensorflow", "keras", "librosa", "numpy"):
+    for name in ("tensorflow", "keras", "jax", "torch", "librosa", "numpy"):
+        if name in ("tensorflow", "jax", "torch") and name not in sys.modules:
+            continue  # Only the frameworks this process uses (importing them costs seconds).
         try:
             versions.append(f"{name} {__import__(name).__version__}")
         except ImportError:
             pass
-    return (f"{cpu}, {os.cpu_count()} cores{memory}, no GPU; {', '.join(versions)}; "
+    return (f"{cpu}, {os.cpu_count()} cores{memory}, {gpu or 'no GPU'}; {', '.join(versions)}; "
             f"measured {time.strftime('%Y-%m-%d')}")
 
 
@@ -69,3 +74,17 @@ def paired(numerators: list[float], denominators: list[float]) -> tuple[float, f
     """
     ratios = sorted(n / d for n, d in zip(numerators, denominators, strict=True))
     return statistics.median(ratios), ratios[0], ratios[-1]
+
+
+def in_subprocess(script: str, function: str, *args) -> dict:
+    """``function(*args)`` of the module file ``script``, run in a fresh Python process (its
+    own Keras policy, framework state and device memory); its JSON-able result."""
+    folder, module = os.path.split(os.path.abspath(script))
+    module = module[:-3]
+    code = (f"import sys, json; sys.path[:0] = [{folder!r}, {ROOT!r}]; import {module}; "
+            f"print('RESULT', json.dumps({module}.{function}{args!r}))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    line = [x for x in done.stdout.splitlines() if x.startswith("RESULT")]
+    if not line:
+        raise RuntimeError(f"{function}{args}: {done.stderr[-3000:]}")
+    return json.loads(line[0][7:])
