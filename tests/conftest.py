@@ -55,8 +55,9 @@ def data_copy(data_dir, tmp_path):
 
 # Pinned: the CPU and float32, whatever the machine (its `--precision auto` differs between
 # CPUs with and without native bfloat16). tests/test_precision.py runs the other policies.
-TINY_TRAINING = dict(gpus="none", precision="float32", weights="none", image_size=32, batch_size=8, stage1_epochs=1,
-                     stage2_min_epochs=1, stage2_max_epochs=2, stage2_patience=1, verbose=0,
+TINY_TRAINING = dict(gpus="none", precision="float32", weights="none", image_size=32,
+                     batch_size=8, stage1_epochs=1, stage2_min_epochs=1, stage2_max_epochs=2,
+                     stage2_patience=1, verbose=0,
                      image_units=16, gru_units=16, gru2_units=8, feature_units=8,
                      fusion_units=16, head_units=8, attention_heads=2)
 

@@ -76,7 +76,7 @@ def test_auto_precision_follows_the_cpu_flags_and_the_gpu(tmp_path, monkeypatch,
                                                           expected):
     monkeypatch.delenv(train.CPU_BFLOAT16_ENV, raising=False)
     cpuinfo = tmp_path / "cpuinfo"
-    cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n\nprocessor\t: 1\nflags\t\t: {flags}\n")
+    cpuinfo.write_text("".join(f"processor\t: {i}\nflags\t\t: {flags}\n\n" for i in range(2)))
     monkeypatch.setattr(train, "CPUINFO", str(cpuinfo))
     assert train.resolve_precision("auto", on_gpu=on_gpu) == expected
 
@@ -103,6 +103,15 @@ def test_explicit_precision_is_kept_and_unknown_refused():
         assert train.resolve_precision(precision, on_gpu=True) == precision
     with pytest.raises(ValueError, match="precision must be one of"):
         train.resolve_precision("float8")
+
+
+def test_a_failing_run_puts_the_global_policy_back(tmp_path, policy_scope):
+    policy_scope("float32")
+    config = train.TrainConfig(records=str(tmp_path / "no-records"), models=str(tmp_path / "m"),
+                               **{**TINY_TRAINING, "precision": "mixed_float16"})
+    with pytest.raises(Exception, match="manifest"):
+        train.train(config)
+    assert keras.mixed_precision.global_policy().name == "float32"
 
 
 # ---------------------------------------------------------------------------------------------

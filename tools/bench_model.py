@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import glob
 import os
-import subprocess
 import sys
 import time
 
@@ -153,6 +152,10 @@ def main(records_dir, model_path, audio_dir, steps, batch_size, tracks, write):
         f"{r['records_per_s'] / base:.2f} | {100 * r['wait_share']:.1f}% |"
         for p, r in tr["results"].items())
     worst_wait = max(r["wait_share"] for r in tr["results"].values())
+    native = ("native bfloat16 (AVX512-BF16/AMX)" if tr["auto"] == "mixed_bfloat16" else
+              "no native bfloat16 (no AVX512-BF16/AMX): bfloat16 is emulated")
+    other = "without" if tr["auto"] == "mixed_bfloat16" else "with"
+    other_policy = "float32" if tr["auto"] == "mixed_bfloat16" else "mixed_bfloat16"
     training = f"""## Training steps on CPU (tools/bench_model.py)
 
 Machine: {benchlib.machine()}.
@@ -165,9 +168,8 @@ share of the loop spent blocked on the reader's next batch (target: under 5%:
 |---|---:|---:|---:|
 {rows}
 
-auto resolves to {tr['auto']} on this CPU: it has no native bfloat16 (no AVX512-BF16/AMX), so
-bfloat16 is emulated and slower; on a CPU with those flags auto picks mixed_bfloat16, and on
-GPUs mixed_float16.
+auto resolves to {tr['auto']} on this CPU, which has {native}. On a CPU {other} those flags
+auto picks {other_policy}, and on GPUs mixed_float16 (the README has the table).
 """
     prediction = f"""## Prediction (tools/bench_model.py)
 

@@ -23,8 +23,12 @@ def machine(gpu: str | None = None) -> str:
     cpu = platform.processor() or "unknown CPU"
     try:
         with open("/proc/cpuinfo") as f:
-            match = re.search(r"model name\s*:\s*(.+)", f.read())
-            cpu = match.group(1).strip() if match else cpu
+            info = f.read()
+        match = re.search(r"model name\s*:\s*(.+)", info)
+        cpu = match.group(1).strip() if match else cpu
+        native = sorted(set(re.findall(r"\b(avx512_bf16|amx_bf16)\b", info)))
+        cpu += (f" (native bfloat16: {', '.join(native)})" if native else
+                " (no native bfloat16)")
     except OSError:
         pass
     memory = ""
@@ -35,13 +39,16 @@ def machine(gpu: str | None = None) -> str:
     except (OSError, AttributeError):
         pass
     versions = [f"Python {platform.python_version()}"]
-    for name in ("tensorflow", "keras", "jax", "torch", "librosa", "numpy"):
-        if name in ("tensorflow", "jax", "torch") and name not in sys.modules:
-            continue  # Only the frameworks this process uses (importing them costs seconds).
+    found = {}
+    for name in ("keras", "librosa", "numpy"):
         try:
-            versions.append(f"{name} {__import__(name).__version__}")
+            found[name] = __import__(name).__version__
         except ImportError:
             pass
+    # Only the frameworks this process has loaded (importing them costs seconds).
+    versions += [f"{n} {sys.modules[n].__version__}" for n in ("tensorflow", "jax", "torch")
+                 if n in sys.modules]
+    versions += [f"{n} {v}" for n, v in found.items()]
     return (f"{cpu}, {os.cpu_count()} cores{memory}, {gpu or 'no GPU'}; {', '.join(versions)}; "
             f"measured {time.strftime('%Y-%m-%d')}")
 
