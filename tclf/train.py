@@ -133,7 +133,13 @@ def configure_devices(gpus: str = "all", cpu_devices: int = 1):
     spec = str(gpus).strip().lower()
     if spec == "none":
         if physical:
-            tf.config.set_visible_devices([], "GPU")
+            try:
+                tf.config.set_visible_devices([], "GPU")
+            except RuntimeError:
+                raise ValueError("--gpus none: TensorFlow already started in this process with "
+                                 "its GPUs visible; choose the devices before anything else "
+                                 "uses TensorFlow (a new process, or CUDA_VISIBLE_DEVICES='')"
+                                 ) from None
         return _cpu_strategy(cpu_devices, "--gpus none")
     if spec == "all":
         chosen = physical
@@ -151,6 +157,9 @@ def configure_devices(gpus: str = "all", cpu_devices: int = 1):
         tf.config.set_visible_devices(chosen, "GPU")
     if not chosen:
         return _cpu_strategy(cpu_devices, "no GPU found")
+    if cpu_devices > 1:
+        raise ValueError(f"--cpu-devices {cpu_devices} splits the CPU, but this run trains on "
+                         f"{len(chosen)} GPU(s); add --gpus none to train on the split CPU")
     for device in chosen:
         try:
             tf.config.experimental.set_memory_growth(device, True)

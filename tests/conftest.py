@@ -11,6 +11,12 @@ import shutil
 import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# The devices the tests train on: "none" (the CPU, the default) or e.g. "all", which
+# tools/gpu_check.sh sets on a GPU machine. With "none" TensorFlow never sees a GPU, in this
+# process or its children, so every test runs on the CPU whatever the machine has.
+TEST_GPUS = os.environ.get("TCLF_TEST_GPUS", "none")
+if TEST_GPUS == "none":
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
 STYLES = ("dark", "goa", "psy")
 TRACKS_PER_STYLE = 4
@@ -53,9 +59,9 @@ def data_copy(data_dir, tmp_path):
     return str(target)
 
 
-# Pinned: the CPU and float32, whatever the machine (its `--precision auto` differs between
-# CPUs with and without native bfloat16). tests/test_precision.py runs the other policies.
-TINY_TRAINING = dict(gpus="none", precision="float32", weights="none", image_size=32,
+# Pinned: the devices above and float32, whatever the machine (its `--precision auto` differs
+# between CPUs with and without native bfloat16). tests/test_precision.py runs the other policies.
+TINY_TRAINING = dict(gpus=TEST_GPUS, precision="float32", weights="none", image_size=32,
                      batch_size=8, stage1_epochs=1, stage2_min_epochs=1, stage2_max_epochs=2,
                      stage2_patience=1, verbose=0,
                      image_units=16, gru_units=16, gru2_units=8, feature_units=8,

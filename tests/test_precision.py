@@ -18,10 +18,9 @@ import pytest
 
 from tclf import data, records, train
 from tclf import model as tclf_model
-from tests.conftest import TINY_TRAINING
+from tests.conftest import TEST_GPUS, TINY_TRAINING
 
 POLICIES = ("float32", "mixed_bfloat16", "mixed_float16")
-TEST_GPUS = os.environ.get("TCLF_TEST_GPUS", "none")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Layers compared with float32, and the largest difference allowed, as a share of the
 # layer's largest float32 value: a little over what each half type's rounding gives.
@@ -168,15 +167,11 @@ def test_every_layer_agrees_with_float32_within_the_half_types_rounding(policy, 
 @pytest.fixture(scope="module")
 def precision_runs(trained, records_dir, tmp_path_factory):
     """The tiny training under each policy (float32 is the shared session run)."""
-    runs = {}
-    for policy in POLICIES:
-        if policy == "float32" and TEST_GPUS == "none":
-            runs[policy] = trained
-            continue
+    runs = {"float32": trained}
+    for policy in POLICIES[1:]:
         models = str(tmp_path_factory.mktemp(f"models-{policy}"))
         runs[policy] = train.train(train.TrainConfig(
-            records=records_dir, models=models,
-            **{**TINY_TRAINING, "gpus": TEST_GPUS, "precision": policy}))
+            records=records_dir, models=models, **{**TINY_TRAINING, "precision": policy}))
     return runs
 
 
@@ -228,16 +223,16 @@ for policy, path in json.loads({json.dumps(paths)!r}).items():
           model.get_layer("feature_normalization").compute_dtype)
 """
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
-    if TEST_GPUS == "none":
-        env["CUDA_VISIBLE_DEVICES"] = ""
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           cwd=str(tmp_path), env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     for policy in POLICIES:
         compute = "float32" if policy == "float32" else policy.split("_")[1]
         assert f"{policy} {compute} float32" in done.stdout
+        # Same kernels in both processes on the CPU; GPU kernels (cuDNN, float16) may differ.
+        tolerance = 1e-5 if TEST_GPUS == "none" or policy == "float32" else 1e-3
         np.testing.assert_allclose(np.load(tmp_path / f"{policy}.npy"),
-                                   expected_predictions[policy], atol=1e-5, err_msg=policy)
+                                   expected_predictions[policy], atol=tolerance, err_msg=policy)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -281,7 +276,7 @@ print("RESULT", json.dumps({
 def test_training_on_two_logical_devices_splits_the_global_batch(records_dir, tmp_path):
     models = tmp_path / "models"
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": "",
-           "PYTHONPATH": ROOT}
+           "TCLF_TEST_GPUS": "none", "PYTHONPATH": ROOT}
     done = subprocess.run([sys.executable, "-c", _TWO_DEVICE_RUN, records_dir, str(models)],
                           capture_output=True, text=True, env=env, timeout=900, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]

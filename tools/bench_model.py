@@ -100,6 +100,9 @@ def step_rate(stage: int, precision: str, jit_compile, image_size: int = 299,
         loss = model.train_on_batch(x, y)  # Returns host floats: each step is synchronized.
     seconds = time.perf_counter() - started
     return {"records_per_s": steps * batch_size / seconds, "warmup_s": compile_seconds,
+            # What compile made of jit_compile: Keras turns XLA off for models it cannot
+            # compile, e.g. GRUs on cuDNN under TensorFlow.
+            "jit_effective": bool(model.jit_compile),
             "loss": float(np.asarray(loss).ravel()[0]), "backend": keras.backend.backend(),
             "tensorflow_imported": "tensorflow" in sys.modules}
 

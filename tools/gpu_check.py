@@ -129,19 +129,27 @@ def run_tiny_training(work: str, image_size: int) -> dict:
 def run_steps(backend: str, image_size: int, steps: int,
               precisions=("float32", "mixed_float16")) -> dict:
     """Train-step records/s per stage and precision (and XLA on/off where it is a choice)."""
-    jits = {"tensorflow": [True, False], "jax": [True], "torch": [False]}[backend]
-    rows = []
+    jits = {"tensorflow": [False, True], "jax": [True], "torch": [False]}[backend]
+    rows, refused = [], None
     for stage in (1, 2):
         for precision in precisions:
             for jit in jits:
+                if jit and refused:
+                    continue
                 result = benchlib.in_subprocess(bench_model.__file__, "step_rate", stage,
                                                 precision, jit, image_size, 32, steps)
+                if jit and not result["jit_effective"]:
+                    refused = (f"Keras turned jit_compile=True off for this model on "
+                               f"{backend} (cuDNN GRUs cannot be compiled by XLA); those rows "
+                               f"would repeat the jit_compile=False ones")
+                    print(f"  {refused}", flush=True)
+                    continue
                 rows.append({"stage": stage, "precision": precision, "jit_compile": jit,
                              **result})
                 print(f"  stage {stage} {precision:14s} jit_compile={jit!s:5s} "
                       f"{result['records_per_s']:8.1f} records/s (warm-up "
                       f"{result['warmup_s']:.1f} s)", flush=True)
-    return {"rows": rows, "image_size": image_size, "steps": steps}
+    return {"rows": rows, "image_size": image_size, "steps": steps, "xla_refused": refused}
 
 
 def feature_columns(precision: str = "mixed_float16") -> dict:
@@ -266,10 +274,11 @@ def report(info: dict, parts: dict) -> str:
         part = parts[name]
         lines.append(f"- {title}: " + (f"skipped ({part['skipped']})" if "skipped" in part else
                                        f"{'passed' if part['passed'] else 'FAILED'}: "
-                                       f"{part['summary']}"))
+                                       f"{part.get('summary') or part.get('error')}"))
     columns = parts["columns"]
     lines.append("- mixed_float16 model sees every feature column: " + (
         f"skipped ({columns['skipped']})" if "skipped" in columns else
+        f"FAILED ({columns['error']})" if "error" in columns else
         f"{'yes' if columns['passed'] else 'NO'} (largest error of the normalized features "
         f"{columns['max_abs_error']:.1e}, zeroed columns {columns['zeroed_columns'] or 'none'}, "
         f"GRU computes in {columns['gru_compute_dtype']}, outputs finite: "
@@ -277,8 +286,9 @@ def report(info: dict, parts: dict) -> str:
         f"{columns['tensorflow_imported']})"))
     lines.append("")
     stepped = parts["steps"]
-    if "skipped" in stepped:
-        lines.append(f"Train-step rates: skipped ({stepped['skipped']}).")
+    if "skipped" in stepped or "error" in stepped:
+        lines.append(f"Train-step rates: {'skipped' if 'skipped' in stepped else 'FAILED'} "
+                     f"({stepped.get('skipped') or stepped.get('error')}).")
     else:
         base = {(r["stage"], r["jit_compile"]): r["records_per_s"] for r in stepped["rows"]
                 if r["precision"] == "float32"}
@@ -298,30 +308,36 @@ def report(info: dict, parts: dict) -> str:
                          f"{r['records_per_s']:.0f} | "
                          f"{r['records_per_s'] / base[(r['stage'], r['jit_compile'])]:.2f} | "
                          f"{r['warmup_s']:.1f} | {r['tensorflow_imported']} |")
+        if stepped.get("xla_refused"):
+            lines += ["", f"XLA: {stepped['xla_refused']}."]
         lines.append("")
     decode = parts["decode"]
-    lines += [f"Host PNG decode ({decode['source']}, {decode['png_kb']:.0f} kB on average, "
-              f"{decode['cores']} cores):", "", "| decoder | records/s |", "|---|---:|",
-              f"| PIL, one core | {decode['pil_one_core']:.0f} |",
-              f"| PIL, all {decode['cores']} cores (a process each) | "
-              f"{decode['pil_all_cores']:.0f} |"]
-    if "tf_ceiling" in decode:
-        lines.append(f"| tf.io.decode_png, one core x {decode['cores']} (ceiling) | "
-                     f"{decode['tf_ceiling']:.0f} |")
-    if "reader" in decode:
-        lines.append(f"| tclf reader, uncached training stream, all cores | "
-                     f"{decode['reader']:.0f} ({decode['reader'] / decode['tf_ceiling']:.2f} x "
-                     f"ceiling) |")
-    lines.append("")
-    if "skipped" not in stepped and not stepped.get("cpu_smoke"):
+    if "error" in decode:
+        lines += [f"Host PNG decode: FAILED ({decode['error']}).", ""]
+        decode = None
+    else:
+        lines += [f"Host PNG decode ({decode['source']}, {decode['png_kb']:.0f} kB on average, "
+                  f"{decode['cores']} cores):", "", "| decoder | records/s |", "|---|---:|",
+                  f"| PIL, one core | {decode['pil_one_core']:.0f} |",
+                  f"| PIL, all {decode['cores']} cores (a process each) | "
+                  f"{decode['pil_all_cores']:.0f} |"]
+        if "tf_ceiling" in decode:
+            lines.append(f"| tf.io.decode_png, one core x {decode['cores']} (ceiling) | "
+                         f"{decode['tf_ceiling']:.0f} |")
+        if "reader" in decode:
+            lines.append(f"| tclf reader, uncached training stream, all cores | "
+                         f"{decode['reader']:.0f} ({decode['reader'] / decode['tf_ceiling']:.2f} x "
+                         f"ceiling) |")
+        lines.append("")
+    if decode and "rows" in stepped and not stepped.get("cpu_smoke"):
         host = decode.get("reader") or decode["pil_all_cores"]
         host_name = "tclf's reader" if "reader" in decode else "PIL on all cores"
+        jits_shown = [r["jit_compile"] for r in stepped["rows"]]
         lines.append("Input pipeline sizing (host records/s over what the GPU consumes; under 1 "
                      "means the GPU waits for the host unless decoded examples are cached):")
         lines.append("")
         for r in stepped["rows"]:
-            if r["precision"] == "mixed_float16" and r["jit_compile"] == stepped["rows"][0][
-                    "jit_compile"]:
+            if r["precision"] == "mixed_float16" and r["jit_compile"] == jits_shown[0]:
                 lines.append(f"- stage {r['stage']}, mixed_float16: the GPU takes "
                              f"{r['records_per_s']:.0f} records/s; {host_name} gives "
                              f"{host:.0f}: {host / r['records_per_s']:.2f} x")
@@ -351,35 +367,38 @@ def main(image_size, steps, png_dir, skip_tests, write, out):
     work = tempfile.mkdtemp(prefix="tclf-gpu-check-")
     started = time.perf_counter()
 
-    print("[1/5] precision and device tests", flush=True)
-    parts["tests"] = ({"skipped": "needs TensorFlow" if not with_tf else "--skip-tests"}
-                      if not with_tf or skip_tests else
-                      {"skipped": "no GPU; bash tools/test.sh runs them on the CPU"}
-                      if not on_gpu else run_tests())
-    print("[2/5] tiny two-stage training", flush=True)
-    parts["training"] = (run_tiny_training(work, image_size if on_gpu else 64) if with_tf else
-                         {"skipped": "tclf-train needs TensorFlow"})
-    print(f"  {parts['training']}", flush=True)
-    print("[3/5] train-step rates", flush=True)
+    def attempt(name, title, function, *args):
+        """One part; a failure is reported with the others instead of ending the check."""
+        print(f"[{len(parts) + 1}/5] {title}", flush=True)
+        try:
+            parts[name] = function(*args)
+        except Exception as error:  # noqa: BLE001 (reported, and the exit status says so)
+            parts[name] = {"passed": False, "error": f"{type(error).__name__}: "
+                                                     f"{str(error).strip()[-1500:]}"}
+        print(f"  {parts[name]}"[:2000], flush=True)
+
+    skip = lambda why: (lambda: {"skipped": why})  # noqa: E731
+    attempt("tests", "precision and device tests",
+            skip("needs TensorFlow") if not with_tf else skip("--skip-tests") if skip_tests
+            else skip("no GPU; bash tools/test.sh runs them on the CPU") if not on_gpu
+            else run_tests)
+    # Small images: the point is the --gpus all / --precision auto path; step rates are below.
+    attempt("training", "tiny two-stage training",
+            run_tiny_training if with_tf else skip("tclf-train needs TensorFlow"), work, 64)
     if on_gpu:
-        parts["steps"] = run_steps(info["backend"], image_size, steps)
+        attempt("steps", "train-step rates", run_steps, info["backend"], image_size, steps)
     else:  # The builder and both stages on this backend, small and in float32: not a benchmark.
-        parts["steps"] = {**run_steps(info["backend"], 64, 2, ("float32",)), "cpu_smoke": True}
-    print("[4/5] feature columns under mixed_float16", flush=True)
-    if on_gpu or with_tf:
-        parts["columns"] = benchlib.in_subprocess(__file__, "feature_columns")
-    else:
-        parts["columns"] = {"skipped": f"Keras on {info['backend']} has no float16 matrix "
-                                       f"products on the CPU"}
-    print(f"  {parts['columns']}", flush=True)
-    print("[5/5] host PNG decode", flush=True)
+        attempt("steps", "train steps on the CPU (a smoke test)",
+                lambda: {**run_steps(info["backend"], 64, 2, ("float32",)), "cpu_smoke": True})
+    attempt("columns", "feature columns under mixed_float16",
+            (lambda: benchlib.in_subprocess(__file__, "feature_columns")) if on_gpu or with_tf
+            else skip(f"Keras on {info['backend']} has no float16 matrix products on the CPU"))
     if png_dir is None:
         candidates = [os.path.join(ROOT, "data"), os.path.join(work, "data")]
         png_dir = next((d for d in candidates if glob.glob(os.path.join(d, "*", "*", "*.png"))),
                        None)
-    records = parts["training"].get("records")
-    parts["decode"] = benchlib.in_subprocess(__file__, "run_decode", png_dir, records,
-                                             info["backend"])
+    attempt("decode", "host PNG decode", benchlib.in_subprocess, __file__, "run_decode",
+            png_dir, parts["training"].get("records"), info["backend"])
     text = report(info, parts)
     print("\n" + text + f"\ngpu_check finished in {time.perf_counter() - started:.0f} s")
     if out:
