@@ -43,6 +43,8 @@ import math
 
 import numpy as np
 
+from tclf import InputError
+
 SAMPLE_RATE = 22050
 N_FFT = 2048
 HOP_LENGTH = 512
@@ -69,7 +71,7 @@ FEATURE_NAMES = tuple(
 assert len(FEATURE_NAMES) == NUM_FEATURES  # A programming error, not an input check.
 
 
-class AudioError(ValueError):
+class AudioError(InputError):
     """An audio file that cannot be decoded or is too short to use."""
 
 
@@ -123,7 +125,7 @@ def segment_starts(duration: float, num_segments: int = 6, segment_seconds: floa
     starts : list of float, in seconds, ascending.
     """
     if num_segments < 1 or segment_seconds <= 0:
-        raise ValueError(f"num_segments must be >= 1 and segment_seconds > 0, got "
+        raise InputError(f"num_segments must be >= 1 and segment_seconds > 0, got "
                          f"{num_segments} and {segment_seconds}")
     begin, end = duration * skip_fraction, duration * (1.0 - skip_fraction)
     if end - begin < num_segments * segment_seconds:

@@ -12,11 +12,14 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import click  # noqa: E402
 
-from tclf import audio  # noqa: E402
+from tclf import UserError, audio  # noqa: E402
+from tclf.records import SPLITS  # noqa: E402
 
-# Errors that mean "the user's input or setup is wrong": one line, no traceback.
-USER_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, ValueError, RuntimeError,
-               KeyError, OSError)
+# Errors that mean "the user's input or setup is wrong": one line, no traceback. Anything else
+# is a bug in tclf and keeps its traceback.
+USER_ERRORS = (UserError, FileNotFoundError, FileExistsError, NotADirectoryError,
+               IsADirectoryError, PermissionError)
+INTERRUPTED = 130  # Exit status after Ctrl-C, as shells report SIGINT (128 + 2).
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None):
@@ -34,7 +37,8 @@ def command(function):
         try:
             return function(*args, **kwargs)
         except KeyboardInterrupt:
-            raise click.ClickException("interrupted") from None
+            click.echo("Error: interrupted", err=True)
+            sys.exit(INTERRUPTED)
         except click.ClickException:
             raise
         except USER_ERRORS as error:
@@ -123,45 +127,6 @@ def pack_command(data_dir, records_dir, val_fraction, seed, groups_file, shard_m
                f"{records_dir} in {manifest['seconds']:.1f} s")
 
 
-_TRAIN_HELP = {
-    "records": "Records folder written by tclf-pack.",
-    "models": "Folder receiving the version folders vN/ and latest.h5.",
-    "gpus": "all (every GPU; CPU if none), none (CPU), or GPU indices like 0,1. Several GPUs "
-            "train with MirroredStrategy.",
-    "cpu_devices": "When training on the CPU: split it into this many logical devices and "
-                   "mirror over them (MirroredStrategy), to run the multi-device path without "
-                   "GPUs. For testing; not faster.",
-    "precision": "Dtype policy: auto = mixed_float16 on GPUs; on CPUs mixed_bfloat16 where the "
-                 "CPU has native bfloat16 (AVX512-BF16/AMX), else float32. The feature "
-                 "normalization and the softmax always compute in float32.",
-    "weights": "EfficientNetB0 initialization: imagenet (downloaded once to ~/.keras/models), "
-               "none (random), or the path of a weights file.",
-    "image_size": "Side of the square spectrogram input; records are resized if it differs "
-                  "from 299.",
-    "batch_size": "Global batch size: with N GPUs each gets batch_size / N.",
-    "seed": "Seed of weights initialization and data order.",
-    "cache": "Keep decoded training examples in memory after the first epoch "
-             "(about 270 kB per segment).",
-    "image_units": "Units of the image branch's Dense layer.",
-    "gru_units": "Units of the first GRU (returns sequences).",
-    "gru2_units": "Units of the second GRU.",
-    "feature_units": "Units of the feature branch's Dense layer.",
-    "fusion_units": "Units of the first fusion Dense layer.",
-    "head_units": "Units of the second fusion Dense layer.",
-    "attention_heads": "Heads of the self-attention over the 10 windows.",
-    "dropout": "Dropout rate after the first fusion layer.",
-    "stage1_epochs": "Stage 1 (frozen backbone): maximum epochs.",
-    "stage1_lr": "Stage 1: peak learning rate (Adam, warm-up then cosine decay).",
-    "stage1_warmup_epochs": "Stage 1: epochs of linear warm-up.",
-    "stage1_patience": "Stage 1: early-stopping patience on val_loss (best weights restored).",
-    "stage2_layers": "Stage 2: number of last backbone layers unfrozen (BatchNorm stays frozen).",
-    "stage2_lr": "Stage 2: peak learning rate.",
-    "stage2_warmup_epochs": "Stage 2: epochs of linear warm-up.",
-    "stage2_min_epochs": "Stage 2: minimum epochs before early stopping may stop it.",
-    "stage2_max_epochs": "Stage 2: maximum epochs.",
-    "stage2_patience": "Stage 2: early-stopping patience on val_loss.",
-    "verbose": "Keras progress output: 0 silent, 1 progress bar, 2 one line per epoch.",
-}
 
 
 def _train_options(function):
@@ -171,23 +136,20 @@ def _train_options(function):
 
     for field in reversed(dataclasses.fields(TrainConfig)):
         flag = "--" + field.name.replace("_", "-")
-        if field.name == "cache":
-            decorator = click.option("--cache/--no-cache", default=False,
-                                     help=_TRAIN_HELP["cache"])
+        kind = type(field.default)
+        if kind is bool:
+            flag = f"{flag}/--no-{flag[2:]}"
         elif field.name == "precision":
-            decorator = click.option(flag, default=field.default, type=click.Choice(PRECISIONS),
-                                     help=_TRAIN_HELP[field.name])
-        else:
-            decorator = click.option(flag, default=field.default, type=type(field.default),
-                                     help=_TRAIN_HELP[field.name])
-        function = decorator(function)
+            kind = click.Choice(PRECISIONS)
+        function = click.option(flag, field.name, default=field.default, type=kind,
+                                help=field.metadata["help"])(function)
     return function
 
 
 @click.command(context_settings={"show_default": True, "help_option_names": ["-h", "--help"]})
 @click.option("--hparams", "hparams_file", default=None, type=click.Path(dir_okay=False),
-              help="JSON object of option: value (e.g. from a tuner search). Options given on "
-                   "the command line win over it.")
+              help="JSON object of option: value (e.g. from a tuner search; names as below, "
+                   "with dashes or underscores). Options given on the command line win over it.")
 @_train_options
 @command
 def train_command(hparams_file, **options):
@@ -206,8 +168,9 @@ def train_command(hparams_file, **options):
     values = {}
     if hparams_file:
         values.update(train.load_hparams(hparams_file))
-    values.update({k: v for k, v in options.items()
-                   if not hparams_file or context.get_parameter_source(k) != ParameterSource.DEFAULT})
+    given = {k: v for k, v in options.items()
+             if context.get_parameter_source(k) != ParameterSource.DEFAULT}
+    values.update(given if hparams_file else options)
     config = train.TrainConfig().replace(**values)
     result = train.train(config)
     minutes, seconds = divmod(result.seconds, 60)
@@ -255,7 +218,8 @@ def predict_command(paths, model_path, show_segments, output_format, batch_size,
 @click.option("--model", "model_path", default="models/latest.h5",
               help="A model.h5 written by tclf-train.")
 @click.option("--records", "records_dir", default="records", help="Records folder (tclf-pack).")
-@click.option("--split", default="val", help="Split of the records to evaluate.")
+@click.option("--split", default="val", type=click.Choice(SPLITS),
+              help="Split of the records to evaluate.")
 @click.option("--out", "out_dir", default=None,
               help="Write report.txt and confusion_matrix.png here (same formats as training). "
                    "Without it the report is printed.")

@@ -14,7 +14,7 @@ import re
 
 import tensorflow as tf
 
-from tclf import records
+from tclf import InputError, RunError, records, storage
 from tclf.records import FEATURES_KEY, LABEL_KEY, SPECTROGRAM_KEY, TRACK_ID_KEY
 
 AUTOTUNE = tf.data.AUTOTUNE
@@ -24,9 +24,9 @@ def shard_paths(records_dir: str, split: str, manifest: dict | None = None) -> l
     """The shard files of a split, as listed by the manifest."""
     manifest = manifest or records.load_manifest(records_dir)
     if split not in manifest["splits"]:
-        raise ValueError(f"{records_dir}: no split {split!r}; the manifest has "
+        raise InputError(f"{records_dir}: no split {split!r}; the manifest has "
                          f"{sorted(manifest['splits'])}")
-    return [records.join(records_dir, shard["file"]) for shard in manifest["splits"][split]["shards"]]
+    return [storage.join(records_dir, shard["file"]) for shard in manifest["splits"][split]["shards"]]
 
 
 def resize_image(image, image_size: int):
@@ -90,7 +90,7 @@ def make_dataset(records_dir: str, split: str = "train", batch_size: int = 32,
     manifest = records.load_manifest(records_dir)
     files = shard_paths(records_dir, split, manifest)
     if not files:
-        raise ValueError(f"{records_dir}: split {split!r} has no records")
+        raise InputError(f"{records_dir}: split {split!r} has no records")
     for shard, path in zip(manifest["splits"][split]["shards"], files):
         if "bytes" in shard and tf.io.gfile.stat(path).length != shard["bytes"]:
             raise CorruptRecordsError(f"{path}: {tf.io.gfile.stat(path).length} bytes, the "
@@ -143,7 +143,7 @@ def _records_of(path: tf.Tensor) -> tf.data.Dataset:
     return tf.data.TFRecordDataset(path, buffer_size=4 * 2**20)
 
 
-class CorruptRecordsError(RuntimeError):
+class CorruptRecordsError(RunError):
     """A shard of a pack cannot be read; the message names it."""
 
 

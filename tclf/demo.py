@@ -40,12 +40,13 @@ soundfile are used.
 from __future__ import annotations
 
 import os
-import uuid
 import zlib
 from collections.abc import Iterable
 
 import numpy as np
 import soundfile as sf
+
+from tclf import storage
 
 __all__ = ["STYLES", "TEMPO_RANGES", "track_seed", "synthesize_track", "make_demo_audio"]
 
@@ -824,15 +825,7 @@ def make_demo_audio(out_dir: str, tracks_per_style: int = 20, duration: float = 
         for index in range(tracks_per_style):
             y = synthesize_track(style, track_seed(seed, style, index), duration, sample_rate)
             path = os.path.join(style_dir, f"{style}_{index:0{width}d}.wav")
-            tmp_path = f"{path}.tmp-{uuid.uuid4().hex}"
-            try:
-                sf.write(tmp_path, y, int(sample_rate), subtype="PCM_16", format="WAV")
-                os.replace(tmp_path, path)
-            except BaseException:
-                try:
-                    os.remove(tmp_path)
-                except OSError:
-                    pass
-                raise
+            with storage.staged(path) as staging:
+                sf.write(staging, y, int(sample_rate), subtype="PCM_16", format="WAV")
             paths.append(path)
     return paths

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from tclf import data, records, reports
+from tclf import InputError, data, records, reports
 
 
 def predict_records(model, records_dir: str, split: str = "val", batch_size: int = 32,
@@ -37,7 +37,7 @@ def evaluate_records(model, class_names, records_dir: str, split: str = "val",
     """Segment- and track-level metrics of a model on a packed split."""
     manifest = records.load_manifest(records_dir)
     if list(manifest["classes"]) != list(class_names):
-        raise ValueError(f"the model's classes {list(class_names)} differ from the records' "
+        raise InputError(f"the model's classes {list(class_names)} differ from the records' "
                          f"{manifest['classes']} ({records_dir})")
     probabilities, labels, track_ids = predict_records(model, records_dir, split, batch_size)
     return reports.evaluate(probabilities, labels, track_ids, class_names)

@@ -17,11 +17,10 @@ import re
 import shutil
 import time
 import uuid
-import warnings
 
 import numpy as np
 
-from tclf import DataWarning, audio
+from tclf import InputError, RunError, audio, report_skip, storage
 
 TMP_PREFIX = ".tmp-"
 
@@ -153,13 +152,11 @@ def record_settings(data_dir: str, options: dict) -> None:
         with open(path) as f:
             existing = json.load(f)
         if existing != options:
-            raise ValueError(f"{data_dir} was extracted with {existing}, not {options}; use the "
+            raise InputError(f"{data_dir} was extracted with {existing}, not {options}; use the "
                              f"same settings or another DATA_DIR")
         return
     os.makedirs(data_dir, exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        json.dump(options, f, indent=1)
-    os.replace(path + ".tmp", path)
+    storage.write_atomic(path, json.dumps(options, indent=1))
 
 
 def clean_temporary(data_dir: str) -> int:
@@ -207,7 +204,7 @@ def extract(audio_dir: str, data_dir: str, num_segments: int = 6, segment_second
                    sample_rate=sample_rate, image_size=image_size, skip_fraction=skip_fraction)
     for path in (audio_dir, data_dir):
         if "://" in path:
-            raise ValueError(f"{path}: tclf-extract works on local folders; copy the result "
+            raise InputError(f"{path}: tclf-extract works on local folders; copy the result "
                              f"to remote storage afterwards (tclf-pack reads and writes gs://)")
     tracks = list_tracks(audio_dir)
     record_settings(data_dir, options)
@@ -245,14 +242,14 @@ def extract(audio_dir: str, data_dir: str, num_segments: int = 6, segment_second
         for class_name, track_id, path, count, error in results:
             if error:
                 summary.failed.append((path, error))
-                warnings.warn(f"skipped {error}", DataWarning, stacklevel=2)
+                report_skip(f"skipped {error}")
             else:
                 summary.extracted[class_name] += 1
                 summary.segments[class_name] += count
             bar.update(1)
     except concurrent.futures.process.BrokenProcessPool as error:
         done = sum(summary.extracted.values())
-        raise RuntimeError(
+        raise RunError(
             f"an extraction worker process died (killed; out of memory?) after {done} of "
             f"{len(tasks)} tracks; the finished tracks are kept: re-run to go on, with fewer "
             f"--jobs if memory is short") from error
@@ -264,6 +261,6 @@ def extract(audio_dir: str, data_dir: str, num_segments: int = 6, segment_second
             limits.restore_original_limits()
     summary.seconds = time.perf_counter() - start_time
     if not summary.extracted and not summary.existing:
-        raise RuntimeError(f"no track could be extracted from {audio_dir} "
+        raise RunError(f"no track could be extracted from {audio_dir} "
                            f"({len(tracks)} files found, {len(summary.failed)} failed)")
     return summary

@@ -29,14 +29,15 @@ fusion Dense layers (inputs after ReLU of O(1) values).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
 import tempfile
-import uuid
 
 import numpy as np
 
+from tclf import InputError, RunError
 from tclf.records import FEATURES_KEY, SPECTROGRAM_KEY
 
 BACKBONE_NAME = "efficientnetb0"
@@ -45,7 +46,7 @@ CONFIG_ATTRIBUTE = "tclf_config"
 IMAGENET_URL = ("https://storage.googleapis.com/keras-applications/efficientnetb0_notop.h5")
 
 
-class WeightsError(RuntimeError):
+class WeightsError(RunError):
     """The backbone weights asked for cannot be loaded."""
 
 
@@ -120,7 +121,7 @@ def build_model(num_classes: int, feature_mean=None, feature_std=None, image_siz
     from keras import layers
 
     if num_classes < 2:
-        raise ValueError(f"need at least 2 classes to classify, got {num_classes}")
+        raise InputError(f"need at least 2 classes to classify, got {num_classes}")
     steps, columns = feature_shape
     mean = np.zeros(columns) if feature_mean is None else np.asarray(feature_mean, np.float64)
     std = np.ones(columns) if feature_std is None else np.asarray(feature_std, np.float64)
@@ -169,6 +170,13 @@ def image_size_of(model) -> int:
     raise ValueError("model has no image input")
 
 
+@functools.lru_cache(maxsize=1)
+def backbone_layer_count() -> int:
+    """Layers of the backbone (the range of stage 2's unfrozen count); the same at any input
+    size and with any weights."""
+    return len(build_backbone(32, None).layers)
+
+
 def backbone_of(model):
     return model.get_layer(BACKBONE_NAME)
 
@@ -192,7 +200,7 @@ def unfreeze_top(model, num_layers: int = 20) -> list[str]:
     backbone.trainable = True
     layers = backbone.layers
     if not 0 <= num_layers <= len(layers):
-        raise ValueError(f"can unfreeze 0-{len(layers)} backbone layers, got {num_layers}")
+        raise InputError(f"can unfreeze 0-{len(layers)} backbone layers, got {num_layers}")
     top = layers[len(layers) - num_layers:] if num_layers else []
     for layer in layers:
         layer.trainable = False
@@ -207,14 +215,14 @@ def unfreeze_top(model, num_layers: int = 20) -> list[str]:
 def save_model(model, path: str, class_names, config: dict | None = None) -> None:
     """Save model.h5 (no optimizer) with the class names as HDF5 attributes, atomically.
 
-    The file is written locally, tagged, then copied/renamed into place
-    through tf.io.gfile, so ``path`` may be remote and is never half-written.
+    Written, tagged, then renamed into place (tclf.storage.staged), so ``path``
+    may be remote and is never half-written.
     """
     import h5py
-    import tensorflow as tf
 
-    with tempfile.TemporaryDirectory() as tmp:
-        local = os.path.join(tmp, "model.h5")
+    from tclf import storage
+
+    with storage.staged(path) as local:
         absl_logger = logging.getLogger("absl")
         absl_logger.addFilter(_h5_notice)
         try:
@@ -225,13 +233,6 @@ def save_model(model, path: str, class_names, config: dict | None = None) -> Non
             f.attrs[CLASS_NAMES_ATTRIBUTE] = json.dumps(list(class_names))
             if config is not None:
                 f.attrs[CONFIG_ATTRIBUTE] = json.dumps(config, default=str)
-        staging = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-        try:
-            tf.io.gfile.copy(local, staging, overwrite=True)
-            tf.io.gfile.rename(staging, path, overwrite=True)
-        finally:
-            if tf.io.gfile.exists(staging):
-                tf.io.gfile.remove(staging)
 
 
 def _h5_notice(record: logging.LogRecord) -> bool:
@@ -256,7 +257,7 @@ def load_class_names(path: str) -> list[str]:
     with tempfile.TemporaryDirectory() as tmp:
         with h5py.File(_local_copy(path, tmp), "r") as f:
             if CLASS_NAMES_ATTRIBUTE not in f.attrs:
-                raise ValueError(f"{path}: no class names in the file (not written by tclf-train)")
+                raise InputError(f"{path}: no class names in the file (not written by tclf-train)")
             return json.loads(f.attrs[CLASS_NAMES_ATTRIBUTE])
 
 
@@ -283,5 +284,5 @@ def load_model(path: str):
         try:
             model = keras.models.load_model(local, compile=False)
         except Exception as error:
-            raise ValueError(f"{path}: not a loadable Keras model ({error})") from None
+            raise InputError(f"{path}: not a loadable Keras model ({error})") from None
     return model, load_class_names(path)

@@ -27,11 +27,10 @@ import json
 import os
 import re
 import time
-import warnings
 
 import numpy as np
 
-from tclf import DataWarning, audio
+from tclf import InputError, audio, report_skip
 
 _PART = re.compile(r"^part_(\d+)\.png$")
 
@@ -129,11 +128,11 @@ def read_track_folder(path: str) -> list[tuple[int, np.ndarray, np.ndarray]]:
         try:
             _, features, image = records.read_sample(sample)
         except (ValueError, OSError) as error:
-            warnings.warn(f"skipped {error}", DataWarning, stacklevel=2)
+            report_skip(f"skipped {error}")
             continue
         parts.append((index, image, features))
     if not parts:
-        raise ValueError(f"{path}: no usable part_N.png + part_N.npy pair")
+        raise InputError(f"{path}: no usable part_N.png + part_N.npy pair")
     return parts
 
 
@@ -187,7 +186,7 @@ def predict_paths(paths, model_path: str = "models/latest.h5", batch_size: int =
     image_size = image_size_of(model)
     items, failed = collect_inputs(paths)
     for _, error in failed:
-        warnings.warn(error, DataWarning, stacklevel=2)
+        report_skip(error)
     result = PredictionResult(model_path, list(class_names), [], failed)
 
     pending = []  # (track number, index, start, image, features) waiting for a batch.
@@ -221,7 +220,7 @@ def predict_paths(paths, model_path: str = "models/latest.h5", batch_size: int =
         except Exception as error:  # One bad file must not lose the others' results.
             message = str(error) if path in str(error) else f"{path}: {error}"
             result.failed.append((path, message))
-            warnings.warn(f"skipped {message}", DataWarning, stacklevel=2)
+            report_skip(f"skipped {message}")
             continue
         finally:
             result.analysis_seconds += time.perf_counter() - tick

@@ -23,18 +23,16 @@ import csv
 import io
 import json
 import math
-import os
-import posixpath
 import re
 import time
 import uuid
-import warnings
 
 import numpy as np
 
 import tclf
-from tclf import DataWarning
+from tclf import InputError, RunError, report_skip
 from tclf.audio import FEATURE_SHAPE, IMAGE_SIZE
+from tclf.storage import join
 
 SCHEMA_VERSION = 1
 SPECTROGRAM_KEY = "spectrogram"
@@ -51,11 +49,6 @@ def _tf():
     import tensorflow as tf
 
     return tf
-
-
-def join(*parts: str) -> str:
-    """Path join that keeps URLs such as gs://bucket/x intact."""
-    return posixpath.join(*parts) if "://" in parts[0] else os.path.join(*parts)
 
 
 # ---------------------------------------------------------------------------
@@ -100,7 +93,7 @@ def load_manifest(records_dir: str) -> dict:
     with tf.io.gfile.GFile(path) as f:
         manifest = json.load(f)
     if manifest.get("schema_version") != SCHEMA_VERSION:
-        raise ValueError(f"{path}: schema version {manifest.get('schema_version')}, this tclf "
+        raise InputError(f"{path}: schema version {manifest.get('schema_version')}, this tclf "
                          f"reads {SCHEMA_VERSION}; re-run tclf-pack")
     return manifest
 
@@ -113,16 +106,17 @@ def load_manifest(records_dir: str) -> dict:
 Sample = collections.namedtuple("Sample", "label track_id segment png_path npy_path")
 
 
-def scan_data(data_dir: str) -> tuple[list[str], list[Sample]]:
-    """Classes (sub-folders with at least one pair) and every png/npy pair of DATA_DIR.
+def scan_data(data_dir: str) -> tuple[list[str], list[Sample], collections.Counter]:
+    """Classes (sub-folders with at least one pair), every png/npy pair of DATA_DIR, and the
+    count of what was skipped per class folder.
 
     A png without its npy (or the reverse) and a class folder without any
-    pair are reported with a DataWarning and left out.
+    pair are reported with a DataWarning, counted and left out.
     """
     tf = _tf()
     if not tf.io.gfile.isdir(data_dir):
         raise FileNotFoundError(f"{data_dir}: no such folder (expected DATA_DIR/<class>/<track>/)")
-    classes, samples = [], []
+    classes, samples, skipped = [], [], collections.Counter()
     for class_name in sorted(n.rstrip("/") for n in tf.io.gfile.listdir(data_dir)):
         class_dir = join(data_dir, class_name)
         if class_name.startswith(".") or not tf.io.gfile.isdir(class_dir):
@@ -141,18 +135,18 @@ def scan_data(data_dir: str) -> tuple[list[str], list[Sample]]:
                 pair = parts[segment]
                 if len(pair) != 2:
                     have, missing = ("png", "npy") if "png" in pair else ("npy", "png")
-                    warnings.warn(f"skipped {pair[have]}: no matching part_{segment}.{missing}",
-                                  DataWarning, stacklevel=2)
+                    report_skip(f"skipped {pair[have]}: no matching part_{segment}.{missing}")
+                    skipped[class_name] += 1
                     continue
                 found.append((f"{class_name}/{track}", segment, pair["png"], pair["npy"]))
         if not found:
-            warnings.warn(f"skipped class folder {class_dir}: it holds no part_N.png/.npy pairs",
-                          DataWarning, stacklevel=2)
+            report_skip(f"skipped class folder {class_dir}: it holds no part_N.png/.npy pairs")
+            skipped[class_name] += 1
             continue
         label = len(classes)
         classes.append(class_name)
         samples.extend(Sample(label, *item) for item in found)
-    return classes, samples
+    return classes, samples, skipped
 
 
 def read_sample(sample: Sample, image_size: int = IMAGE_SIZE,
@@ -170,25 +164,25 @@ def read_sample(sample: Sample, image_size: int = IMAGE_SIZE,
     try:
         with Image.open(io.BytesIO(png)) as image:
             if image.format != "PNG":
-                raise ValueError(f"not a PNG ({image.format})")
+                raise InputError(f"not a PNG ({image.format})")
             image.load()
             size, mode = image.size, image.mode
             pixels = np.asarray(image)
     except Exception as error:
-        raise ValueError(f"{sample.png_path}: unreadable PNG ({error})") from None
+        raise InputError(f"{sample.png_path}: unreadable PNG ({error})") from None
     if size != (image_size, image_size) or mode != "RGB":
-        raise ValueError(f"{sample.png_path}: image is {size[0]}x{size[1]} {mode}, expected "
+        raise InputError(f"{sample.png_path}: image is {size[0]}x{size[1]} {mode}, expected "
                          f"{image_size}x{image_size} RGB")
     try:
         with tf.io.gfile.GFile(sample.npy_path, "rb") as f:
             features = np.load(io.BytesIO(f.read()), allow_pickle=False)
     except Exception as error:
-        raise ValueError(f"{sample.npy_path}: unreadable .npy ({error})") from None
+        raise InputError(f"{sample.npy_path}: unreadable .npy ({error})") from None
     if features.shape != tuple(feature_shape):
-        raise ValueError(f"{sample.npy_path}: feature matrix has shape {features.shape}, "
+        raise InputError(f"{sample.npy_path}: feature matrix has shape {features.shape}, "
                          f"expected {tuple(feature_shape)}")
     if not np.issubdtype(features.dtype, np.number) or not np.all(np.isfinite(features)):
-        raise ValueError(f"{sample.npy_path}: feature matrix holds non-finite values")
+        raise InputError(f"{sample.npy_path}: feature matrix holds non-finite values")
     return png, features.astype(np.float32), pixels
 
 
@@ -206,7 +200,7 @@ def read_groups(path: str) -> dict[str, str]:
             if not row or row[0].startswith("#"):
                 continue
             if len(row) < 2:
-                raise ValueError(f"{path}, line {number}: expected `track_id,group`, got {row}")
+                raise InputError(f"{path}, line {number}: expected `track_id,group`, got {row}")
             if number == 1 and row[0].strip().lower() == "track_id":
                 continue
             groups[row[0].strip()] = row[1].strip()
@@ -231,7 +225,7 @@ def split_tracks(track_labels: dict[str, int], val_fraction: float = 0.2, seed: 
     {"train": [track ids], "val": [track ids]}, each sorted.
     """
     if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        raise InputError(f"val_fraction must be in [0, 1), got {val_fraction}")
     groups = groups or {}
     per_class = collections.Counter(track_labels.values())
     target = {}
@@ -326,9 +320,9 @@ def pack(data_dir: str, records_dir: str, val_fraction: float = 0.2, seed: int =
     if _existing_pack(records_dir) and not overwrite:
         raise FileExistsError(f"{records_dir} already holds packed records; "
                               f"use --overwrite to replace them")
-    classes, samples = scan_data(data_dir)
+    classes, samples, skipped_in_scan = scan_data(data_dir)
     if not samples:
-        raise RuntimeError(f"no samples found in {data_dir} (expected "
+        raise RunError(f"no samples found in {data_dir} (expected "
                            f"DATA_DIR/<class>/<track>/part_N.png + part_N.npy)")
     groups = read_groups(groups_file) if groups_file else None
     track_labels = {s.track_id: s.label for s in samples}
@@ -338,7 +332,7 @@ def pack(data_dir: str, records_dir: str, val_fraction: float = 0.2, seed: int =
     tmp_dir = join(records_dir, f".tmp-pack-{uuid.uuid4().hex[:8]}")
     tf.io.gfile.makedirs(tmp_dir)
     rng = np.random.default_rng(seed)
-    manifest_splits, skipped = {}, collections.Counter()
+    manifest_splits, skipped = {}, collections.Counter(skipped_in_scan)
     total = collections.Counter()
     feature_sum = np.zeros(FEATURE_SHAPE[1])
     feature_squares = np.zeros(FEATURE_SHAPE[1])
@@ -362,7 +356,7 @@ def pack(data_dir: str, records_dir: str, val_fraction: float = 0.2, seed: int =
                     try:
                         png, features, _ = read_sample(sample)
                     except ValueError as error:
-                        warnings.warn(f"skipped {error}", DataWarning, stacklevel=2)
+                        report_skip(f"skipped {error}")
                         skipped[classes[sample.label]] += 1
                         continue
                     shard = written % count
@@ -395,7 +389,7 @@ def pack(data_dir: str, records_dir: str, val_fraction: float = 0.2, seed: int =
             }
         bar.close()
         if not sum(total.values()):
-            raise RuntimeError(f"no valid sample in {data_dir}: all {len(samples)} were skipped")
+            raise RunError(f"no valid sample in {data_dir}: all {len(samples)} were skipped")
         mean = feature_sum / max(feature_rows, 1)
         std = np.sqrt(np.maximum(feature_squares / max(feature_rows, 1) - mean**2, 0.0))
         manifest = {

@@ -11,7 +11,7 @@ command produce identical formats through a single code path:
 * :func:`plot_confusion_matrix` and :func:`plot_history` render PNG figures.
 * :func:`write_evaluation` writes ``report.txt`` and ``confusion_matrix.png``.
 
-All files are written with :func:`write_bytes_atomic` through ``tf.io.gfile``
+All files are written with :func:`tclf.storage.write_atomic` through ``tf.io.gfile``
 so that remote paths such as ``gs://`` work as well as local ones.
 """
 
@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import io
 import re
-import uuid
 
 import matplotlib
 
@@ -34,7 +33,7 @@ import seaborn as sns  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from sklearn import metrics as skmetrics  # noqa: E402
 
-from tclf.records import join  # noqa: E402
+from tclf.storage import join, write_atomic  # noqa: E402
 
 REPORT_FILENAME = "report.txt"
 CONFUSION_FILENAME = "confusion_matrix.png"
@@ -49,53 +48,6 @@ _METRIC_LINE = re.compile(r"^(accuracy|macro F1): (\S+)\s*$")
 # --------------------------------------------------------------------------
 # File output
 # --------------------------------------------------------------------------
-
-
-def write_bytes_atomic(path: str, data: bytes | str) -> None:
-    """Write ``data`` to ``path`` atomically through ``tf.io.gfile``.
-
-    The content is first written to ``path + ".tmp-<random>"`` and then
-    renamed over ``path``, so readers never see a partially written file.
-    The temporary file is removed if anything fails.
-
-    Parameters
-    ----------
-    path : str
-        Destination path (local or any filesystem supported by
-        ``tf.io.gfile``, e.g. ``gs://``). Its directory must exist.
-    data : bytes or str
-        File content; ``str`` is encoded as UTF-8.
-
-    Raises
-    ------
-    ValueError
-        If ``path`` is empty or ``data`` is neither bytes nor str.
-    """
-    if not isinstance(path, str) or not path:
-        raise ValueError(f"path must be a non-empty string, got {path!r}")
-    if isinstance(data, str):
-        data = data.encode("utf-8")
-    elif isinstance(data, (bytearray, memoryview)):
-        data = bytes(data)
-    if not isinstance(data, bytes):
-        raise ValueError(f"data must be bytes or str, got {type(data).__name__}")
-    tmp_path = f"{path}.tmp-{uuid.uuid4().hex}"
-    try:
-        with tf.io.gfile.GFile(tmp_path, "wb") as f:
-            f.write(data)
-        tf.io.gfile.rename(tmp_path, path, overwrite=True)
-    except BaseException:
-        _remove_quietly(tmp_path)
-        raise
-
-
-def _remove_quietly(path: str) -> None:
-    """Delete ``path`` if it exists, ignoring errors."""
-    try:
-        if tf.io.gfile.exists(path):
-            tf.io.gfile.remove(path)
-    except Exception:  # pragma: no cover - best-effort cleanup
-        pass
 
 
 # --------------------------------------------------------------------------
@@ -494,7 +446,7 @@ def _save_figure(fig, path: str) -> None:
         fig.savefig(buffer, format="png", dpi=_DPI, bbox_inches="tight", pad_inches=0.1)
     finally:
         plt.close(fig)
-    write_bytes_atomic(path, buffer.getvalue())
+    write_atomic(path, buffer.getvalue())
 
 
 def _validate_confusion(confusion, class_names) -> tuple[np.ndarray, list[str]]:
@@ -769,7 +721,7 @@ def write_evaluation(
     tf.io.gfile.makedirs(out_dir)
 
     report_path = join(out_dir, REPORT_FILENAME)
-    write_bytes_atomic(report_path, format_report(evaluation, title=title))
+    write_atomic(report_path, format_report(evaluation, title=title))
 
     panels = []
     if confusion in ("segment", "both"):

@@ -16,79 +16,141 @@ training_log.txt says why) and never touches latest.h5.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import math
 import os
 import re
 import time
-import uuid
 
 import numpy as np
 
 import tclf
-from tclf import records
+from tclf import InputError, records, storage
 
 PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
 _VERSION = re.compile(r"^v(\d+)$")
+
+
+def option(default, help: str):
+    """A TrainConfig field: its default and its help. The type is the annotation; tclf-train's
+    options, `--hparams` files and the tuner are all derived from these fields."""
+    return dataclasses.field(default=default, metadata={"help": help})
 
 
 @dataclasses.dataclass
 class TrainConfig:
     """Every option of a training run; `--hparams FILE` may override any of them."""
 
-    records: str = "records"  # Folder written by tclf-pack.
-    models: str = "models"  # Parent of the version folders.
-    gpus: str = "all"  # "all", "none" or a comma list of GPU indices.
-    cpu_devices: int = 1  # On the CPU: mirror over this many logical devices (tests).
-    precision: str = "auto"  # One of PRECISIONS.
-    weights: str = "imagenet"  # Backbone: "imagenet", "none" or a weights file.
-    image_size: int = 299
-    batch_size: int = 32  # Global batch, split across replicas.
-    seed: int = 0
-    cache: bool = False  # Keep decoded training examples in memory after epoch 1.
+    records: str = option("records", "Records folder written by tclf-pack.")
+    models: str = option("models", "Folder receiving the version folders vN/ and latest.h5.")
+    gpus: str = option(
+        "all",
+        "all (every GPU; CPU if none), none (CPU), or GPU indices like 0,1. Several GPUs train "
+        "with MirroredStrategy.")
+    cpu_devices: int = option(
+        1,
+        "When training on the CPU: split it into this many logical devices and mirror over them "
+        "(MirroredStrategy), to run the multi-device path without GPUs. For testing; not "
+        "faster.")
+    precision: str = option(
+        "auto",
+        "Dtype policy: auto = mixed_float16 on GPUs; on CPUs mixed_bfloat16 where the CPU has "
+        "native bfloat16 (AVX512-BF16/AMX), else float32. The feature normalization and the "
+        "softmax always compute in float32.")
+    weights: str = option(
+        "imagenet",
+        "EfficientNetB0 initialization: imagenet (downloaded once to ~/.keras/models), none "
+        "(random), or the path of a weights file.")
+    image_size: int = option(
+        299,
+        "Side of the square spectrogram input; records are resized if it differs from 299.")
+    batch_size: int = option(32, "Global batch size: with N GPUs each gets batch_size / N.")
+    seed: int = option(0, "Seed of weights initialization and data order.")
+    cache: bool = option(
+        False,
+        "Keep decoded training examples in memory after the first epoch (about 270 kB per "
+        "segment).")
     # Model.
-    image_units: int = 128
-    gru_units: int = 128
-    gru2_units: int = 64
-    feature_units: int = 64
-    fusion_units: int = 128
-    head_units: int = 64
-    attention_heads: int = 4
-    dropout: float = 0.4
+    image_units: int = option(128, "Units of the image branch's Dense layer.")
+    gru_units: int = option(128, "Units of the first GRU (returns sequences).")
+    gru2_units: int = option(64, "Units of the second GRU.")
+    feature_units: int = option(64, "Units of the feature branch's Dense layer.")
+    fusion_units: int = option(128, "Units of the first fusion Dense layer.")
+    head_units: int = option(64, "Units of the second fusion Dense layer.")
+    attention_heads: int = option(4, "Heads of the self-attention over the 10 windows.")
+    dropout: float = option(0.4, "Dropout rate after the first fusion layer.")
     # Stage 1: frozen backbone.
-    stage1_epochs: int = 15
-    stage1_lr: float = 1e-4
-    stage1_warmup_epochs: float = 1.0
-    stage1_patience: int = 3
+    stage1_epochs: int = option(15, "Stage 1 (frozen backbone): maximum epochs.")
+    stage1_lr: float = option(
+        1e-4,
+        "Stage 1: peak learning rate (Adam, warm-up then cosine decay).")
+    stage1_warmup_epochs: float = option(1.0, "Stage 1: epochs of linear warm-up.")
+    stage1_patience: int = option(
+        3,
+        "Stage 1: early-stopping patience on val_loss (best weights restored).")
     # Stage 2: fine-tuning.
-    stage2_layers: int = 20
-    stage2_lr: float = 1e-5
-    stage2_warmup_epochs: float = 1.0
-    stage2_min_epochs: int = 3
-    stage2_max_epochs: int = 8
-    stage2_patience: int = 2
-    verbose: int = 1  # Keras progress bar (0: silent).
-
-    MODEL_FIELDS = ("image_units", "gru_units", "gru2_units", "feature_units", "fusion_units",
-                    "head_units", "attention_heads", "dropout")
+    stage2_layers: int = option(
+        20,
+        "Stage 2: number of last backbone layers unfrozen (BatchNorm stays frozen).")
+    stage2_lr: float = option(1e-5, "Stage 2: peak learning rate.")
+    stage2_warmup_epochs: float = option(1.0, "Stage 2: epochs of linear warm-up.")
+    stage2_min_epochs: int = option(3, "Stage 2: minimum epochs before early stopping may stop it.")
+    stage2_max_epochs: int = option(8, "Stage 2: maximum epochs.")
+    stage2_patience: int = option(2, "Stage 2: early-stopping patience on val_loss.")
+    verbose: int = option(
+        1,
+        "Keras progress output: 0 silent, 1 progress bar, 2 one line per epoch.")
 
     def replace(self, **overrides) -> "TrainConfig":
-        names = {f.name for f in dataclasses.fields(self)}
-        unknown = sorted(set(overrides) - names)
+        """A copy with ``overrides`` (names with dashes or underscores), each value checked
+        against its field's type: a JSON file's 2 is a fine float, its "299" no int."""
+        fields = {f.name: f for f in dataclasses.fields(self)}
+        values = {name.replace("-", "_"): value for name, value in overrides.items()}
+        unknown = sorted(set(values) - set(fields))
         if unknown:
-            raise ValueError(f"unknown option(s) {unknown}; valid: {sorted(names)}")
-        return dataclasses.replace(self, **overrides)
+            raise InputError(f"unknown option(s) {unknown}; valid: "
+                             f"{sorted(n.replace('_', '-') for n in fields)}")
+        for name, value in values.items():
+            kind = type(fields[name].default)
+            if kind is float and type(value) is int:
+                values[name] = float(value)
+            elif type(value) is not kind:
+                raise InputError(f"option {name.replace('_', '-')}: expected {kind.__name__}, "
+                                 f"got {value!r}")
+        return dataclasses.replace(self, **values)
+
+    def model_options(self) -> dict:
+        """The fields that are arguments of tclf.model.build_model, by name."""
+        from tclf.model import build_model
+
+        names = inspect.signature(build_model).parameters
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.name in names}
 
     def validate(self) -> None:
         if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+            raise InputError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if not 2 <= self.stage2_max_epochs or self.stage2_min_epochs > self.stage2_max_epochs:
-            raise ValueError(f"stage 2 epochs: need min <= max, got {self.stage2_min_epochs} and "
+            raise InputError(f"stage 2 epochs: need min <= max, got {self.stage2_min_epochs} and "
                              f"{self.stage2_max_epochs}")
         for name in ("image_size", "batch_size", "stage1_epochs", "stage2_max_epochs",
                      "cpu_devices"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise InputError(f"{name} must be >= 1, got {getattr(self, name)}")
+        from tclf.model import backbone_layer_count
+
+        if not 0 <= self.stage2_layers <= backbone_layer_count():
+            raise InputError(f"stage2_layers must be 0-{backbone_layer_count()}, got "
+                             f"{self.stage2_layers}")
+
+
+# The tiny preset: a two-stage run in about a minute on 2 CPU cores (32x32 spectrograms, small
+# layers, 1 + 1-2 epochs). For tests, smoke runs and benchmarks of the machinery, not of the
+# model: TrainConfig().replace(**TINY) or `tclf-train --hparams` with it.
+TINY = dict(weights="none", image_size=32, batch_size=8, stage1_epochs=1, stage2_min_epochs=1,
+            stage2_max_epochs=2, stage2_patience=1, image_units=16, gru_units=16, gru2_units=8,
+            feature_units=8, fusion_units=16, head_units=8, attention_heads=2)
 
 
 def load_hparams(path: str) -> dict:
@@ -99,9 +161,9 @@ def load_hparams(path: str) -> dict:
         try:
             values = json.load(f)
         except json.JSONDecodeError as error:
-            raise ValueError(f"{path}: not valid JSON ({error})") from None
+            raise InputError(f"{path}: not valid JSON ({error})") from None
     if not isinstance(values, dict):
-        raise ValueError(f"{path}: expected a JSON object of option: value")
+        raise InputError(f"{path}: expected a JSON object of option: value")
     return values
 
 
@@ -128,7 +190,7 @@ def configure_devices(gpus: str = "all", cpu_devices: int = 1):
     import tensorflow as tf
 
     if cpu_devices < 1:
-        raise ValueError(f"--cpu-devices must be >= 1, got {cpu_devices}")
+        raise InputError(f"--cpu-devices must be >= 1, got {cpu_devices}")
     physical = tf.config.list_physical_devices("GPU")
     spec = str(gpus).strip().lower()
     if spec == "none":
@@ -136,7 +198,7 @@ def configure_devices(gpus: str = "all", cpu_devices: int = 1):
             try:
                 tf.config.set_visible_devices([], "GPU")
             except RuntimeError:
-                raise ValueError("--gpus none: TensorFlow already started in this process with "
+                raise InputError("--gpus none: TensorFlow already started in this process with "
                                  "its GPUs visible; choose the devices before anything else "
                                  "uses TensorFlow (a new process, or CUDA_VISIBLE_DEVICES='')"
                                  ) from None
@@ -147,10 +209,10 @@ def configure_devices(gpus: str = "all", cpu_devices: int = 1):
         try:
             indices = sorted({int(i) for i in spec.split(",") if i.strip()})
         except ValueError:
-            raise ValueError(f"--gpus must be all, none or GPU indices like 0,1; got {gpus!r}")
+            raise InputError(f"--gpus must be all, none or GPU indices like 0,1; got {gpus!r}")
         missing = [i for i in indices if i >= len(physical) or i < 0]
         if missing or not indices:
-            raise ValueError(f"--gpus {gpus}: this machine has {len(physical)} GPU(s) "
+            raise InputError(f"--gpus {gpus}: this machine has {len(physical)} GPU(s) "
                              f"(indices 0-{len(physical) - 1})" if physical else
                              f"--gpus {gpus}: this machine has no GPU; use --gpus none")
         chosen = [physical[i] for i in indices]
@@ -158,7 +220,7 @@ def configure_devices(gpus: str = "all", cpu_devices: int = 1):
     if not chosen:
         return _cpu_strategy(cpu_devices, "no GPU found")
     if cpu_devices > 1:
-        raise ValueError(f"--cpu-devices {cpu_devices} splits the CPU, but this run trains on "
+        raise InputError(f"--cpu-devices {cpu_devices} splits the CPU, but this run trains on "
                          f"{len(chosen)} GPU(s); add --gpus none to train on the split CPU")
     for device in chosen:
         try:
@@ -185,7 +247,7 @@ def _cpu_strategy(cpu_devices: int, why: str):
     except RuntimeError:  # TensorFlow already started: fine if it has exactly that split.
         have = len(tf.config.list_logical_devices("CPU"))
         if have != cpu_devices:
-            raise ValueError(f"--cpu-devices {cpu_devices}: TensorFlow already started in this "
+            raise InputError(f"--cpu-devices {cpu_devices}: TensorFlow already started in this "
                              f"process with {have} CPU device(s); the split must be set before "
                              f"anything else uses TensorFlow (start a new process)") from None
     logical = [f"/cpu:{i}" for i in range(cpu_devices)]
@@ -206,7 +268,7 @@ def cpu_supports_bfloat16(cpuinfo: str | None = None) -> bool:
     forced = os.environ.get(CPU_BFLOAT16_ENV, "").strip()
     if forced:
         if forced not in ("0", "1"):
-            raise ValueError(f"{CPU_BFLOAT16_ENV} must be 0 or 1, got {forced!r}")
+            raise InputError(f"{CPU_BFLOAT16_ENV} must be 0 or 1, got {forced!r}")
         return forced == "1"
     try:
         with open(cpuinfo or CPUINFO) as f:
@@ -224,7 +286,7 @@ def resolve_precision(precision: str = "auto", on_gpu: bool = False) -> str:
     slower than float32 (BENCHMARKS.md), so float32.
     """
     if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        raise InputError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if precision != "auto":
         return precision
     if on_gpu:
@@ -288,8 +350,6 @@ def _callbacks_module():
             self.started = time.perf_counter()
 
         def on_epoch_end(self, epoch, logs=None):
-            from tclf import reports
-
             logs = logs or {}
             learning_rate = float(np.asarray(self.model.optimizer.learning_rate))
             self.lines.append(
@@ -299,7 +359,7 @@ def _callbacks_module():
                 f"val_accuracy {logs.get('val_accuracy', float('nan')):.4f}  "
                 f"val_loss {logs.get('val_loss', float('nan')):.4f}  "
                 f"lr {learning_rate:.3e}  seconds {time.perf_counter() - self.started:.1f}")
-            reports.write_bytes_atomic(self.path, "\n".join(self.lines) + "\n")
+            storage.write_atomic(self.path, "\n".join(self.lines) + "\n")
 
     return EarlyStoppingAfter, ProgressFile
 
@@ -391,7 +451,7 @@ def claim_version_dir(models_dir: str) -> tuple[str, int]:
         numbers = [int(m.group(1)) for n in tf.io.gfile.listdir(models_dir)
                    if (m := _VERSION.match(n.rstrip("/")))]
         number = max(numbers, default=0) + 1
-        path = records.join(models_dir, f"v{number}")
+        path = storage.join(models_dir, f"v{number}")
         if "://" in models_dir:  # Object stores have no atomic mkdir; best effort.
             if tf.io.gfile.exists(path):
                 continue
@@ -479,7 +539,7 @@ def _train(config: TrainConfig) -> TrainResult:
 
     from tclf import data, reports
     from tclf.evaluate import predict_records
-    from tclf.model import backbone_of, build_model, save_model
+    from tclf.model import build_model, save_model
 
     config.validate()
     started = time.time()
@@ -500,7 +560,7 @@ def _train(config: TrainConfig) -> TrainResult:
     classes = manifest["classes"]
     n_train = manifest["splits"]["train"]["records"]
     if not n_train or not manifest["splits"]["val"]["records"]:
-        raise ValueError(f"{config.records}: training needs records in both splits "
+        raise InputError(f"{config.records}: training needs records in both splits "
                          f"(train: {n_train}, val: {manifest['splits']['val']['records']})")
     steps_per_epoch = math.ceil(n_train / config.batch_size)
     train_data = data.make_dataset(config.records, "train", config.batch_size, training=True,
@@ -512,10 +572,10 @@ def _train(config: TrainConfig) -> TrainResult:
 
     # --- Version folder ------------------------------------------------------------------------
     version_dir, _ = claim_version_dir(config.models)
-    out = lambda *names: records.join(version_dir, *names)  # noqa: E731
+    out = lambda *names: storage.join(version_dir, *names)  # noqa: E731
     tf.io.gfile.makedirs(out("analysis"))
     stages: list[StageResult] = []
-    write_log = lambda **kw: reports.write_bytes_atomic(  # noqa: E731
+    write_log = lambda **kw: storage.write_atomic(  # noqa: E731
         out("training_log.txt"),
         _training_log(config, manifest, devices, precision, weights, stages, started=started,
                       **kw))
@@ -527,15 +587,8 @@ def _train(config: TrainConfig) -> TrainResult:
     try:
         # --- Model -----------------------------------------------------------------------------
         with strategy.scope():
-            model = build_model(
-                len(classes), manifest["feature_mean"], manifest["feature_std"],
-                image_size=config.image_size, feature_shape=manifest["feature_shape"],
-                weights=config.weights,
-                **{k: getattr(config, k) for k in TrainConfig.MODEL_FIELDS})
-            backbone_layers = len(backbone_of(model).layers)
-            if not 0 <= config.stage2_layers <= backbone_layers:
-                raise ValueError(f"stage2_layers must be 0-{backbone_layers}, got "
-                                 f"{config.stage2_layers}")
+            model = build_model(len(classes), manifest["feature_mean"], manifest["feature_std"],
+                                feature_shape=manifest["feature_shape"], **config.model_options())
             _, ProgressFile = _callbacks_module()
             progress_lines: list[str] = []
             common = dict(steps_per_epoch=steps_per_epoch, class_weight=weights,
@@ -570,26 +623,19 @@ def _train(config: TrainConfig) -> TrainResult:
         for folder in (version_dir, out("analysis")):
             reports.write_evaluation(evaluation, folder, title=title)
             for metric in ("accuracy", "loss"):
-                reports.plot_history(histories, metric, records.join(folder, f"{metric}.png"),
+                reports.plot_history(histories, metric, storage.join(folder, f"{metric}.png"),
                                      stage_names=["stage 1 (frozen)", "stage 2 (fine-tune)"])
         config_record["evaluation"] = evaluation.to_dict()
-        reports.write_bytes_atomic(out("config.json"), json.dumps(config_record, indent=1,
+        storage.write_atomic(out("config.json"), json.dumps(config_record, indent=1,
                                                                   default=str))
         log_text = _training_log(config, manifest, devices, precision, weights, stages,
                                  evaluation, started)
         for folder in (version_dir, out("analysis")):
-            reports.write_bytes_atomic(records.join(folder, "training_log.txt"), log_text)
+            storage.write_atomic(storage.join(folder, "training_log.txt"), log_text)
 
         # --- The model last: its presence marks the folder complete ----------------------------
         save_model(model, out("model.h5"), classes, config_record)
-        latest = records.join(config.models, "latest.h5")
-        staging = f"{latest}.tmp-{uuid.uuid4().hex[:8]}"
-        try:
-            tf.io.gfile.copy(out("model.h5"), staging, overwrite=True)
-            tf.io.gfile.rename(staging, latest, overwrite=True)
-        finally:
-            if tf.io.gfile.exists(staging):
-                tf.io.gfile.remove(staging)
+        storage.publish(out("model.h5"), storage.join(config.models, "latest.h5"))
     except BaseException as error:
         reason = "interrupted" if isinstance(error, KeyboardInterrupt) else (
             f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}")

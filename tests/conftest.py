@@ -59,13 +59,11 @@ def data_copy(data_dir, tmp_path):
     return str(target)
 
 
-# Pinned: the devices above and float32, whatever the machine (its `--precision auto` differs
-# between CPUs with and without native bfloat16). tests/test_precision.py runs the other policies.
-TINY_TRAINING = dict(gpus=TEST_GPUS, precision="float32", weights="none", image_size=32,
-                     batch_size=8, stage1_epochs=1, stage2_min_epochs=1, stage2_max_epochs=2,
-                     stage2_patience=1, verbose=0,
-                     image_units=16, gru_units=16, gru2_units=8, feature_units=8,
-                     fusion_units=16, head_units=8, attention_heads=2)
+# The package's tiny preset, pinned to the devices above and float32 whatever the machine (its
+# `--precision auto` differs between CPUs with and without native bfloat16);
+# tests/test_precision.py runs the other policies.
+TINY_TRAINING = dict(**__import__("tclf.train").train.TINY, gpus=TEST_GPUS, precision="float32",
+                     verbose=0)
 
 
 @pytest.fixture(scope="session")

@@ -117,10 +117,31 @@ def test_bad_inputs_are_warned_and_skipped(data_copy, tmp_path):
     assert manifest["classes"] == list(STYLES)  # The empty folder is not a class.
     total = sum(manifest["splits"][s]["records"] for s in records.SPLITS)
     assert total == len(STYLES) * TRACKS_PER_STYLE * 2 - 5
-    assert sum(manifest["skipped"].values()) == 4
+    # Every skip is counted: the 4 bad pairs, the png without its npy and the empty folder.
+    assert sum(manifest["skipped"].values()) == len(expected) == 6
     yielded = sum(int(tf.shape(y)[0]) for split in records.SPLITS
                   for _, y in data.make_dataset(str(tmp_path / "records"), split))
     assert yielded == total
+
+
+def test_skips_reach_the_user_whatever_the_warnings_filter(data_copy, tmp_path):
+    """PYTHONWARNINGS=ignore (a common way to quiet TensorFlow) must not hide lost data."""
+    import warnings
+
+    from click.testing import CliRunner
+
+    from tclf import cli
+
+    expected = _damage(data_copy)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        done = CliRunner().invoke(cli.pack_command, [data_copy, str(tmp_path / "records"), "-q",
+                                                     "--min-shards", "1"])
+    assert done.exit_code == 0, done.output
+    for name, reason in expected.items():
+        assert any(name in line and reason in line and line.startswith("warning: skipped")
+                   for line in done.output.splitlines()), (name, done.output)
+    assert "skipped: 6 (" in done.output
 
 
 def test_pack_failing_midway_through_replacing_keeps_the_old_pack(

@@ -253,27 +253,6 @@ def test_plot_history_bad_input_raises(tmp_path):
 # ---------------------------------------------------------------------- output
 
 
-def test_write_bytes_atomic_leaves_no_tmp_files(tmp_path):
-    path = str(tmp_path / "out.txt")
-    reports.write_bytes_atomic(path, "first")
-    reports.write_bytes_atomic(path, b"second \xc3\xa9")  # overwrite
-    assert (tmp_path / "out.txt").read_bytes() == b"second \xc3\xa9"
-    assert os.listdir(tmp_path) == ["out.txt"]
-
-
-def test_write_bytes_atomic_cleans_up_on_failure(tmp_path):
-    target = tmp_path / "is_a_dir"
-    (target / "child").mkdir(parents=True)  # rename over a non-empty dir fails
-    with pytest.raises(Exception):
-        reports.write_bytes_atomic(str(target), b"data")
-    assert _no_tmp_files(tmp_path) == []
-
-
-def test_write_bytes_atomic_rejects_other_types(tmp_path):
-    with pytest.raises(ValueError, match="bytes or str"):
-        reports.write_bytes_atomic(str(tmp_path / "x"), 123)
-
-
 @pytest.mark.parametrize("confusion", ["segment", "both"])
 def test_write_evaluation(tmp_path, confusion):
     probs, labels, track_ids = _random_example(seed=3)

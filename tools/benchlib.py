@@ -63,10 +63,9 @@ def write_section(name: str, body: str) -> None:
     pattern = re.compile(rf"<!-- {re.escape(name)} -->.*?<!-- /{re.escape(name)} -->", re.S)
     text = pattern.sub(lambda _: block, text) if pattern.search(text) else (
         text.rstrip() + "\n\n" + block + "\n")
-    tmp = BENCHMARKS + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, BENCHMARKS)
+    from tclf import storage
+
+    storage.write_atomic(BENCHMARKS, text)
 
 
 def verdict(value: float, target: float) -> str:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import concurrent.futures
 import glob
 import io
+import json
 import os
 import subprocess
 import sys
@@ -96,18 +97,21 @@ def run_tiny_training(work: str, image_size: int) -> dict:
     """Synthetic tracks -> tclf-extract -> tclf-pack -> tclf-train --gpus all --precision auto."""
     bin_dir = os.path.dirname(PYTHON)
     tool = lambda name: os.path.join(bin_dir, name)  # noqa: E731
+    from tclf.train import TINY
+
     audio, data, records, models = (os.path.join(work, n)
                                     for n in ("audio", "data", "records", "models"))
+    hparams = os.path.join(work, "tiny.json")
+    with open(hparams, "w") as f:
+        json.dump({**TINY, "image_size": image_size}, f)
     steps = [
         [PYTHON, os.path.join(ROOT, "tools", "make_demo_data.py"), audio, "--tracks-per-style",
          "4", "--duration", "32", "--seed", "3"],
         [tool("tclf-extract"), audio, data, "--quiet", "--segments", "2"],
         [tool("tclf-pack"), data, records, "--quiet", "--min-shards", "2", "--val-fraction",
          "0.25"],
-        [tool("tclf-train"), "--gpus", "all", "--precision", "auto", "--weights", "none",
-         "--records", records, "--models", models, "--image-size", str(image_size),
-         "--stage1-epochs", "2", "--stage2-min-epochs", "1", "--stage2-max-epochs", "2",
-         "--batch-size", "8", "--verbose", "0"],
+        [tool("tclf-train"), "--gpus", "all", "--precision", "auto", "--hparams", hparams,
+         "--records", records, "--models", models, "--verbose", "0"],
     ]
     started = time.perf_counter()
     for command in steps:

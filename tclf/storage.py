@@ -1,0 +1,106 @@
+"""Files on any filesystem tf.io.gfile knows: path joining and atomic writes.
+
+Every file tclf writes goes through :func:`staged` (or its two shorthands,
+:func:`write_atomic` and :func:`publish`): the content goes to a temporary
+name beside the target and is renamed over it when complete, so a reader
+never sees half a file and an interrupted write leaves the old file as it
+was. Local paths use the os module and never import TensorFlow (extraction
+workers, the demo synthesizer and tools/ stay light); paths with a scheme
+(gs://...) go through tf.io.gfile.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import posixpath
+import shutil
+import tempfile
+import uuid
+
+
+def is_remote(path: str) -> bool:
+    return "://" in path
+
+
+def join(*parts: str) -> str:
+    """Path join that keeps URLs such as gs://bucket/x intact."""
+    return posixpath.join(*parts) if is_remote(parts[0]) else os.path.join(*parts)
+
+
+def _gfile():
+    import tensorflow as tf
+
+    return tf.io.gfile
+
+
+def _staging_name(path: str) -> str:
+    """``dir/name.tmp-<random>.ext``: beside the target, and with its extension (Keras picks
+    the saving format from it)."""
+    root, ext = os.path.splitext(path)
+    return f"{root}.tmp-{uuid.uuid4().hex[:12]}{ext}"
+
+
+def remove_quietly(path: str) -> None:
+    """Delete the file ``path`` if it exists; errors are ignored (best-effort cleanup)."""
+    try:
+        if is_remote(path):
+            if _gfile().exists(path):
+                _gfile().remove(path)
+        elif os.path.lexists(path):
+            os.remove(path)
+    except Exception:  # noqa: BLE001 - cleanup must not hide the original error
+        pass
+
+
+@contextlib.contextmanager
+def staged(path: str):
+    """Yield a local file name to write; when the block succeeds it replaces ``path``.
+
+    Locally the staging file sits beside ``path`` and is renamed over it. For a remote
+    ``path`` it is written in a local temporary folder, copied beside ``path`` and renamed
+    there. On any failure (interruption included) the staging files are removed and
+    ``path`` is untouched.
+    """
+    if not isinstance(path, str) or not path:
+        raise ValueError(f"path must be a non-empty string, got {path!r}")
+    if not is_remote(path):
+        staging = _staging_name(path)
+        try:
+            yield staging
+            os.replace(staging, path)
+        except BaseException:
+            remove_quietly(staging)
+            raise
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        local = os.path.join(tmp, os.path.basename(path))
+        yield local
+        publish(local, path)
+
+
+def write_atomic(path: str, data: bytes | str) -> None:
+    """Write ``data`` (str: UTF-8) to ``path`` atomically."""
+    if isinstance(data, str):
+        data = data.encode("utf-8")
+    elif isinstance(data, (bytearray, memoryview)):
+        data = bytes(data)
+    if not isinstance(data, bytes):
+        raise ValueError(f"data must be bytes or str, got {type(data).__name__}")
+    with staged(path) as staging, open(staging, "wb") as f:
+        f.write(data)
+
+
+def publish(source: str, target: str) -> None:
+    """Copy the file ``source`` to ``target`` atomically (e.g. models/latest.h5)."""
+    staging = _staging_name(target)
+    try:
+        if is_remote(source) or is_remote(target):
+            _gfile().copy(source, staging, overwrite=True)
+            _gfile().rename(staging, target, overwrite=True)
+        else:
+            shutil.copyfile(source, staging)
+            os.replace(staging, target)
+    except BaseException:
+        remove_quietly(staging)
+        raise

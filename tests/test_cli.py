@@ -1,0 +1,136 @@
+"""Every command through click: --help, a user error (one line, status 1), a genuine bug (its
+traceback kept), Ctrl-C (status 130), and the option checks of tclf-train and tclf-eval.
+
+The successes of tclf-predict and tclf-eval are in test_predict_eval.py, tclf-extract's and
+tclf-pack's below; tclf-train's success is the slow test at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+from click.testing import CliRunner
+
+from tclf import InputError, cli, extract, records, train
+from tests.conftest import TINY_TRAINING
+
+COMMANDS = {"tclf-extract": cli.extract_command, "tclf-pack": cli.pack_command,
+            "tclf-train": cli.train_command, "tclf-predict": cli.predict_command,
+            "tclf-eval": cli.eval_command}
+# A call of each command that reaches its library function, and that function's name.
+CALLS = {"tclf-extract": (["a", "d"], extract, "extract"),
+         "tclf-pack": (["d", "r"], records, "pack"),
+         "tclf-train": (["--records", "r"], train, "train"),
+         "tclf-predict": (["x.wav"], __import__("tclf.predict").predict, "predict_paths"),
+         "tclf-eval": (["--model", "m.h5"], __import__("tclf.model").model, "load_model")}
+
+
+@pytest.mark.parametrize("name", COMMANDS)
+def test_help(name):
+    done = CliRunner().invoke(COMMANDS[name], ["--help"])
+    assert done.exit_code == 0 and "Usage:" in done.output and "--help" in done.output
+
+
+@pytest.mark.parametrize("name", COMMANDS)
+def test_user_error_is_one_line_with_status_1(name, monkeypatch):
+    args, module, function = CALLS[name]
+
+    def fail(*a, **k):
+        raise InputError("the folder x has no classes\nsecond line")
+
+    monkeypatch.setattr(module, function, fail)
+    done = CliRunner().invoke(COMMANDS[name], args)
+    assert done.exit_code == 1, done.output
+    assert done.output.strip() == "Error: InputError: the folder x has no classes"
+
+
+@pytest.mark.parametrize("name", COMMANDS)
+@pytest.mark.parametrize("bug", [KeyError("oops"), ValueError("bad internal value"),
+                                 RuntimeError("internal")])
+def test_a_genuine_bug_keeps_its_traceback(name, bug, monkeypatch):
+    args, module, function = CALLS[name]
+
+    def fail(*a, **k):
+        raise bug
+
+    monkeypatch.setattr(module, function, fail)
+    done = CliRunner().invoke(COMMANDS[name], args)
+    assert done.exit_code == 1
+    assert done.exception is bug  # Not turned into a one-line message: click shows it whole.
+
+
+@pytest.mark.parametrize("name", COMMANDS)
+def test_ctrl_c_exits_with_130(name, monkeypatch):
+    args, module, function = CALLS[name]
+
+    def interrupt(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(module, function, interrupt)
+    done = CliRunner().invoke(COMMANDS[name], args)
+    assert done.exit_code == 130 and "interrupted" in done.output
+
+
+def test_extract_and_pack_succeed_and_fail_on_a_missing_folder(audio_dir, tmp_path):
+    runner = CliRunner()
+    done = runner.invoke(cli.extract_command, [os.path.join(audio_dir), str(tmp_path / "d"),
+                                               "-q", "--jobs", "1", "--segments", "1"])
+    assert done.exit_code == 0 and "extracted 12 tracks" in done.output, done.output
+    done = runner.invoke(cli.pack_command, [str(tmp_path / "d"), str(tmp_path / "r"), "-q",
+                                            "--min-shards", "1"])
+    assert done.exit_code == 0 and "packed 12 records" in done.output, done.output
+    for command, args in ((cli.extract_command, [str(tmp_path / "no"), str(tmp_path / "d2")]),
+                          (cli.pack_command, [str(tmp_path / "no"), str(tmp_path / "r2")])):
+        done = runner.invoke(command, args)
+        assert done.exit_code == 1 and "no such folder" in done.output
+        assert len(done.output.strip().splitlines()) == 1
+
+
+def test_eval_split_must_be_a_split():
+    done = CliRunner().invoke(cli.eval_command, ["--split", "test"])
+    assert done.exit_code == 2 and "'test' is not one of 'train', 'val'" in done.output
+
+
+def test_hparams_values_are_type_checked_and_accept_dashes(tmp_path):
+    config = train.TrainConfig().replace(**{"stage1-lr": 3e-4, "image_size": 64, "dropout": 1})
+    assert config.stage1_lr == 3e-4 and config.image_size == 64
+    assert config.dropout == 1.0 and type(config.dropout) is float
+    for bad in ({"image_size": "299"}, {"image-size": 2.5}, {"cache": 1}, {"gpus": 0}):
+        with pytest.raises(InputError, match="expected"):
+            train.TrainConfig().replace(**bad)
+    with pytest.raises(InputError, match="unknown option"):
+        train.TrainConfig().replace(learning_rate=1)
+    path = tmp_path / "hp.json"
+    path.write_text(json.dumps({"image-size": "299"}))
+    done = CliRunner().invoke(cli.train_command, ["--hparams", str(path)])
+    assert done.exit_code == 1
+    assert done.output.strip() == "Error: InputError: option image-size: expected int, got '299'"
+
+
+def test_bad_stage2_layers_is_refused_before_a_version_folder_is_claimed(records_dir, tmp_path):
+    models = tmp_path / "models"
+    done = CliRunner().invoke(cli.train_command, ["--records", records_dir, "--models",
+                                                  str(models), "--stage2-layers", "100000"])
+    assert done.exit_code == 1 and "stage2_layers must be 0-" in done.output
+    assert not models.exists() or os.listdir(models) == []
+
+
+@pytest.mark.slow
+def test_train_cli_success_with_an_hparams_file(records_dir, tmp_path):
+    options = {**TINY_TRAINING, "verbose": 0}
+    hparams = {name.replace("_", "-"): value for name, value in options.items()
+               if name not in ("stage1_epochs",)}
+    path = tmp_path / "hp.json"
+    path.write_text(json.dumps({**hparams, "dropout": 0.3, "stage1_epochs": 5}))
+    models = tmp_path / "models"
+    done = CliRunner().invoke(cli.train_command, ["--hparams", str(path), "--records",
+                                                  records_dir, "--models", str(models),
+                                                  "--stage1-epochs", "1"])
+    assert done.exit_code == 0, done.output
+    assert "trained" in done.output and "validation accuracy" in done.output
+    config = json.loads((models / "v1" / "config.json").read_text())
+    assert config["dropout"] == 0.3  # From the file.
+    assert config["stage1_epochs"] == 1  # The command line wins over the file.
+    assert (models / "latest.h5").exists()
