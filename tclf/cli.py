@@ -13,7 +13,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import click  # noqa: E402
 
 from tclf import UserError, audio  # noqa: E402
-from tclf.records import SPLITS  # noqa: E402
+from tclf.schema import SPLITS  # noqa: E402
 
 # Errors that mean "the user's input or setup is wrong": one line, no traceback. Anything else
 # is a bug in tclf and keeps its traceback.
@@ -127,12 +127,11 @@ def pack_command(data_dir, records_dir, val_fraction, seed, groups_file, shard_m
                f"{records_dir} in {manifest['seconds']:.1f} s")
 
 
-
-
 def _train_options(function):
     import dataclasses
 
-    from tclf.train import PRECISIONS, TrainConfig
+    from tclf.devices import PRECISIONS
+    from tclf.train import TrainConfig
 
     for field in reversed(dataclasses.fields(TrainConfig)):
         flag = "--" + field.name.replace("_", "-")

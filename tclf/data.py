@@ -14,15 +14,15 @@ import re
 
 import tensorflow as tf
 
-from tclf import InputError, RunError, records, storage
-from tclf.records import FEATURES_KEY, LABEL_KEY, SPECTROGRAM_KEY, TRACK_ID_KEY
+from tclf import InputError, RunError, schema, storage
+from tclf.schema import FEATURES_KEY, LABEL_KEY, SPECTROGRAM_KEY, TRACK_ID_KEY
 
 AUTOTUNE = tf.data.AUTOTUNE
 
 
 def shard_paths(records_dir: str, split: str, manifest: dict | None = None) -> list[str]:
     """The shard files of a split, as listed by the manifest."""
-    manifest = manifest or records.load_manifest(records_dir)
+    manifest = manifest or schema.load_manifest(records_dir)
     if split not in manifest["splits"]:
         raise InputError(f"{records_dir}: no split {split!r}; the manifest has "
                          f"{sorted(manifest['splits'])}")
@@ -41,7 +41,7 @@ def resize_image(image, image_size: int):
 def decode_example(serialized: tf.Tensor, feature_shape, image_size: int | None = None,
                    include_track_id: bool = False):
     """Parse one serialized record and decode its PNG. Image stays uint8."""
-    parsed = tf.io.parse_single_example(serialized, records.feature_description(feature_shape))
+    parsed = tf.io.parse_single_example(serialized, schema.feature_description(feature_shape))
     image = tf.io.decode_png(parsed[SPECTROGRAM_KEY], channels=3)
     if image_size is not None:
         image = resize_image(image, image_size)
@@ -87,7 +87,7 @@ def make_dataset(records_dir: str, split: str = "train", batch_size: int = 32,
     -------
     tf.data.Dataset
     """
-    manifest = records.load_manifest(records_dir)
+    manifest = schema.load_manifest(records_dir)
     files = shard_paths(records_dir, split, manifest)
     if not files:
         raise InputError(f"{records_dir}: split {split!r} has no records")
@@ -170,14 +170,14 @@ def naming_corrupt_shards(records_dir: str, split: str | None = None):
 
 def verify_shards(records_dir: str, split: str | None = None) -> list[tuple[str, str]]:
     """Read every shard of a pack end to end. Returns (shard, error) for the broken ones."""
-    manifest = records.load_manifest(records_dir)
+    manifest = schema.load_manifest(records_dir)
     broken = []
     for side in [split] if split else list(manifest["splits"]):
         for path in shard_paths(records_dir, side, manifest):
             try:
                 for record in tf.data.TFRecordDataset(path):
                     tf.io.decode_png(tf.io.parse_single_example(
-                        record, records.feature_description(manifest["feature_shape"]))[
+                        record, schema.feature_description(manifest["feature_shape"]))[
                             SPECTROGRAM_KEY])
             except (tf.errors.DataLossError, tf.errors.OpError) as error:
                 message = re.sub(r"\{\{[^}]*\}\}|\[Op:[^\]]*\]|name: *$", "", error.message)

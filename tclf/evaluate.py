@@ -1,10 +1,278 @@
-"""Evaluate a model on a packed split: used after training and by `tclf-eval`."""
+"""Evaluation: a model's predictions over a packed split, and segment- and track-level metrics.
+
+Used after training and by `tclf-eval`; `tclf-predict` shares the track aggregation
+(:func:`mean_by_track`: a track's probabilities are the mean of its segments').
+"""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
-from tclf import InputError, data, records, reports
+from tclf import InputError, schema
+
+
+def _as_probabilities(probabilities, num_classes: int | None = None) -> np.ndarray:
+    """Validate and convert probabilities to a float64 array of shape [N, C]."""
+    probs = np.asarray(probabilities, dtype=np.float64)
+    if probs.ndim != 2:
+        raise ValueError(
+            f"probabilities must have shape [N, C], got shape {probs.shape}"
+        )
+    if probs.shape[1] == 0:
+        raise ValueError("probabilities must have at least one class column (C >= 1)")
+    if num_classes is not None and probs.shape[1] != num_classes:
+        raise ValueError(
+            f"probabilities have {probs.shape[1]} columns but {num_classes} "
+            "class names were given"
+        )
+    if not np.all(np.isfinite(probs)):
+        raise ValueError("probabilities contain NaN or infinite values")
+    return probs
+
+
+def _as_labels(labels, num_segments: int, num_classes: int | None = None) -> np.ndarray:
+    """Validate and convert integer labels to an int64 array of shape [N]."""
+    arr = np.asarray(labels)
+    if arr.ndim != 1:
+        raise ValueError(f"labels must have shape [N], got shape {arr.shape}")
+    if arr.shape[0] != num_segments:
+        raise ValueError(
+            f"labels has length {arr.shape[0]} but probabilities has "
+            f"{num_segments} rows"
+        )
+    if arr.size and not np.issubdtype(arr.dtype, np.integer):
+        if not np.all(np.equal(np.mod(arr, 1), 0)):
+            raise ValueError(f"labels must be integers, got dtype {arr.dtype}")
+    arr = arr.astype(np.int64)
+    if num_classes is not None and arr.size:
+        bad = (arr < 0) | (arr >= num_classes)
+        if np.any(bad):
+            raise ValueError(
+                f"labels must be in [0, {num_classes}), found "
+                f"{sorted(set(arr[bad].tolist()))[:10]}"
+            )
+    return arr
+
+
+def _as_track_ids(track_ids, num_segments: int) -> list[str]:
+    """Convert track ids (str or UTF-8 bytes) to a list of ``num_segments`` str."""
+    ids = np.asarray(track_ids, dtype=object)
+    if ids.ndim != 1:
+        raise ValueError(f"track_ids must have shape [N], got shape {ids.shape}")
+    if ids.shape[0] != num_segments:
+        raise ValueError(
+            f"track_ids has length {ids.shape[0]} but probabilities has "
+            f"{num_segments} rows"
+        )
+    out = []
+    for tid in ids.tolist():
+        if isinstance(tid, (bytes, bytearray, np.bytes_)):
+            tid = bytes(tid).decode("utf-8")
+        elif not isinstance(tid, str):
+            raise ValueError(
+                f"track_ids must be str or bytes, got {type(tid).__name__}: {tid!r}"
+            )
+        out.append(str(tid))
+    return out
+
+
+def track_level(
+    probabilities, labels, track_ids
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Aggregate segment predictions into track predictions.
+
+    Parameters
+    ----------
+    probabilities : array-like of float, shape [N, C]
+        Per-segment class probabilities.
+    labels : array-like of int, shape [N]
+        Per-segment true class index.
+    track_ids : array-like of str or bytes, shape [N]
+        Track each segment belongs to. Bytes are decoded as UTF-8 (as produced
+        by ``tf.data`` string tensors).
+
+    Returns
+    -------
+    track_probs : np.ndarray of float64, shape [T, C]
+        Mean of each track's segment probabilities.
+    track_labels : np.ndarray of int64, shape [T]
+        True class of each track.
+    unique_ids : np.ndarray of str, shape [T]
+        Track ids in order of first appearance.
+
+    Raises
+    ------
+    ValueError
+        If shapes or lengths disagree, or a track has segments with different
+        labels.
+    """
+    probs = _as_probabilities(probabilities)
+    n = probs.shape[0]
+    labs = _as_labels(labels, n)
+    track_probs, unique_ids, inverse = mean_by_track(probs, _as_track_ids(track_ids, n))
+    t = len(unique_ids)
+    lo = np.full(t, np.iinfo(np.int64).max, dtype=np.int64)
+    hi = np.full(t, np.iinfo(np.int64).min, dtype=np.int64)
+    np.minimum.at(lo, inverse, labs)
+    np.maximum.at(hi, inverse, labs)
+    mixed = np.flatnonzero(lo != hi)
+    if mixed.size:
+        examples = ", ".join(
+            f"{unique_ids[i]!r} (labels {sorted(set(labs[inverse == i].tolist()))})"
+            for i in mixed[:5]
+        )
+        raise ValueError(
+            f"{mixed.size} track(s) have segments with different labels: {examples}"
+        )
+    return track_probs, lo, unique_ids
+
+
+def mean_by_track(probabilities: np.ndarray, track_ids) -> tuple[np.ndarray, np.ndarray,
+                                                                  np.ndarray]:
+    """A track's probabilities: the mean of its segments'.
+
+    Returns (track probabilities [T, C] float64, the T track ids in order of first
+    appearance, and each segment's track index [N]).
+    """
+    index: dict = {}
+    inverse = np.fromiter((index.setdefault(tid, len(index)) for tid in track_ids),
+                          dtype=np.int64, count=len(probabilities))
+    sums = np.zeros((len(index), probabilities.shape[1]), dtype=np.float64)
+    np.add.at(sums, inverse, probabilities)
+    counts = np.bincount(inverse, minlength=len(index)).astype(np.float64)
+    ids = np.array(list(index), dtype=str) if index else np.array([], dtype=str)
+    return sums / counts[:, None], ids, inverse
+
+
+@dataclasses.dataclass
+class Evaluation:
+    """Everything a report needs, at segment and track level.
+
+    Attributes
+    ----------
+    class_names : list of str, length C
+    segment_accuracy, segment_macro_f1 : float
+    track_accuracy, track_macro_f1 : float
+    segment_confusion : np.ndarray of int, shape [C, C]
+        Counts; rows are true classes, columns predicted classes.
+    track_confusion : np.ndarray of int, shape [C, C]
+        Same at track level.
+    segment_report, track_report : str
+        ``sklearn.metrics.classification_report`` text.
+    num_segments, num_tracks : int
+    """
+
+    class_names: list[str]
+    segment_accuracy: float
+    segment_macro_f1: float
+    track_accuracy: float
+    track_macro_f1: float
+    segment_confusion: np.ndarray
+    track_confusion: np.ndarray
+    segment_report: str
+    track_report: str
+    num_segments: int
+    num_tracks: int
+
+    def to_dict(self) -> dict:
+        """Return a JSON-serializable summary (report text omitted).
+
+        Returns
+        -------
+        dict
+            Class names, the four headline metrics, both confusion matrices as
+            nested lists of int (shape [C, C]), and the segment/track counts.
+        """
+        return {
+            "class_names": [str(name) for name in self.class_names],
+            "num_segments": int(self.num_segments),
+            "num_tracks": int(self.num_tracks),
+            "segment_accuracy": float(self.segment_accuracy),
+            "segment_macro_f1": float(self.segment_macro_f1),
+            "track_accuracy": float(self.track_accuracy),
+            "track_macro_f1": float(self.track_macro_f1),
+            "segment_confusion": np.asarray(self.segment_confusion).astype(int).tolist(),
+            "track_confusion": np.asarray(self.track_confusion).astype(int).tolist(),
+        }
+
+
+def _classification_metrics(
+    y_true: np.ndarray, y_pred: np.ndarray, class_names: list[str]
+) -> tuple[float, float, np.ndarray, str]:
+    """Accuracy, macro F1, confusion [C, C] and report text for one level."""
+    from sklearn import metrics as skmetrics
+
+    label_ids = list(range(len(class_names)))
+    accuracy = float(skmetrics.accuracy_score(y_true, y_pred))
+    macro_f1 = float(
+        skmetrics.f1_score(
+            y_true, y_pred, labels=label_ids, average="macro", zero_division=0
+        )
+    )
+    confusion = skmetrics.confusion_matrix(y_true, y_pred, labels=label_ids)
+    report = skmetrics.classification_report(
+        y_true,
+        y_pred,
+        labels=label_ids,
+        target_names=class_names,
+        digits=4,
+        zero_division=0,
+    )
+    return accuracy, macro_f1, confusion.astype(np.int64), report
+
+
+def evaluate_predictions(probabilities, labels, track_ids, class_names) -> Evaluation:
+    """Compute segment- and track-level metrics.
+
+    Predictions are the argmax of the probabilities; a track's prediction is
+    the argmax of the mean of its segments' probabilities.
+
+    Parameters
+    ----------
+    probabilities : array-like of float, shape [N, C]
+    labels : array-like of int, shape [N]
+        Values in ``[0, C)``.
+    track_ids : array-like of str or bytes, shape [N]
+    class_names : sequence of str, length C
+
+    Returns
+    -------
+    Evaluation
+
+    Raises
+    ------
+    ValueError
+        On empty input, inconsistent shapes, out-of-range labels, duplicate
+        class names or tracks with mixed labels.
+    """
+    names = [str(name) for name in class_names]
+    if not names:
+        raise ValueError("class_names must not be empty")
+    if len(set(names)) != len(names):
+        raise ValueError(f"class_names must be unique, got {names}")
+    probs = _as_probabilities(probabilities, num_classes=len(names))
+    if probs.shape[0] == 0:
+        raise ValueError("cannot evaluate an empty set of segments (N == 0)")
+    labs = _as_labels(labels, probs.shape[0], num_classes=len(names))
+    track_probs, track_labels, unique_ids = track_level(probs, labs, track_ids)
+
+    seg = _classification_metrics(labs, probs.argmax(axis=1), names)
+    trk = _classification_metrics(track_labels, track_probs.argmax(axis=1), names)
+    return Evaluation(
+        class_names=names,
+        segment_accuracy=seg[0],
+        segment_macro_f1=seg[1],
+        track_accuracy=trk[0],
+        track_macro_f1=trk[1],
+        segment_confusion=seg[2],
+        track_confusion=trk[2],
+        segment_report=seg[3],
+        track_report=trk[3],
+        num_segments=int(probs.shape[0]),
+        num_tracks=int(unique_ids.shape[0]),
+    )
 
 
 def predict_records(model, records_dir: str, split: str = "val", batch_size: int = 32,
@@ -17,9 +285,10 @@ def predict_records(model, records_dir: str, split: str = "val", batch_size: int
     labels : np.ndarray [shape=(n,)]
     track_ids : list of str [length n]
     """
-    if image_size is None:  # Feed the size the model was built for.
-        from tclf.model import image_size_of
+    from tclf import data
+    from tclf.model import image_size_of
 
+    if image_size is None:  # Feed the size the model was built for.
         image_size = image_size_of(model)
     dataset = data.make_dataset(records_dir, split, batch_size=batch_size, training=False,
                                 image_size=image_size, include_track_id=True)
@@ -33,11 +302,11 @@ def predict_records(model, records_dir: str, split: str = "val", batch_size: int
 
 
 def evaluate_records(model, class_names, records_dir: str, split: str = "val",
-                     batch_size: int = 32) -> reports.Evaluation:
+                     batch_size: int = 32) -> Evaluation:
     """Segment- and track-level metrics of a model on a packed split."""
-    manifest = records.load_manifest(records_dir)
+    manifest = schema.load_manifest(records_dir)
     if list(manifest["classes"]) != list(class_names):
         raise InputError(f"the model's classes {list(class_names)} differ from the records' "
                          f"{manifest['classes']} ({records_dir})")
     probabilities, labels, track_ids = predict_records(model, records_dir, split, batch_size)
-    return reports.evaluate(probabilities, labels, track_ids, class_names)
+    return evaluate_predictions(probabilities, labels, track_ids, class_names)

@@ -20,7 +20,7 @@ import uuid
 
 import numpy as np
 
-from tclf import InputError, RunError, audio, report_skip, storage
+from tclf import InputError, RunError, audio, report_skip, schema, storage
 
 TMP_PREFIX = ".tmp-"
 
@@ -136,7 +136,7 @@ def _warm_up(options):
                           sample_rate, image_size=8)
 
 
-SETTINGS_NAME = "extract.json"
+SETTINGS_NAME = schema.EXTRACTION_SETTINGS_NAME
 
 
 def record_settings(data_dir: str, options: dict) -> None:

@@ -38,7 +38,7 @@ import tempfile
 import numpy as np
 
 from tclf import InputError, RunError
-from tclf.records import FEATURES_KEY, SPECTROGRAM_KEY
+from tclf.schema import FEATURE_SHAPE, FEATURES_KEY, IMAGE_SIZE, SPECTROGRAM_KEY
 
 BACKBONE_NAME = "efficientnetb0"
 CLASS_NAMES_ATTRIBUTE = "tclf_class_names"
@@ -50,7 +50,7 @@ class WeightsError(RunError):
     """The backbone weights asked for cannot be loaded."""
 
 
-def build_backbone(image_size: int = 299, weights: str | None = "imagenet"):
+def build_backbone(image_size: int = IMAGE_SIZE, weights: str | None = "imagenet"):
     """EfficientNetB0 without its top, average-pooled, named "efficientnetb0".
 
     Parameters
@@ -88,8 +88,9 @@ def build_backbone(image_size: int = 299, weights: str | None = "imagenet"):
         raise
 
 
-def build_model(num_classes: int, feature_mean=None, feature_std=None, image_size: int = 299,
-                feature_shape=(10, 68), weights: str | None = "imagenet",
+def build_model(num_classes: int, feature_mean=None, feature_std=None,
+                image_size: int = IMAGE_SIZE, feature_shape=FEATURE_SHAPE,
+                weights: str | None = "imagenet",
                 image_units: int = 128, gru_units: int = 128, gru2_units: int = 64,
                 feature_units: int = 64, fusion_units: int = 128, head_units: int = 64,
                 attention_heads: int = 4, dropout: float = 0.4):

@@ -31,6 +31,7 @@ import time
 import numpy as np
 
 from tclf import InputError, audio, report_skip
+from tclf.schema import FEATURES_KEY, SPECTROGRAM_KEY
 
 _PART = re.compile(r"^part_(\d+)\.png$")
 
@@ -200,7 +201,7 @@ def predict_paths(paths, model_path: str = "models/latest.h5", batch_size: int =
         images = np.stack([p[3] for p in pending])
         if image_size != images.shape[1]:
             images = resize_image(tf.constant(images), image_size).numpy()
-        inputs = {"spectrogram": images, "features": np.stack([p[4] for p in pending])}
+        inputs = {SPECTROGRAM_KEY: images, FEATURES_KEY: np.stack([p[4] for p in pending])}
         probabilities = np.asarray(model(inputs, training=False), np.float64)
         for (track, index, start, _, _), p in zip(pending, probabilities):
             tracks[track][1].append(SegmentPrediction(index, start, p))
@@ -231,10 +232,15 @@ def predict_paths(paths, model_path: str = "models/latest.h5", batch_size: int =
                 run_batch()
     run_batch()
 
-    for source, segments in tracks:
-        mean = np.mean([s.probabilities for s in segments], axis=0)
-        result.tracks.append(TrackPrediction(source, result.classes[int(np.argmax(mean))], mean,
-                                             segments))
+    from tclf.evaluate import mean_by_track
+
+    segments = [(number, s) for number, (_, track) in enumerate(tracks) for s in track]
+    if segments:
+        means, _, _ = mean_by_track(np.array([s.probabilities for _, s in segments]),
+                                    [str(number) for number, _ in segments])
+        for (source, track), mean in zip(tracks, means):
+            result.tracks.append(TrackPrediction(source, result.classes[int(np.argmax(mean))],
+                                                 mean, track))
     result.seconds = time.perf_counter() - started
     return result
 

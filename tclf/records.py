@@ -1,24 +1,12 @@
-"""The TFRecord schema, and `tclf-pack`: data/ -> sharded TFRecords + manifest.json.
+"""`tclf-pack`: data/<class>/<track>/part_N.{png,npy} -> sharded TFRecords + manifest.json.
 
-This module owns the schema: the feature keys, the writer
-(:func:`create_example`) and the reader's description
-(:func:`feature_description`) sit side by side, and `tclf.data` parses with
-the latter. A record holds one segment:
-
-=============  ========  =====================================================
-key            type      content
-=============  ========  =====================================================
-spectrogram    bytes     the part_N.png file, byte for byte
-features       float[]   the 10x68 matrix, row-major
-label          int64     index into manifest["classes"]
-track_id       bytes     "<class>/<track folder>"
-segment        int64     N of part_N
-=============  ========  =====================================================
+The record layout is tclf.schema's; its names are re-exported here.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import csv
 import io
 import json
@@ -32,17 +20,10 @@ import numpy as np
 import tclf
 from tclf import InputError, RunError, report_skip
 from tclf.audio import FEATURE_SHAPE, IMAGE_SIZE
+from tclf.schema import (  # noqa: F401 (re-exported)
+    EXTRACTION_SETTINGS_NAME, FEATURES_KEY, LABEL_KEY, MANIFEST_NAME, SCHEMA_VERSION, SEGMENT_KEY,
+    SPECTROGRAM_KEY, SPLITS, TRACK_ID_KEY, create_example, feature_description, load_manifest)
 from tclf.storage import join
-
-SCHEMA_VERSION = 1
-SPECTROGRAM_KEY = "spectrogram"
-FEATURES_KEY = "features"
-LABEL_KEY = "label"
-TRACK_ID_KEY = "track_id"
-SEGMENT_KEY = "segment"
-MANIFEST_NAME = "manifest.json"
-SPLITS = ("train", "val")
-_PART = re.compile(r"^part_(\d+)\.(png|npy)$")
 
 
 def _tf():
@@ -51,51 +32,7 @@ def _tf():
     return tf
 
 
-# ---------------------------------------------------------------------------
-# Schema.
-# ---------------------------------------------------------------------------
-
-
-def create_example(png: bytes, features: np.ndarray, label: int, track_id: str,
-                   segment: int) -> bytes:
-    """Serialize one segment as a tf.train.Example."""
-    tf = _tf()
-    feature = tf.train.Feature
-    return tf.train.Example(features=tf.train.Features(feature={
-        SPECTROGRAM_KEY: feature(bytes_list=tf.train.BytesList(value=[png])),
-        FEATURES_KEY: feature(float_list=tf.train.FloatList(
-            value=np.asarray(features, np.float32).ravel())),
-        LABEL_KEY: feature(int64_list=tf.train.Int64List(value=[int(label)])),
-        TRACK_ID_KEY: feature(bytes_list=tf.train.BytesList(value=[track_id.encode()])),
-        SEGMENT_KEY: feature(int64_list=tf.train.Int64List(value=[int(segment)])),
-    })).SerializeToString()
-
-
-def feature_description(feature_shape=FEATURE_SHAPE) -> dict:
-    """The reader's view of :func:`create_example`, for tf.io.parse_single_example."""
-    tf = _tf()
-    return {
-        SPECTROGRAM_KEY: tf.io.FixedLenFeature([], tf.string),
-        FEATURES_KEY: tf.io.FixedLenFeature(list(feature_shape), tf.float32),
-        LABEL_KEY: tf.io.FixedLenFeature([], tf.int64),
-        TRACK_ID_KEY: tf.io.FixedLenFeature([], tf.string),
-        SEGMENT_KEY: tf.io.FixedLenFeature([], tf.int64),
-    }
-
-
-def load_manifest(records_dir: str) -> dict:
-    """Read RECORDS_DIR/manifest.json, with a clear error when it is missing."""
-    tf = _tf()
-    path = join(records_dir, MANIFEST_NAME)
-    if not tf.io.gfile.exists(path):
-        raise FileNotFoundError(f"{path} not found: {records_dir} is not a packed records folder "
-                                f"(run `tclf-pack DATA_DIR {records_dir}`)")
-    with tf.io.gfile.GFile(path) as f:
-        manifest = json.load(f)
-    if manifest.get("schema_version") != SCHEMA_VERSION:
-        raise InputError(f"{path}: schema version {manifest.get('schema_version')}, this tclf "
-                         f"reads {SCHEMA_VERSION}; re-run tclf-pack")
-    return manifest
+_PART = re.compile(r"^part_(\d+)\.(png|npy)$")
 
 
 # ---------------------------------------------------------------------------
@@ -260,20 +197,168 @@ def split_tracks(track_labels: dict[str, int], val_fraction: float = 0.2, seed: 
 
 
 def shard_name(split: str, index: int, count: int) -> str:
+    """File name of shard INDEX of COUNT of a split."""
     return f"{split}-{index:05d}-of-{count:05d}.tfrecord"
 
 
 def _num_shards(num_bytes: int, num_samples: int, shard_megabytes: float, min_shards: int) -> int:
+    """Shards for a split: about shard_megabytes each, at least min_shards, at most one a sample."""
     by_size = math.ceil(num_bytes / (shard_megabytes * 2**20))
     return max(1, min(num_samples, max(by_size, min_shards)))
 
 
 def _existing_pack(records_dir: str) -> list[str]:
+    """The manifest and shard file names already in records_dir (empty when there are none)."""
     tf = _tf()
     if not tf.io.gfile.isdir(records_dir):
         return []
     return [n for n in tf.io.gfile.listdir(records_dir)
             if n == MANIFEST_NAME or n.endswith(".tfrecord")]
+
+
+class FeatureStats:
+    """Running per-column sums of feature matrices, for the manifest's mean and std."""
+
+    def __init__(self, columns: int = FEATURE_SHAPE[1]):
+        self.sum = np.zeros(columns)
+        self.squares = np.zeros(columns)
+        self.rows = 0
+
+    def add(self, features: np.ndarray) -> None:
+        """Add the rows of one feature matrix."""
+        self.sum += features.sum(axis=0)
+        self.squares += (features.astype(np.float64) ** 2).sum(axis=0)
+        self.rows += features.shape[0]
+
+    def mean_std(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per-column mean and standard deviation (zeros when no row was added)."""
+        mean = self.sum / max(self.rows, 1)
+        std = np.sqrt(np.maximum(self.squares / max(self.rows, 1) - mean**2, 0.0))
+        return mean, std
+
+
+def _write_records(samples: list[Sample], paths: list[str], classes: list[str],
+                   skipped: collections.Counter, bar=None):
+    """Write samples, in order, round-robin into new TFRecord files at paths.
+
+    A sample that fails :func:`read_sample` is reported, counted in skipped
+    under its class and left out. Returns (records per shard, records per
+    class name, track ids written, FeatureStats of the written samples).
+    """
+    tf = _tf()
+    writers = [tf.io.TFRecordWriter(path) for path in paths]
+    per_shard = [0] * len(paths)
+    per_class = collections.Counter()
+    tracks = set()
+    stats = FeatureStats()
+    written = 0
+    try:
+        for sample in samples:
+            if bar is not None:
+                bar.update(1)
+            try:
+                png, features, _ = read_sample(sample)
+            except ValueError as error:
+                report_skip(f"skipped {error}")
+                skipped[classes[sample.label]] += 1
+                continue
+            shard = written % len(paths)
+            writers[shard].write(create_example(png, features, sample.label,
+                                                sample.track_id, sample.segment))
+            per_shard[shard] += 1
+            per_class[classes[sample.label]] += 1
+            tracks.add(sample.track_id)
+            stats.add(features)
+            written += 1
+    finally:
+        for writer in writers:
+            writer.close()
+    return per_shard, per_class, tracks, stats
+
+
+def _shard_entries(out_dir: str, names: list[str], per_shard: list[int]) -> list[dict]:
+    """Manifest entries of the non-empty shards; empty shard files are deleted.
+
+    Shards stay empty when a split has fewer valid samples than shards.
+    """
+    tf = _tf()
+    shards = []
+    for name, records in zip(names, per_shard):
+        if records:
+            size = tf.io.gfile.stat(join(out_dir, name)).length
+            shards.append({"file": name, "records": records, "bytes": size})
+        else:
+            tf.io.gfile.remove(join(out_dir, name))
+    return shards
+
+
+def write_split(side: str, samples: list[Sample], classes: list[str], out_dir: str,
+                rng: np.random.Generator, skipped: collections.Counter, bar=None,
+                shard_megabytes: float = 128.0, min_shards: int = 8) -> tuple[dict, FeatureStats]:
+    """Write one split's samples into shards `<side>-NNNNN-of-NNNNN.tfrecord` in out_dir.
+
+    The records are shuffled with rng and dealt round-robin over the shards,
+    whose number follows the PNG bytes (see :func:`_num_shards`). Unreadable
+    samples are reported and counted in skipped; bar (a tqdm) advances one
+    step a sample.
+
+    Returns
+    -------
+    (entry, stats) : the split's manifest entry {"records", "counts", "shards",
+        "tracks"}, and the FeatureStats of its written samples.
+    """
+    tf = _tf()
+    chosen = [samples[i] for i in rng.permutation(len(samples))]
+    num_bytes = sum(tf.io.gfile.stat(s.png_path).length for s in chosen)
+    count = _num_shards(num_bytes, len(chosen), shard_megabytes, min_shards)
+    names = [shard_name(side, i, count) for i in range(count)]
+    per_shard, per_class, tracks, stats = _write_records(
+        chosen, [join(out_dir, n) for n in names], classes, skipped, bar)
+    entry = {
+        "records": sum(per_shard),
+        "counts": {c: per_class[c] for c in classes},
+        "shards": _shard_entries(out_dir, names, per_shard),
+        "tracks": sorted(tracks),
+    }
+    return entry, stats
+
+
+def build_manifest(data_dir: str, classes: list[str], splits: dict, skipped: collections.Counter,
+                   feature_stats: FeatureStats, seed: int, val_fraction: float,
+                   groups_file: str | None) -> dict:
+    """The manifest.json content of a pack: schema, classes, splits, skips and the
+    feature mean and std (of the train split, given as feature_stats)."""
+    mean, std = feature_stats.mean_std()
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "tclf_version": tclf.__version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "data_dir": data_dir,
+        "classes": classes,
+        "image_size": [IMAGE_SIZE, IMAGE_SIZE, 3],
+        "feature_shape": list(FEATURE_SHAPE),
+        "seed": seed,
+        "val_fraction": val_fraction,
+        "groups_file": groups_file,
+        "splits": splits,
+        "skipped": dict(skipped),
+        "extraction": _extraction_settings(data_dir),
+        "feature_mean": [float(x) for x in mean],
+        "feature_std": [float(x) for x in std],
+    }
+
+
+@contextlib.contextmanager
+def _staging_dir(records_dir: str):
+    """A new hidden .tmp-pack-* folder in records_dir, deleted again if the block fails."""
+    tf = _tf()
+    tmp_dir = join(records_dir, f".tmp-pack-{uuid.uuid4().hex[:8]}")
+    tf.io.gfile.makedirs(tmp_dir)
+    try:
+        yield tmp_dir
+    except BaseException:
+        tf.io.gfile.rmtree(tmp_dir)
+        raise
 
 
 def pack(data_dir: str, records_dir: str, val_fraction: float = 0.2, seed: int = 0,
@@ -320,101 +405,30 @@ def pack(data_dir: str, records_dir: str, val_fraction: float = 0.2, seed: int =
     if _existing_pack(records_dir) and not overwrite:
         raise FileExistsError(f"{records_dir} already holds packed records; "
                               f"use --overwrite to replace them")
-    classes, samples, skipped_in_scan = scan_data(data_dir)
+    classes, samples, skipped = scan_data(data_dir)
     if not samples:
         raise RunError(f"no samples found in {data_dir} (expected "
-                           f"DATA_DIR/<class>/<track>/part_N.png + part_N.npy)")
+                       f"DATA_DIR/<class>/<track>/part_N.png + part_N.npy)")
     groups = read_groups(groups_file) if groups_file else None
-    track_labels = {s.track_id: s.label for s in samples}
-    split = split_tracks(track_labels, val_fraction, seed, groups)
+    split = split_tracks({s.track_id: s.label for s in samples}, val_fraction, seed, groups)
     side_of = {track: side for side, tracks in split.items() for track in tracks}
 
-    tmp_dir = join(records_dir, f".tmp-pack-{uuid.uuid4().hex[:8]}")
-    tf.io.gfile.makedirs(tmp_dir)
-    rng = np.random.default_rng(seed)
-    manifest_splits, skipped = {}, collections.Counter(skipped_in_scan)
-    total = collections.Counter()
-    feature_sum = np.zeros(FEATURE_SHAPE[1])
-    feature_squares = np.zeros(FEATURE_SHAPE[1])
-    feature_rows = 0
-    try:
+    with _staging_dir(records_dir) as tmp_dir:
+        rng = np.random.default_rng(seed)
         bar = tqdm(total=len(samples), unit="segment", desc="pack", disable=not progress)
+        splits, stats = {}, {}
         for side in SPLITS:
             chosen = [s for s in samples if side_of[s.track_id] == side]
-            chosen = [chosen[i] for i in rng.permutation(len(chosen))]
-            num_bytes = sum(tf.io.gfile.stat(s.png_path).length for s in chosen)
-            count = _num_shards(num_bytes, len(chosen), shard_megabytes, min_shards)
-            names = [shard_name(side, i, count) for i in range(count)]
-            writers = [tf.io.TFRecordWriter(join(tmp_dir, n)) for n in names]
-            per_shard = [0] * count
-            per_class = collections.Counter()
-            tracks = set()
-            written = 0
-            try:
-                for sample in chosen:
-                    bar.update(1)
-                    try:
-                        png, features, _ = read_sample(sample)
-                    except ValueError as error:
-                        report_skip(f"skipped {error}")
-                        skipped[classes[sample.label]] += 1
-                        continue
-                    shard = written % count
-                    writers[shard].write(create_example(png, features, sample.label,
-                                                        sample.track_id, sample.segment))
-                    per_shard[shard] += 1
-                    per_class[classes[sample.label]] += 1
-                    tracks.add(sample.track_id)
-                    written += 1
-                    if side == "train":
-                        feature_sum += features.sum(axis=0)
-                        feature_squares += (features.astype(np.float64) ** 2).sum(axis=0)
-                        feature_rows += features.shape[0]
-            finally:
-                for writer in writers:
-                    writer.close()
-            shards = []
-            for name, records in zip(names, per_shard):
-                if records:
-                    size = tf.io.gfile.stat(join(tmp_dir, name)).length
-                    shards.append({"file": name, "records": records, "bytes": size})
-                else:  # Fewer valid samples than shards: drop the empty files.
-                    tf.io.gfile.remove(join(tmp_dir, name))
-            total[side] = written
-            manifest_splits[side] = {
-                "records": written,
-                "counts": {c: per_class[c] for c in classes},
-                "shards": shards,
-                "tracks": sorted(tracks),
-            }
+            splits[side], stats[side] = write_split(side, chosen, classes, tmp_dir, rng, skipped,
+                                                    bar, shard_megabytes, min_shards)
         bar.close()
-        if not sum(total.values()):
+        if not sum(entry["records"] for entry in splits.values()):
             raise RunError(f"no valid sample in {data_dir}: all {len(samples)} were skipped")
-        mean = feature_sum / max(feature_rows, 1)
-        std = np.sqrt(np.maximum(feature_squares / max(feature_rows, 1) - mean**2, 0.0))
-        manifest = {
-            "schema_version": SCHEMA_VERSION,
-            "tclf_version": tclf.__version__,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "data_dir": data_dir,
-            "classes": classes,
-            "image_size": [IMAGE_SIZE, IMAGE_SIZE, 3],
-            "feature_shape": list(FEATURE_SHAPE),
-            "seed": seed,
-            "val_fraction": val_fraction,
-            "groups_file": groups_file,
-            "splits": manifest_splits,
-            "skipped": dict(skipped),
-            "extraction": _extraction_settings(data_dir),
-            "feature_mean": [float(x) for x in mean],
-            "feature_std": [float(x) for x in std],
-        }
+        manifest = build_manifest(data_dir, classes, splits, skipped, stats["train"], seed=seed,
+                                  val_fraction=val_fraction, groups_file=groups_file)
         with tf.io.gfile.GFile(join(tmp_dir, MANIFEST_NAME), "w") as f:
             json.dump(manifest, f, indent=1)
         _move_into_place(tmp_dir, records_dir)
-    except BaseException:
-        tf.io.gfile.rmtree(tmp_dir)
-        raise
     manifest["seconds"] = time.perf_counter() - start_time
     return manifest
 
@@ -422,7 +436,7 @@ def pack(data_dir: str, records_dir: str, val_fraction: float = 0.2, seed: int =
 def _extraction_settings(data_dir: str) -> dict | None:
     """DATA_DIR/extract.json written by tclf-extract, if any (None for hand-made data)."""
     tf = _tf()
-    path = join(data_dir, "extract.json")
+    path = join(data_dir, EXTRACTION_SETTINGS_NAME)
     if not tf.io.gfile.exists(path):
         return None
     with tf.io.gfile.GFile(path) as f:

@@ -28,6 +28,14 @@ def join(*parts: str) -> str:
     return posixpath.join(*parts) if is_remote(parts[0]) else os.path.join(*parts)
 
 
+def makedirs(path: str) -> None:
+    """Create the folder ``path`` and its parents; fine if it exists."""
+    if is_remote(path):
+        _gfile().makedirs(path)
+    else:
+        os.makedirs(path, exist_ok=True)
+
+
 def _gfile():
     import tensorflow as tf
 

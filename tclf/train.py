@@ -1,11 +1,12 @@
-"""`tclf-train`: the fixed two-stage schedule (SPEC section 5) and the version folder (section 6).
+"""`tclf-train`: the options and the fixed two-stage schedule (SPEC section 5).
 
 Stage 1 trains the heads on a frozen backbone; stage 2 fine-tunes the last
 20 backbone layers (BatchNormalization kept frozen) at a lower rate. Both are
 :func:`run_stage` with different arguments, and :func:`train` is one readable
-sequence: devices -> data -> model -> stage 1 -> stage 2 -> reports -> model.h5.
-A Keras Tuner search calls the same :func:`build_model`, :func:`stage1` and
-:func:`stage2`.
+sequence: devices -> data -> version folder -> model -> stage 1 -> stage 2 ->
+reports -> model.h5. Devices and precision live in tclf.devices, the version
+folder in tclf.versions. A Keras Tuner search (still to come) is meant to call
+the same :func:`tclf.model.build_model`, :func:`stage1` and :func:`stage2`.
 
 A version folder models/vX/ is complete when it holds model.h5: that file is
 written last, after every report, and models/latest.h5 is replaced only after
@@ -19,17 +20,11 @@ import dataclasses
 import inspect
 import json
 import math
-import os
-import re
 import time
 
-import numpy as np
-
-import tclf
-from tclf import InputError, records, storage
-
-PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
-_VERSION = re.compile(r"^v(\d+)$")
+from tclf import InputError, schema, storage
+from tclf.devices import PRECISIONS, configure_devices, resolve_precision
+from tclf.versions import RunFolder, write_report_set
 
 
 def option(default, help: str):
@@ -168,133 +163,6 @@ def load_hparams(path: str) -> dict:
 
 
 # ---------------------------------------------------------------------------
-# Devices and precision.
-# ---------------------------------------------------------------------------
-
-
-def configure_devices(gpus: str = "all", cpu_devices: int = 1):
-    """Pick the distribution strategy for `--gpus` (and `--cpu-devices`).
-
-    "all": every visible GPU (MirroredStrategy; one GPU: that GPU; none: CPU).
-    "none": CPU only. "0,1": those GPUs. Must run before TensorFlow touches a device.
-
-    On the CPU, ``cpu_devices`` > 1 splits it into that many logical devices and
-    mirrors over them: the multi-device path (MirroredStrategy, the global batch
-    split across replicas, gradient all-reduce) runs on a machine without GPUs.
-    It tests that path; it does not make training faster.
-
-    Returns
-    -------
-    (strategy, description, on_gpu)
-    """
-    import tensorflow as tf
-
-    if cpu_devices < 1:
-        raise InputError(f"--cpu-devices must be >= 1, got {cpu_devices}")
-    physical = tf.config.list_physical_devices("GPU")
-    spec = str(gpus).strip().lower()
-    if spec == "none":
-        if physical:
-            try:
-                tf.config.set_visible_devices([], "GPU")
-            except RuntimeError:
-                raise InputError("--gpus none: TensorFlow already started in this process with "
-                                 "its GPUs visible; choose the devices before anything else "
-                                 "uses TensorFlow (a new process, or CUDA_VISIBLE_DEVICES='')"
-                                 ) from None
-        return _cpu_strategy(cpu_devices, "--gpus none")
-    if spec == "all":
-        chosen = physical
-    else:
-        try:
-            indices = sorted({int(i) for i in spec.split(",") if i.strip()})
-        except ValueError:
-            raise InputError(f"--gpus must be all, none or GPU indices like 0,1; got {gpus!r}")
-        missing = [i for i in indices if i >= len(physical) or i < 0]
-        if missing or not indices:
-            raise InputError(f"--gpus {gpus}: this machine has {len(physical)} GPU(s) "
-                             f"(indices 0-{len(physical) - 1})" if physical else
-                             f"--gpus {gpus}: this machine has no GPU; use --gpus none")
-        chosen = [physical[i] for i in indices]
-        tf.config.set_visible_devices(chosen, "GPU")
-    if not chosen:
-        return _cpu_strategy(cpu_devices, "no GPU found")
-    if cpu_devices > 1:
-        raise InputError(f"--cpu-devices {cpu_devices} splits the CPU, but this run trains on "
-                         f"{len(chosen)} GPU(s); add --gpus none to train on the split CPU")
-    for device in chosen:
-        try:
-            tf.config.experimental.set_memory_growth(device, True)
-        except (ValueError, RuntimeError):
-            pass
-    logical = [f"/gpu:{i}" for i in range(len(chosen))]
-    names = ", ".join(d.name for d in chosen)
-    if len(chosen) == 1:
-        return tf.distribute.OneDeviceStrategy(logical[0]), f"1 GPU ({names})", True
-    return (tf.distribute.MirroredStrategy(logical),
-            f"{len(chosen)} GPUs, MirroredStrategy ({names})", True)
-
-
-def _cpu_strategy(cpu_devices: int, why: str):
-    import tensorflow as tf
-
-    if cpu_devices == 1:
-        return tf.distribute.get_strategy(), f"CPU ({why})", False
-    cpu = tf.config.list_physical_devices("CPU")[0]
-    try:
-        tf.config.set_logical_device_configuration(
-            cpu, [tf.config.LogicalDeviceConfiguration() for _ in range(cpu_devices)])
-    except RuntimeError:  # TensorFlow already started: fine if it has exactly that split.
-        have = len(tf.config.list_logical_devices("CPU"))
-        if have != cpu_devices:
-            raise InputError(f"--cpu-devices {cpu_devices}: TensorFlow already started in this "
-                             f"process with {have} CPU device(s); the split must be set before "
-                             f"anything else uses TensorFlow (start a new process)") from None
-    logical = [f"/cpu:{i}" for i in range(cpu_devices)]
-    return (tf.distribute.MirroredStrategy(logical),
-            f"CPU split into {cpu_devices} logical devices, MirroredStrategy ({why})", False)
-
-
-CPU_BFLOAT16_ENV = "TCLF_CPU_BFLOAT16"  # "1" / "0": override the CPU flag check below.
-CPUINFO = "/proc/cpuinfo"
-
-
-def cpu_supports_bfloat16(cpuinfo: str | None = None) -> bool:
-    """Whether the CPU has native bfloat16 arithmetic (AVX512-BF16 or AMX).
-
-    The environment variable TCLF_CPU_BFLOAT16=1 or =0 overrides the check
-    (to reproduce on one machine what `--precision auto` does on another).
-    """
-    forced = os.environ.get(CPU_BFLOAT16_ENV, "").strip()
-    if forced:
-        if forced not in ("0", "1"):
-            raise InputError(f"{CPU_BFLOAT16_ENV} must be 0 or 1, got {forced!r}")
-        return forced == "1"
-    try:
-        with open(cpuinfo or CPUINFO) as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", flags))
-
-
-def resolve_precision(precision: str = "auto", on_gpu: bool = False) -> str:
-    """The Keras dtype policy for `--precision`.
-
-    auto: mixed_float16 on GPUs. On CPUs, mixed_bfloat16 only where the CPU
-    computes in bfloat16 natively; elsewhere it is emulated and measured
-    slower than float32 (BENCHMARKS.md), so float32.
-    """
-    if precision not in PRECISIONS:
-        raise InputError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    if precision != "auto":
-        return precision
-    if on_gpu:
-        return "mixed_float16"
-    return "mixed_bfloat16" if cpu_supports_bfloat16() else "float32"
-
-
-# ---------------------------------------------------------------------------
 # Schedule pieces.
 # ---------------------------------------------------------------------------
 
@@ -323,47 +191,6 @@ def learning_rate_schedule(peak: float, steps_per_epoch: int, epochs: int,
         alpha=0.0, warmup_target=peak if warmup else None, warmup_steps=warmup)
 
 
-def _callbacks_module():
-    import keras
-
-    class EarlyStoppingAfter(keras.callbacks.EarlyStopping):
-        """EarlyStopping that never stops before ``min_epochs`` epochs have run."""
-
-        def __init__(self, min_epochs: int = 0, **kwargs):
-            super().__init__(**kwargs)
-            self.min_epochs = min_epochs
-
-        def on_epoch_end(self, epoch, logs=None):
-            super().on_epoch_end(epoch, logs)
-            if self.model.stop_training and epoch + 1 < self.min_epochs:
-                self.model.stop_training = False
-                self.stopped_epoch = 0
-
-    class ProgressFile(keras.callbacks.Callback):
-        """One line per epoch in training_progress.txt, rewritten as training runs."""
-
-        def __init__(self, path: str, stage: str, lines: list):
-            super().__init__()
-            self.path, self.stage, self.lines = path, stage, lines
-
-        def on_epoch_begin(self, epoch, logs=None):
-            self.started = time.perf_counter()
-
-        def on_epoch_end(self, epoch, logs=None):
-            logs = logs or {}
-            learning_rate = float(np.asarray(self.model.optimizer.learning_rate))
-            self.lines.append(
-                f"{self.stage} epoch {epoch + 1:3d}  "
-                f"accuracy {logs.get('accuracy', float('nan')):.4f}  "
-                f"loss {logs.get('loss', float('nan')):.4f}  "
-                f"val_accuracy {logs.get('val_accuracy', float('nan')):.4f}  "
-                f"val_loss {logs.get('val_loss', float('nan')):.4f}  "
-                f"lr {learning_rate:.3e}  seconds {time.perf_counter() - self.started:.1f}")
-            storage.write_atomic(self.path, "\n".join(self.lines) + "\n")
-
-    return EarlyStoppingAfter, ProgressFile
-
-
 @dataclasses.dataclass
 class StageResult:
     name: str
@@ -384,7 +211,8 @@ def run_stage(model, train_data, val_data, *, name: str, learning_rate: float, e
     """
     import keras
 
-    EarlyStoppingAfter, _ = _callbacks_module()
+    from tclf.callbacks import EarlyStoppingAfter
+
     schedule = learning_rate_schedule(learning_rate, steps_per_epoch, epochs, warmup_epochs)
     model.compile(optimizer=keras.optimizers.Adam(schedule),
                   loss=keras.losses.SparseCategoricalCrossentropy(), metrics=["accuracy"])
@@ -433,38 +261,6 @@ def stage2(model, train_data, val_data, *, steps_per_epoch: int, num_layers: int
 
 
 # ---------------------------------------------------------------------------
-# Version folders.
-# ---------------------------------------------------------------------------
-
-
-def claim_version_dir(models_dir: str) -> tuple[str, int]:
-    """Create models/vX with X = 1 + the largest existing vN, atomically.
-
-    Locally, os.mkdir either creates the folder or fails because another run
-    got it first, in which case the next number is tried: two runs started
-    together never share a folder. Folders not named vN are ignored.
-    """
-    import tensorflow as tf
-
-    tf.io.gfile.makedirs(models_dir)
-    while True:
-        numbers = [int(m.group(1)) for n in tf.io.gfile.listdir(models_dir)
-                   if (m := _VERSION.match(n.rstrip("/")))]
-        number = max(numbers, default=0) + 1
-        path = storage.join(models_dir, f"v{number}")
-        if "://" in models_dir:  # Object stores have no atomic mkdir; best effort.
-            if tf.io.gfile.exists(path):
-                continue
-            tf.io.gfile.makedirs(path)
-            return path, number
-        try:
-            os.mkdir(path)
-            return path, number
-        except FileExistsError:
-            continue
-
-
-# ---------------------------------------------------------------------------
 # The whole run.
 # ---------------------------------------------------------------------------
 
@@ -480,42 +276,6 @@ class TrainResult:
     precision: str
     model: object = None  # The trained keras.Model.
     replicas: int = 1  # Devices the global batch was split over.
-
-
-def _stamp(seconds: float) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(seconds))
-
-
-def _training_log(config, manifest, devices, precision, weights, stages, evaluation=None,
-                  started=None, failure=None) -> str:
-    lines = [f"tclf {tclf.__version__} training log", ""]
-    lines.append(f"started: {_stamp(started)}")
-    if stages or evaluation:
-        lines.append(f"finished: {_stamp(time.time())}  "
-                     f"(duration {time.time() - started:.1f} s)")
-    lines += [f"devices: {devices}", f"precision: {precision}", f"records: {config.records}",
-              f"classes: {', '.join(manifest['classes'])}",
-              "training records per class: " + ", ".join(
-                  f"{c}: {manifest['splits']['train']['counts'][c]}" for c in manifest["classes"]),
-              "validation records per class: " + ", ".join(
-                  f"{c}: {manifest['splits']['val']['counts'][c]}" for c in manifest["classes"]),
-              "class weights: " + ", ".join(
-                  f"{c}: {weights[i]:.4f}" for i, c in enumerate(manifest["classes"])), ""]
-    for stage in stages:
-        lines += [f"{stage.name}: {stage.epochs_run} epochs, {_stamp(stage.started)} -> "
-                  f"{_stamp(stage.started + stage.seconds)} ({stage.seconds:.1f} s)",
-                  f"  stopped: {stage.stop_reason}"]
-    if evaluation is not None:
-        lines += ["", f"validation accuracy (segments): {evaluation.segment_accuracy:.4f} "
-                      f"over {evaluation.num_segments} segments",
-                  f"validation accuracy (tracks): {evaluation.track_accuracy:.4f} "
-                  f"over {evaluation.num_tracks} tracks",
-                  f"validation macro F1 (segments / tracks): {evaluation.segment_macro_f1:.4f} / "
-                  f"{evaluation.track_macro_f1:.4f}"]
-    if failure:
-        lines += ["", f"FAILED: {failure}", "No model.h5 was written; latest.h5 is unchanged."]
-    lines += ["", "options:"] + [f"  {k}: {v}" for k, v in dataclasses.asdict(config).items()]
-    return "\n".join(lines) + "\n"
 
 
 def train(config: TrainConfig) -> TrainResult:
@@ -535,10 +295,8 @@ def train(config: TrainConfig) -> TrainResult:
 
 def _train(config: TrainConfig) -> TrainResult:
     import keras
-    import tensorflow as tf
 
-    from tclf import data, reports
-    from tclf.evaluate import predict_records
+    from tclf import data
     from tclf.model import build_model, save_model
 
     config.validate()
@@ -546,103 +304,94 @@ def _train(config: TrainConfig) -> TrainResult:
 
     # --- Devices, precision, seeds -------------------------------------------------------------
     strategy, devices, on_gpu = configure_devices(config.gpus, config.cpu_devices)
-    replicas = strategy.num_replicas_in_sync
-    if replicas > 1:  # tf.distribute splits each global batch over the replicas.
-        low, high = config.batch_size // replicas, -(-config.batch_size // replicas)
-        devices += (f"; {replicas} replicas, global batch {config.batch_size} = "
-                    f"{low if low == high else f'{low}-{high}'} per replica")
+    devices += _batch_split(config.batch_size, strategy.num_replicas_in_sync)
     precision = resolve_precision(config.precision, on_gpu)
     keras.mixed_precision.set_global_policy(precision)
     keras.utils.set_random_seed(config.seed)
 
     # --- Input pipeline ------------------------------------------------------------------------
-    manifest = records.load_manifest(config.records)
-    classes = manifest["classes"]
-    n_train = manifest["splits"]["train"]["records"]
-    if not n_train or not manifest["splits"]["val"]["records"]:
-        raise InputError(f"{config.records}: training needs records in both splits "
-                         f"(train: {n_train}, val: {manifest['splits']['val']['records']})")
-    steps_per_epoch = math.ceil(n_train / config.batch_size)
+    manifest = _training_manifest(config.records)
     train_data = data.make_dataset(config.records, "train", config.batch_size, training=True,
                                    image_size=config.image_size, cache=config.cache,
                                    seed=config.seed, repeat=True)
     val_data = data.make_dataset(config.records, "val", config.batch_size,
                                  image_size=config.image_size, cache=config.cache)
-    weights = class_weights(manifest["splits"]["train"]["counts"], classes)
 
     # --- Version folder ------------------------------------------------------------------------
-    version_dir, _ = claim_version_dir(config.models)
-    out = lambda *names: storage.join(version_dir, *names)  # noqa: E731
-    tf.io.gfile.makedirs(out("analysis"))
-    stages: list[StageResult] = []
-    write_log = lambda **kw: storage.write_atomic(  # noqa: E731
-        out("training_log.txt"),
-        _training_log(config, manifest, devices, precision, weights, stages, started=started,
-                      **kw))
-    write_log()
-    config_record = {**dataclasses.asdict(config), "classes": classes, "devices": devices,
-                     "extraction": manifest.get("extraction"),
-                     "resolved_precision": precision, "tclf_version": tclf.__version__,
-                     "version_dir": version_dir}
+    weights = class_weights(manifest["splits"]["train"]["counts"], manifest["classes"])
+    run = RunFolder.claim(config, manifest, devices, precision, weights, started)
     try:
-        # --- Model -----------------------------------------------------------------------------
+        # --- Model and the two stages ----------------------------------------------------------
         with strategy.scope():
-            model = build_model(len(classes), manifest["feature_mean"], manifest["feature_std"],
-                                feature_shape=manifest["feature_shape"], **config.model_options())
-            _, ProgressFile = _callbacks_module()
-            progress_lines: list[str] = []
-            common = dict(steps_per_epoch=steps_per_epoch, class_weight=weights,
-                          verbose=config.verbose)
-            tensorboard = keras.callbacks.TensorBoard(out("logs"), write_graph=False)
-
-            # --- Stage 1: frozen backbone ------------------------------------------------------
+            model = build_model(len(manifest["classes"]), manifest["feature_mean"],
+                                manifest["feature_std"], feature_shape=manifest["feature_shape"],
+                                **config.model_options())
             with data.naming_corrupt_shards(config.records):
-                stages.append(stage1(
-                    model, train_data, val_data, learning_rate=config.stage1_lr,
-                    epochs=config.stage1_epochs, warmup_epochs=config.stage1_warmup_epochs,
-                    patience=config.stage1_patience,
-                    callbacks=[ProgressFile(out("training_progress.txt"), "stage1",
-                                            progress_lines), tensorboard], **common))
-                write_log()
-
-                # --- Stage 2: fine-tuning ------------------------------------------------------
-                stages.append(stage2(
-                    model, train_data, val_data, num_layers=config.stage2_layers,
-                    learning_rate=config.stage2_lr, min_epochs=config.stage2_min_epochs,
-                    max_epochs=config.stage2_max_epochs,
-                    warmup_epochs=config.stage2_warmup_epochs, patience=config.stage2_patience,
-                    callbacks=[ProgressFile(out("training_progress.txt"), "stage2",
-                                            progress_lines), tensorboard], **common))
+                run_schedule(model, train_data, val_data, config, run)
 
         # --- Reports ---------------------------------------------------------------------------
-        probabilities, labels, track_ids = predict_records(model, config.records, "val",
-                                                           config.batch_size, config.image_size)
-        evaluation = reports.evaluate(probabilities, labels, track_ids, classes)
-        title = f"{os.path.basename(version_dir.rstrip('/'))}: validation split of {config.records}"
-        histories = [s.history for s in stages]
-        for folder in (version_dir, out("analysis")):
-            reports.write_evaluation(evaluation, folder, title=title)
-            for metric in ("accuracy", "loss"):
-                reports.plot_history(histories, metric, storage.join(folder, f"{metric}.png"),
-                                     stage_names=["stage 1 (frozen)", "stage 2 (fine-tune)"])
-        config_record["evaluation"] = evaluation.to_dict()
-        storage.write_atomic(out("config.json"), json.dumps(config_record, indent=1,
-                                                                  default=str))
-        log_text = _training_log(config, manifest, devices, precision, weights, stages,
-                                 evaluation, started)
-        for folder in (version_dir, out("analysis")):
-            storage.write_atomic(storage.join(folder, "training_log.txt"), log_text)
+        evaluation = _evaluate(model, config)
+        write_report_set(run, evaluation)
 
         # --- The model last: its presence marks the folder complete ----------------------------
-        save_model(model, out("model.h5"), classes, config_record)
-        storage.publish(out("model.h5"), storage.join(config.models, "latest.h5"))
+        save_model(model, run.path("model.h5"), manifest["classes"], run.record(evaluation))
+        storage.publish(run.path("model.h5"), storage.join(config.models, "latest.h5"))
     except BaseException as error:
-        reason = "interrupted" if isinstance(error, KeyboardInterrupt) else (
-            f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}")
-        try:
-            write_log(failure=reason)
-        except Exception:
-            pass
+        run.fail(error)
         raise
-    return TrainResult(version_dir, out("model.h5"), evaluation, stages,
-                       time.time() - started, devices, precision, model, replicas)
+    return TrainResult(run.folder, run.path("model.h5"), evaluation, run.stages,
+                       time.time() - started, devices, precision, model,
+                       strategy.num_replicas_in_sync)
+
+
+def _batch_split(batch_size: int, replicas: int) -> str:
+    """How tf.distribute splits each global batch over the replicas, for the log."""
+    if replicas == 1:
+        return ""
+    low, high = batch_size // replicas, -(-batch_size // replicas)
+    return (f"; {replicas} replicas, global batch {batch_size} = "
+            f"{low if low == high else f'{low}-{high}'} per replica")
+
+
+def _training_manifest(records_dir: str) -> dict:
+    manifest = schema.load_manifest(records_dir)
+    counts = {side: manifest["splits"][side]["records"] for side in schema.SPLITS}
+    if not all(counts.values()):
+        raise InputError(f"{records_dir}: training needs records in both splits "
+                         f"(train: {counts['train']}, val: {counts['val']})")
+    return manifest
+
+
+def run_schedule(model, train_data, val_data, config: TrainConfig, run: RunFolder) -> None:
+    """Stage 1 then stage 2 on ``model``, each epoch logged to training_progress.txt."""
+    import keras
+
+    from tclf.callbacks import ProgressFile
+
+    lines: list[str] = []
+    common = dict(steps_per_epoch=math.ceil(run.manifest["splits"]["train"]["records"]
+                                            / config.batch_size),
+                  class_weight=run.class_weights, verbose=config.verbose)
+    tensorboard = keras.callbacks.TensorBoard(run.path("logs"), write_graph=False)
+    progress = lambda stage: ProgressFile(run.path("training_progress.txt"), stage, lines)  # noqa
+    run.stages.append(stage1(
+        model, train_data, val_data, learning_rate=config.stage1_lr,
+        epochs=config.stage1_epochs, warmup_epochs=config.stage1_warmup_epochs,
+        patience=config.stage1_patience, callbacks=[progress("stage1"), tensorboard], **common))
+    run.write_log()
+    run.stages.append(stage2(
+        model, train_data, val_data, num_layers=config.stage2_layers,
+        learning_rate=config.stage2_lr, min_epochs=config.stage2_min_epochs,
+        max_epochs=config.stage2_max_epochs, warmup_epochs=config.stage2_warmup_epochs,
+        patience=config.stage2_patience, callbacks=[progress("stage2"), tensorboard], **common))
+
+
+def _evaluate(model, config: TrainConfig):
+    from tclf.evaluate import evaluate_predictions, predict_records
+
+    probabilities, labels, track_ids = predict_records(model, config.records, "val",
+                                                       config.batch_size, config.image_size)
+    return evaluate_predictions(probabilities, labels, track_ids,
+                                schema.load_manifest(config.records)["classes"])
+
+

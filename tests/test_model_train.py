@@ -17,7 +17,7 @@ import tensorflow as tf
 from PIL import Image
 
 from tclf import model as tclf_model
-from tclf import records, reports, train
+from tclf import records, reports, train, versions
 from tests.conftest import STYLES, TINY_TRAINING
 
 
@@ -110,16 +110,16 @@ def test_early_stopping_respects_minimum_epochs():
 
 def test_version_numbering(tmp_path):
     models = str(tmp_path / "models")
-    assert train.claim_version_dir(models) == (os.path.join(models, "v1"), 1)
-    assert train.claim_version_dir(models)[1] == 2
+    assert versions.claim_version_dir(models) == (os.path.join(models, "v1"), 1)
+    assert versions.claim_version_dir(models)[1] == 2
     gaps = tmp_path / "gaps"
     for name in ("v1", "v5", "notes", "v7x", "version9", "v0.1"):
         (gaps / name).mkdir(parents=True)
     (gaps / "v8").write_text("a file, not a folder")  # Still a taken name.
-    assert train.claim_version_dir(str(gaps))[1] == 9
+    assert versions.claim_version_dir(str(gaps))[1] == 9
     shutil.rmtree(gaps / "v5")
     os.remove(gaps / "v8")
-    assert train.claim_version_dir(str(gaps))[1] == 10  # v9 now exists.
+    assert versions.claim_version_dir(str(gaps))[1] == 10  # v9 now exists.
 
 
 def test_concurrent_claims_get_different_folders(tmp_path):
@@ -128,7 +128,7 @@ def test_concurrent_claims_get_different_folders(tmp_path):
 
     def claim():
         barrier.wait()
-        claimed.append(train.claim_version_dir(models)[1])
+        claimed.append(versions.claim_version_dir(models)[1])
 
     threads = [threading.Thread(target=claim) for _ in range(8)]
     for thread in threads:

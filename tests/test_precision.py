@@ -16,7 +16,7 @@ import keras
 import numpy as np
 import pytest
 
-from tclf import data, records, train
+from tclf import data, devices, records, train
 from tclf import model as tclf_model
 from tests.conftest import TEST_GPUS, TINY_TRAINING
 
@@ -73,42 +73,42 @@ def _layer_outputs(model, inputs, names):
 ])
 def test_auto_precision_follows_the_cpu_flags_and_the_gpu(tmp_path, monkeypatch, flags, on_gpu,
                                                           expected):
-    monkeypatch.delenv(train.CPU_BFLOAT16_ENV, raising=False)
+    monkeypatch.delenv(devices.CPU_BFLOAT16_ENV, raising=False)
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text("".join(f"processor\t: {i}\nflags\t\t: {flags}\n\n" for i in range(2)))
-    monkeypatch.setattr(train, "CPUINFO", str(cpuinfo))
-    assert train.resolve_precision("auto", on_gpu=on_gpu) == expected
+    monkeypatch.setattr(devices, "CPUINFO", str(cpuinfo))
+    assert devices.resolve_precision("auto", on_gpu=on_gpu) == expected
 
 
 def test_auto_precision_cpu_check_unreadable_or_forced(tmp_path, monkeypatch):
-    monkeypatch.delenv(train.CPU_BFLOAT16_ENV, raising=False)
-    monkeypatch.setattr(train, "CPUINFO", str(tmp_path / "missing"))
-    assert train.resolve_precision("auto", on_gpu=False) == "float32"
-    monkeypatch.setenv(train.CPU_BFLOAT16_ENV, "1")
-    assert train.resolve_precision("auto", on_gpu=False) == "mixed_bfloat16"
-    monkeypatch.setenv(train.CPU_BFLOAT16_ENV, "0")
+    monkeypatch.delenv(devices.CPU_BFLOAT16_ENV, raising=False)
+    monkeypatch.setattr(devices, "CPUINFO", str(tmp_path / "missing"))
+    assert devices.resolve_precision("auto", on_gpu=False) == "float32"
+    monkeypatch.setenv(devices.CPU_BFLOAT16_ENV, "1")
+    assert devices.resolve_precision("auto", on_gpu=False) == "mixed_bfloat16"
+    monkeypatch.setenv(devices.CPU_BFLOAT16_ENV, "0")
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text("flags\t: avx512_bf16 amx_bf16\n")
-    monkeypatch.setattr(train, "CPUINFO", str(cpuinfo))
-    assert train.resolve_precision("auto", on_gpu=False) == "float32"
-    monkeypatch.setenv(train.CPU_BFLOAT16_ENV, "yes")
-    with pytest.raises(ValueError, match=train.CPU_BFLOAT16_ENV):
-        train.resolve_precision("auto", on_gpu=False)
+    monkeypatch.setattr(devices, "CPUINFO", str(cpuinfo))
+    assert devices.resolve_precision("auto", on_gpu=False) == "float32"
+    monkeypatch.setenv(devices.CPU_BFLOAT16_ENV, "yes")
+    with pytest.raises(ValueError, match=devices.CPU_BFLOAT16_ENV):
+        devices.resolve_precision("auto", on_gpu=False)
 
 
 def test_explicit_precision_is_kept_and_unknown_refused():
     for precision in POLICIES:
-        assert train.resolve_precision(precision, on_gpu=False) == precision
-        assert train.resolve_precision(precision, on_gpu=True) == precision
+        assert devices.resolve_precision(precision, on_gpu=False) == precision
+        assert devices.resolve_precision(precision, on_gpu=True) == precision
     with pytest.raises(ValueError, match="precision must be one of"):
-        train.resolve_precision("float8")
+        devices.resolve_precision("float8")
 
 
 def test_a_failing_run_puts_the_global_policy_back(tmp_path, policy_scope):
     policy_scope("float32")
     config = train.TrainConfig(records=str(tmp_path / "no-records"), models=str(tmp_path / "m"),
                                **{**TINY_TRAINING, "precision": "mixed_float16"})
-    with pytest.raises(Exception, match="manifest"):
+    with pytest.raises(FileNotFoundError, match="manifest"):
         train.train(config)
     assert keras.mixed_precision.global_policy().name == "float32"
 
@@ -309,4 +309,4 @@ def test_cpu_devices_after_tensorflow_started_is_a_clear_error():
 
     tf.constant(1.0)  # TensorFlow has started in this process with one CPU device.
     with pytest.raises(ValueError, match="before anything else uses TensorFlow"):
-        train.configure_devices("none", cpu_devices=3)
+        devices.configure_devices("none", cpu_devices=3)

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 from sklearn import metrics as skmetrics
 
-from tclf import reports
+from tclf import evaluate, plots, reports
 
 CLASSES = ["Goa", "Psy", "Dark"]
 
@@ -54,7 +54,7 @@ def test_track_level_averages_segments_in_first_appearance_order():
     labels = np.array([0, 1, 0, 1, 2])
     track_ids = np.array([b"b", b"a", b"b", b"a", b"c"])  # bytes, as from tf.data
 
-    track_probs, track_labels, ids = reports.track_level(probs, labels, track_ids)
+    track_probs, track_labels, ids = evaluate.track_level(probs, labels, track_ids)
 
     assert ids.tolist() == ["b", "a", "c"]
     np.testing.assert_allclose(
@@ -66,7 +66,7 @@ def test_track_level_averages_segments_in_first_appearance_order():
 
 def test_track_level_str_and_bytes_ids_are_the_same_track():
     probs = np.array([[1.0, 0.0], [0.0, 1.0]])
-    track_probs, track_labels, ids = reports.track_level(probs, [1, 1], ["x", b"x"])
+    track_probs, track_labels, ids = evaluate.track_level(probs, [1, 1], ["x", b"x"])
     assert ids.tolist() == ["x"]
     np.testing.assert_allclose(track_probs, [[0.5, 0.5]])
     assert track_labels.tolist() == [1]
@@ -75,7 +75,7 @@ def test_track_level_str_and_bytes_ids_are_the_same_track():
 def test_track_level_mixed_labels_raises():
     probs = np.full((3, 3), 1 / 3)
     with pytest.raises(ValueError, match="different labels.*'t1'"):
-        reports.track_level(probs, [0, 1, 2], ["t1", "t1", "t2"])
+        evaluate.track_level(probs, [0, 1, 2], ["t1", "t1", "t2"])
 
 
 @pytest.mark.parametrize(
@@ -84,12 +84,12 @@ def test_track_level_mixed_labels_raises():
 )
 def test_track_level_length_mismatch_raises(labels, track_ids):
     with pytest.raises(ValueError, match="length"):
-        reports.track_level(np.full((3, 3), 1 / 3), labels, track_ids)
+        evaluate.track_level(np.full((3, 3), 1 / 3), labels, track_ids)
 
 
 def test_track_level_rejects_1d_probabilities():
     with pytest.raises(ValueError, match=r"\[N, C\]"):
-        reports.track_level([0.1, 0.9], [0, 1], ["a", "b"])
+        evaluate.track_level([0.1, 0.9], [0, 1], ["a", "b"])
 
 
 # -------------------------------------------------------------------- evaluate
@@ -97,7 +97,7 @@ def test_track_level_rejects_1d_probabilities():
 
 def test_evaluate_matches_sklearn():
     probs, labels, track_ids = _random_example()
-    ev = reports.evaluate(probs, labels, track_ids, CLASSES)
+    ev = evaluate.evaluate_predictions(probs, labels, track_ids, CLASSES)
 
     pred = probs.argmax(axis=1)
     assert ev.segment_accuracy == pytest.approx(skmetrics.accuracy_score(labels, pred))
@@ -109,7 +109,7 @@ def test_evaluate_matches_sklearn():
     )
     assert ev.segment_confusion.sum() == labels.size == ev.num_segments
 
-    track_probs, track_labels, ids = reports.track_level(probs, labels, track_ids)
+    track_probs, track_labels, ids = evaluate.track_level(probs, labels, track_ids)
     track_pred = track_probs.argmax(axis=1)
     assert ev.num_tracks == 12 == ids.size
     assert ev.track_confusion.shape == (3, 3)
@@ -128,7 +128,7 @@ def test_evaluate_matches_sklearn():
 
 def test_evaluate_to_dict_is_json_serializable():
     probs, labels, track_ids = _random_example(seed=1)
-    ev = reports.evaluate(probs, labels, track_ids.astype(bytes), CLASSES)
+    ev = evaluate.evaluate_predictions(probs, labels, track_ids.astype(bytes), CLASSES)
     summary = json.loads(json.dumps(ev.to_dict()))
     assert summary["class_names"] == CLASSES
     assert summary["num_segments"] == labels.size
@@ -138,7 +138,7 @@ def test_evaluate_to_dict_is_json_serializable():
 
 def test_evaluate_class_never_present_keeps_full_confusion():
     probs = np.array([[0.9, 0.1, 0.0], [0.2, 0.8, 0.0]])
-    ev = reports.evaluate(probs, [0, 1], ["a", "b"], CLASSES)
+    ev = evaluate.evaluate_predictions(probs, [0, 1], ["a", "b"], CLASSES)
     assert ev.segment_confusion.shape == (3, 3)
     assert ev.segment_accuracy == 1.0
     assert "Dark" in ev.segment_report
@@ -155,7 +155,7 @@ def test_evaluate_class_never_present_keeps_full_confusion():
 )
 def test_evaluate_bad_input_raises(probs, labels, names, match):
     with pytest.raises(ValueError, match=match):
-        reports.evaluate(probs, labels, ["t"] * len(labels), names)
+        evaluate.evaluate_predictions(probs, labels, ["t"] * len(labels), names)
 
 
 # ------------------------------------------------------------ format / parse
@@ -163,7 +163,7 @@ def test_evaluate_bad_input_raises(probs, labels, names, match):
 
 def test_format_report_sections_and_round_trip():
     probs, labels, track_ids = _random_example(seed=2)
-    ev = reports.evaluate(probs, labels, track_ids, CLASSES)
+    ev = evaluate.evaluate_predictions(probs, labels, track_ids, CLASSES)
     text = reports.format_report(ev, title="v3 validation")
 
     assert text.startswith("v3 validation\n")
@@ -198,20 +198,20 @@ def test_parse_report_metrics_rejects_foreign_text():
 
 
 def test_row_normalized_handles_empty_rows():
-    rates = reports.row_normalized([[3, 1, 0], [0, 0, 0], [0, 2, 2]])
+    rates = plots.row_normalized([[3, 1, 0], [0, 0, 0], [0, 2, 2]])
     np.testing.assert_allclose(rates, [[0.75, 0.25, 0], [0, 0, 0], [0, 0.5, 0.5]])
 
 
 def test_plot_confusion_matrix_png(tmp_path):
     path = str(tmp_path / "cm.png")
-    reports.plot_confusion_matrix(np.array([[12, 2, 0], [0, 0, 0], [1, 3, 9]]), CLASSES, path)
+    plots.plot_confusion_matrix(np.array([[12, 2, 0], [0, 0, 0], [1, 3, 9]]), CLASSES, path)
     _assert_png(path)
     assert _no_tmp_files(tmp_path) == []
 
 
 def test_plot_confusion_matrix_shape_mismatch_raises(tmp_path):
     with pytest.raises(ValueError, match="class names"):
-        reports.plot_confusion_matrix(np.eye(2), CLASSES, str(tmp_path / "cm.png"))
+        plots.plot_confusion_matrix(np.eye(2), CLASSES, str(tmp_path / "cm.png"))
     assert not (tmp_path / "cm.png").exists()
 
 
@@ -227,27 +227,27 @@ def test_plot_history_two_stages_second_without_val(tmp_path):
     ]
     for metric in ("accuracy", "loss"):
         path = str(tmp_path / f"{metric}.png")
-        reports.plot_history(histories, metric, path, stage_names=["head", "fine-tune"])
+        plots.plot_history(histories, metric, path, stage_names=["head", "fine-tune"])
         _assert_png(path)
     assert _no_tmp_files(tmp_path) == []
 
 
 def test_plot_history_empty_stage_and_no_data(tmp_path):
     path = str(tmp_path / "h.png")
-    reports.plot_history([{}, {"loss": [1.0, 0.5], "val_loss": [1.1, 0.9]}], "loss", path)
+    plots.plot_history([{}, {"loss": [1.0, 0.5], "val_loss": [1.1, 0.9]}], "loss", path)
     _assert_png(path)
-    reports.plot_history([{}], "loss", path)  # nothing recorded at all
+    plots.plot_history([{}], "loss", path)  # nothing recorded at all
     _assert_png(path)
 
 
 def test_plot_history_bad_input_raises(tmp_path):
     path = str(tmp_path / "h.png")
     with pytest.raises(ValueError, match="available keys"):
-        reports.plot_history([{"loss": [1.0]}], "acuracy", path)
+        plots.plot_history([{"loss": [1.0]}], "acuracy", path)
     with pytest.raises(ValueError, match="stage_names"):
-        reports.plot_history([{"loss": [1.0]}], "loss", path, stage_names=["a", "b"])
+        plots.plot_history([{"loss": [1.0]}], "loss", path, stage_names=["a", "b"])
     with pytest.raises(ValueError, match="list"):
-        reports.plot_history({"loss": [1.0]}, "loss", path)
+        plots.plot_history({"loss": [1.0]}, "loss", path)
 
 
 # ---------------------------------------------------------------------- output
@@ -256,7 +256,7 @@ def test_plot_history_bad_input_raises(tmp_path):
 @pytest.mark.parametrize("confusion", ["segment", "both"])
 def test_write_evaluation(tmp_path, confusion):
     probs, labels, track_ids = _random_example(seed=3)
-    ev = reports.evaluate(probs, labels, track_ids, CLASSES)
+    ev = evaluate.evaluate_predictions(probs, labels, track_ids, CLASSES)
     out_dir = str(tmp_path / "models" / "v1" / "analysis")  # created on demand
 
     paths = reports.write_evaluation(ev, out_dir, title="v1", confusion=confusion)
@@ -275,6 +275,6 @@ def test_write_evaluation(tmp_path, confusion):
 
 def test_write_evaluation_bad_confusion_choice(tmp_path):
     probs, labels, track_ids = _random_example(seed=4)
-    ev = reports.evaluate(probs, labels, track_ids, CLASSES)
+    ev = evaluate.evaluate_predictions(probs, labels, track_ids, CLASSES)
     with pytest.raises(ValueError, match="confusion must be one of"):
         reports.write_evaluation(ev, str(tmp_path), confusion="tracks")

@@ -108,7 +108,7 @@ def step_rate(stage: int, precision: str, jit_compile, image_size: int = 299,
 
 
 def bench_training(records_dir: str, steps: int, batch_size: int) -> dict:
-    from tclf.train import resolve_precision
+    from tclf.devices import resolve_precision
 
     auto = resolve_precision("auto", on_gpu=False)
     results = {}
