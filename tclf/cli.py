@@ -28,13 +28,50 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
     tqdm.write(f"warning: {message}", file=sys.stderr)
 
 
-def command(function):
-    """Wrap a click command body: tidy warnings, user errors as one line and exit code 1."""
+def start_tensorflow() -> None:
+    """Import TensorFlow and find its devices with its C++ start-up lines held back.
+
+    TensorFlow prints "All log messages before absl::InitializeLog() ...", "Could not
+    find cuda drivers" and "failed call to cuInit" straight to the process's stderr before
+    TF_CPP_MIN_LOG_LEVEL applies, on every start, even with --gpus none. They are captured
+    here and shown only if the start fails. TF_CPP_MIN_LOG_LEVEL=0 or TCLF_DEBUG=1 lets
+    them through; what TensorFlow logs later at ERROR level still shows.
+    """
+    if ("tensorflow" in sys.modules or os.environ.get("TCLF_DEBUG")
+            or os.environ.get("TF_CPP_MIN_LOG_LEVEL", "0") == "0"):
+        return
+    import tempfile
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            import tensorflow as tf
+
+            tf.config.list_physical_devices("GPU")
+        except BaseException:
+            os.dup2(saved, 2)
+            captured.seek(0)
+            sys.stderr.write(captured.read().decode(errors="replace"))
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def command(function=None, *, tensorflow: bool = True):
+    """Wrap a click command body: TensorFlow started quietly (unless ``tensorflow=False``),
+    tidy warnings, user errors as one line and exit status 1, Ctrl-C as 130."""
+    if function is None:
+        return functools.partial(command, tensorflow=tensorflow)
 
     @functools.wraps(function)
     def wrapper(*args, **kwargs):
         warnings.showwarning = _show_warning
         try:
+            if tensorflow:
+                start_tensorflow()
             return function(*args, **kwargs)
         except KeyboardInterrupt:
             click.echo("Error: interrupted", err=True)
@@ -73,7 +110,7 @@ def command(function):
               help="Worker processes, one track each. [default: all cores]")
 @click.option("--overwrite", is_flag=True, help="Redo tracks already extracted.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-@command
+@command(tensorflow=False)  # Extraction never uses TensorFlow.
 def extract_command(audio_dir, data_dir, num_segments, segment_seconds, skip_fraction,
                     sample_rate, jobs, overwrite, quiet):
     """Cut AUDIO_DIR/<class>/<audio files> into DATA_DIR/<class>/<track_id>/part_N.png + .npy.
@@ -134,7 +171,7 @@ def _train_options(function):
     from tclf.train import TrainConfig
 
     for field in reversed(dataclasses.fields(TrainConfig)):
-        flag = "--" + field.name.replace("_", "-")
+        flag = field.metadata.get("flag") or "--" + field.name.replace("_", "-")
         kind = type(field.default)
         if kind is bool:
             flag = f"{flag}/--no-{flag[2:]}"
@@ -149,9 +186,10 @@ def _train_options(function):
 @click.option("--hparams", "hparams_file", default=None, type=click.Path(dir_okay=False),
               help="JSON object of option: value (e.g. from a tuner search; names as below, "
                    "with dashes or underscores). Options given on the command line win over it.")
+@click.option("--quiet", "-q", is_flag=True, help="No Keras progress output (--verbose 0).")
 @_train_options
 @command
-def train_command(hparams_file, **options):
+def train_command(hparams_file, quiet, **options):
     """Train the two-branch model on RECORDS with the two-stage schedule.
 
     Stage 1 trains with the EfficientNetB0 backbone frozen, stage 2 fine-tunes
@@ -170,6 +208,8 @@ def train_command(hparams_file, **options):
     given = {k: v for k, v in options.items()
              if context.get_parameter_source(k) != ParameterSource.DEFAULT}
     values.update(given if hparams_file else options)
+    if quiet and "verbose" not in given:
+        values["verbose"] = 0
     config = train.TrainConfig().replace(**values)
     result = train.train(config)
     minutes, seconds = divmod(result.seconds, 60)
@@ -183,7 +223,7 @@ def train_command(hparams_file, **options):
 @click.argument("paths", nargs=-1, required=True, type=click.Path())
 @click.option("--model", "model_path", default="models/latest.h5",
               help="A model.h5 written by tclf-train; its class names are read from it.")
-@click.option("--segments", "show_segments", is_flag=True,
+@click.option("--per-segment", "show_segments", is_flag=True,
               help="Also show each segment's prediction.")
 @click.option("--format", "output_format", type=click.Choice(["table", "json", "csv"]),
               default=None, help="Output format. [default: table on a terminal, json otherwise]")
@@ -223,8 +263,9 @@ def predict_command(paths, model_path, show_segments, output_format, batch_size,
               help="Write report.txt and confusion_matrix.png here (same formats as training). "
                    "Without it the report is printed.")
 @click.option("--batch-size", default=32, type=click.IntRange(min=1), help="Segments per batch.")
+@click.option("--quiet", "-q", is_flag=True, help="Only the final line (no report, no file list).")
 @command
-def eval_command(model_path, records_dir, split, out_dir, batch_size):
+def eval_command(model_path, records_dir, split, out_dir, batch_size, quiet):
     """Segment- and track-level accuracy, macro F1, report and confusion matrix of a model.
 
     Works for any model written by tclf-train on any packed split whose
@@ -238,8 +279,9 @@ def eval_command(model_path, records_dir, split, out_dir, batch_size):
     title = f"{model_path}: {split} split of {records_dir}"
     if out_dir:
         for path in reports.write_evaluation(evaluation, out_dir, title=title):
-            click.echo(f"wrote {path}")
-    else:
+            if not quiet:
+                click.echo(f"wrote {path}")
+    elif not quiet:
         click.echo(reports.format_report(evaluation, title=title), nl=False)
     click.echo(f"accuracy {evaluation.segment_accuracy:.4f} (segments), "
                f"{evaluation.track_accuracy:.4f} (tracks); macro F1 "

@@ -32,16 +32,20 @@ def _as_probabilities(probabilities, num_classes: int | None = None) -> np.ndarr
     return probs
 
 
+def _one_per_segment(name: str, values, num_segments: int, dtype=None) -> np.ndarray:
+    """``values`` as an array of shape [num_segments], or a ValueError naming it."""
+    arr = np.asarray(values, dtype=dtype)
+    if arr.ndim != 1:
+        raise ValueError(f"{name} must have shape [N], got shape {arr.shape}")
+    if arr.shape[0] != num_segments:
+        raise ValueError(f"{name} has length {arr.shape[0]} but probabilities has "
+                         f"{num_segments} rows")
+    return arr
+
+
 def _as_labels(labels, num_segments: int, num_classes: int | None = None) -> np.ndarray:
     """Validate and convert integer labels to an int64 array of shape [N]."""
-    arr = np.asarray(labels)
-    if arr.ndim != 1:
-        raise ValueError(f"labels must have shape [N], got shape {arr.shape}")
-    if arr.shape[0] != num_segments:
-        raise ValueError(
-            f"labels has length {arr.shape[0]} but probabilities has "
-            f"{num_segments} rows"
-        )
+    arr = _one_per_segment("labels", labels, num_segments)
     if arr.size and not np.issubdtype(arr.dtype, np.integer):
         if not np.all(np.equal(np.mod(arr, 1), 0)):
             raise ValueError(f"labels must be integers, got dtype {arr.dtype}")
@@ -58,14 +62,7 @@ def _as_labels(labels, num_segments: int, num_classes: int | None = None) -> np.
 
 def _as_track_ids(track_ids, num_segments: int) -> list[str]:
     """Convert track ids (str or UTF-8 bytes) to a list of ``num_segments`` str."""
-    ids = np.asarray(track_ids, dtype=object)
-    if ids.ndim != 1:
-        raise ValueError(f"track_ids must have shape [N], got shape {ids.shape}")
-    if ids.shape[0] != num_segments:
-        raise ValueError(
-            f"track_ids has length {ids.shape[0]} but probabilities has "
-            f"{num_segments} rows"
-        )
+    ids = _one_per_segment("track_ids", track_ids, num_segments, dtype=object)
     out = []
     for tid in ids.tolist():
         if isinstance(tid, (bytes, bytearray, np.bytes_)):

@@ -27,10 +27,11 @@ from tclf.devices import PRECISIONS, configure_devices, resolve_precision
 from tclf.versions import RunFolder, write_report_set
 
 
-def option(default, help: str):
-    """A TrainConfig field: its default and its help. The type is the annotation; tclf-train's
-    options, `--hparams` files and the tuner are all derived from these fields."""
-    return dataclasses.field(default=default, metadata={"help": help})
+def option(default, help: str, flag: str | None = None):
+    """A TrainConfig field: its default, its help and (if not --name-with-dashes) its flag.
+    The type is the default's; tclf-train's options, `--hparams` files and the tuner are
+    all derived from these fields."""
+    return dataclasses.field(default=default, metadata={"help": help, "flag": flag})
 
 
 @dataclasses.dataclass
@@ -38,7 +39,8 @@ class TrainConfig:
     """Every option of a training run; `--hparams FILE` may override any of them."""
 
     records: str = option("records", "Records folder written by tclf-pack.")
-    models: str = option("models", "Folder receiving the version folders vN/ and latest.h5.")
+    models: str = option("models", "Folder receiving the version folders vN/ and latest.h5.",
+                         flag="--models-dir")
     gpus: str = option(
         "all",
         "all (every GPU; CPU if none), none (CPU), or GPU indices like 0,1. Several GPUs train "
@@ -101,7 +103,10 @@ class TrainConfig:
         """A copy with ``overrides`` (names with dashes or underscores), each value checked
         against its field's type: a JSON file's 2 is a fine float, its "299" no int."""
         fields = {f.name: f for f in dataclasses.fields(self)}
-        values = {name.replace("-", "_"): value for name, value in overrides.items()}
+        flags = {f.metadata["flag"].lstrip("-"): f.name for f in fields.values()
+                 if f.metadata.get("flag")}
+        values = {flags.get(name, name).replace("-", "_"): value
+                  for name, value in overrides.items()}
         unknown = sorted(set(values) - set(fields))
         if unknown:
             raise InputError(f"unknown option(s) {unknown}; valid: "

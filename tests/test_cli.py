@@ -111,7 +111,7 @@ def test_hparams_values_are_type_checked_and_accept_dashes(tmp_path):
 
 def test_bad_stage2_layers_is_refused_before_a_version_folder_is_claimed(records_dir, tmp_path):
     models = tmp_path / "models"
-    done = CliRunner().invoke(cli.train_command, ["--records", records_dir, "--models",
+    done = CliRunner().invoke(cli.train_command, ["--records", records_dir, "--models-dir",
                                                   str(models), "--stage2-layers", "100000"])
     assert done.exit_code == 1 and "stage2_layers must be 0-" in done.output
     assert not models.exists() or os.listdir(models) == []
@@ -126,7 +126,7 @@ def test_train_cli_success_with_an_hparams_file(records_dir, tmp_path):
     path.write_text(json.dumps({**hparams, "dropout": 0.3, "stage1_epochs": 5}))
     models = tmp_path / "models"
     done = CliRunner().invoke(cli.train_command, ["--hparams", str(path), "--records",
-                                                  records_dir, "--models", str(models),
+                                                  records_dir, "--models-dir", str(models),
                                                   "--stage1-epochs", "1"])
     assert done.exit_code == 0, done.output
     assert "trained" in done.output and "validation accuracy" in done.output
@@ -134,3 +134,46 @@ def test_train_cli_success_with_an_hparams_file(records_dir, tmp_path):
     assert config["dropout"] == 0.3  # From the file.
     assert config["stage1_epochs"] == 1  # The command line wins over the file.
     assert (models / "latest.h5").exists()
+
+
+def test_option_names_are_consistent(trained, audio_dir):
+    runner = CliRunner()
+    good = sorted(os.path.join(root, f) for root, _, files in os.walk(audio_dir)
+                  for f in files if f.endswith(".wav"))[0]
+    done = runner.invoke(cli.predict_command, [good, "--model", trained.model_path,
+                                               "--per-segment", "--format", "json", "-q"])
+    assert done.exit_code == 0, done.output
+    assert json.loads(done.stdout)["tracks"][0]["segments"]
+    # --segments is tclf-extract's count; tclf-predict does not take it as a flag.
+    assert runner.invoke(cli.predict_command, [good, "--segments"]).exit_code == 2
+    # The models folder is --models-dir (--model is a file everywhere); -q exists on every
+    # command that prints progress or a report.
+    help_text = runner.invoke(cli.train_command, ["--help"]).output
+    assert "--models-dir" in help_text and "--models " not in help_text
+    assert "-q, --quiet" in help_text
+    assert "-q, --quiet" in runner.invoke(cli.eval_command, ["--help"]).output
+    assert train.TrainConfig().replace(**{"models-dir": "elsewhere"}).models == "elsewhere"
+
+
+def test_eval_quiet_prints_only_the_final_line(trained, records_dir):
+    done = CliRunner().invoke(cli.eval_command, ["--model", trained.model_path, "--records",
+                                                 records_dir, "-q"])
+    assert done.exit_code == 0, done.output
+    assert len(done.output.strip().splitlines()) == 1 and done.output.startswith("accuracy ")
+
+
+def test_a_command_in_a_fresh_process_prints_one_line_and_no_tensorflow_chatter(tmp_path):
+    """TensorFlow's start-up lines (absl, cuda drivers, cuInit) are held back."""
+    import subprocess
+    import sys
+
+    script = os.path.join(os.path.dirname(sys.executable), "tclf-eval")
+    env = {k: v for k, v in os.environ.items() if k not in ("TF_CPP_MIN_LOG_LEVEL",
+                                                           "TCLF_DEBUG")}
+    done = subprocess.run([script, "--model", str(tmp_path / "missing.h5")], capture_output=True,
+                          text=True, env=env, timeout=300)
+    assert done.returncode == 1
+    assert done.stdout == ""
+    assert done.stderr.strip().splitlines() == [
+        f"Error: FileNotFoundError: model file {tmp_path / 'missing.h5'} not found (train one "
+        f"with tclf-train, or pass --model)"], done.stderr

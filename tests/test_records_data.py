@@ -13,7 +13,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from tclf import DataWarning, data, records
+from tclf import DataWarning, data, records, splits
 from tests.conftest import STYLES, TRACKS_PER_STYLE
 
 
@@ -58,9 +58,9 @@ def test_split_by_track_stratified_and_stable(records_dir, data_dir, tmp_path):
     per_class = collections.Counter(t.split("/")[0] for t in val)
     assert all(per_class[s] == 1 for s in STYLES)  # 25% of 4 tracks per class.
     labels = {f"c{i % 3}/t{i}": i % 3 for i in range(60)}
-    first = records.split_tracks(labels, 0.2, seed=7)
-    assert first == records.split_tracks(labels, 0.2, seed=7)
-    assert first != records.split_tracks(labels, 0.2, seed=8)
+    first = splits.split_tracks(labels, 0.2, seed=7)
+    assert first == splits.split_tracks(labels, 0.2, seed=7)
+    assert first != splits.split_tracks(labels, 0.2, seed=8)
     assert collections.Counter(t[:2] for t in first["val"]) == {"c0": 4, "c1": 4, "c2": 4}
 
 
@@ -68,7 +68,7 @@ def test_groups_keep_a_group_on_one_side():
     labels = {f"c{i % 2}/t{i}": i % 2 for i in range(40)}
     groups = {f"t{i}": f"artist{i // 4}" for i in range(40)}  # Bare folder names work too.
     for seed in range(5):
-        split = records.split_tracks(labels, 0.25, seed=seed, groups=groups)
+        split = splits.split_tracks(labels, 0.25, seed=seed, groups=groups)
         side = {t: s for s, ts in split.items() for t in ts}
         by_group = collections.defaultdict(set)
         for track, group in groups.items():
@@ -80,7 +80,7 @@ def test_groups_keep_a_group_on_one_side():
 def test_groups_file_is_read(tmp_path):
     path = tmp_path / "groups.csv"
     path.write_text("track_id,group\ngoa/t1,a\nt2,b\n")
-    assert records.read_groups(str(path)) == {"goa/t1": "a", "t2": "b"}
+    assert splits.read_groups(str(path)) == {"goa/t1": "a", "t2": "b"}
 
 
 def _damage(data_copy):

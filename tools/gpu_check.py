@@ -111,7 +111,7 @@ def run_tiny_training(work: str, image_size: int) -> dict:
         [tool("tclf-pack"), data, records, "--quiet", "--min-shards", "2", "--val-fraction",
          "0.25"],
         [tool("tclf-train"), "--gpus", "all", "--precision", "auto", "--hparams", hparams,
-         "--records", records, "--models", models, "--verbose", "0"],
+         "--records", records, "--models-dir", models, "--verbose", "0"],
     ]
     started = time.perf_counter()
     for command in steps:
