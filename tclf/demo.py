@@ -242,6 +242,16 @@ def _noise_hit(sr: int, rng: np.random.Generator, decay: float, length: float,
     return x * _envelope(n, sr, 0.0005, decay)
 
 
+def _backbeat_snare(grid, sr, rng, chance: float, decay: tuple, level_db: float):
+    """With probability ``chance``, a snare on beats 2 and 4 of every bar (else silence)."""
+    if rng.random() >= chance:
+        return 0.0
+    snare = grid.loop()
+    _place(snare, _snare(sr, rng, rng.uniform(180, 240), rng.uniform(*decay)),
+           grid.positions(range(4, grid.n_steps, 8)))
+    return _level(snare, _jitter(rng, level_db))
+
+
 def _snare(sr: int, rng: np.random.Generator, tone: float, decay: float) -> np.ndarray:
     n = int(0.25 * sr)
     t = np.arange(n) / sr
@@ -380,11 +390,7 @@ def _render_goa(rng: np.random.Generator, sr: int):
     closed_steps = [s for s in range(grid.n_steps) if s % 4 in (1, 3)]
     _place(hats, closed, grid.positions(closed_steps), rng.uniform(0.25, 0.5, len(closed_steps)))
     perc += _level(hats, _jitter(rng, -11.0))
-    if rng.random() < 0.7:
-        snare = grid.loop()
-        _place(snare, _snare(sr, rng, rng.uniform(180, 240), rng.uniform(0.06, 0.12)),
-               grid.positions(range(4, grid.n_steps, 8)))
-        perc += _level(snare, _jitter(rng, -18.0))
+    perc += _backbeat_snare(grid, sr, rng, 0.7, (0.06, 0.12), -18.0)
 
     # --- lead: detuned saw arpeggio over the progression, 2 bars per chord
     arp = np.array(_ARPEGGIOS[rng.integers(len(_ARPEGGIOS))])
@@ -490,11 +496,7 @@ def _render_psy(rng: np.random.Generator, sr: int):
         shaker_steps = [s for s in range(grid.n_steps) if s % 2 == 1 and rng.random() < 0.6]
         _place(hats, hat * 0.3, grid.positions(shaker_steps))
     perc += _level(hats, _jitter(rng, -15.0))
-    if rng.random() < 0.4:
-        snare = grid.loop()
-        _place(snare, _snare(sr, rng, rng.uniform(180, 240), rng.uniform(0.04, 0.08)),
-               grid.positions(range(4, grid.n_steps, 8)))
-        perc += _level(snare, _jitter(rng, -17.0))
+    perc += _backbeat_snare(grid, sr, rng, 0.4, (0.04, 0.08), -17.0)
 
     # --- bass: KBBB with a per-track motif through a resonant low-pass
     motifs = np.array([[0, 0, 0], [0, 0, 0], [0, 12, 0], [0, 0, 12], [0, 7, 0], [0, 0, 3],

@@ -138,6 +138,9 @@ class TrainConfig:
                      "cpu_devices"):
             if getattr(self, name) < 1:
                 raise InputError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    def validate_model_options(self) -> None:
+        """The checks that build a backbone (so they start TensorFlow: after the devices)."""
         from tclf.model import backbone_layer_count
 
         if not 0 <= self.stage2_layers <= backbone_layer_count():
@@ -309,6 +312,7 @@ def _train(config: TrainConfig) -> TrainResult:
 
     # --- Devices, precision, seeds -------------------------------------------------------------
     strategy, devices, on_gpu = configure_devices(config.gpus, config.cpu_devices)
+    config.validate_model_options()
     devices += _batch_split(config.batch_size, strategy.num_replicas_in_sync)
     precision = resolve_precision(config.precision, on_gpu)
     keras.mixed_precision.set_global_policy(precision)

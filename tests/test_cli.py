@@ -177,3 +177,28 @@ def test_a_command_in_a_fresh_process_prints_one_line_and_no_tensorflow_chatter(
     assert done.stderr.strip().splitlines() == [
         f"Error: FileNotFoundError: model file {tmp_path / 'missing.h5'} not found (train one "
         f"with tclf-train, or pass --model)"], done.stderr
+
+
+def test_extract_and_predict_report_skips_whatever_the_warnings_filter(trained, audio_dir,
+                                                                       tmp_path):
+    import shutil
+    import warnings
+
+    audio = tmp_path / "audio"
+    (audio / "goa").mkdir(parents=True)
+    good = sorted(os.path.join(root, f) for root, _, files in os.walk(audio_dir)
+                  for f in files if f.endswith(".wav"))[0]
+    shutil.copy(good, audio / "goa" / "good.wav")
+    (audio / "goa" / "broken.wav").write_bytes(b"RIFF not really a wave file")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        extracted = CliRunner().invoke(cli.extract_command, [str(audio), str(tmp_path / "d"),
+                                                             "-q", "--jobs", "1"])
+        predicted = CliRunner().invoke(cli.predict_command, [
+            str(audio / "goa"), "--model", trained.model_path, "--format", "csv"])
+    broken = str(audio / "goa" / "broken.wav")
+    for done in (extracted, predicted):
+        assert done.exit_code == 0, done.output
+        assert any(line.startswith("warning: skipped") and broken in line
+                   for line in done.output.splitlines()), done.output
+    assert "1 failed" in extracted.output and "1 failed" in predicted.output
