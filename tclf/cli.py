@@ -43,8 +43,13 @@ def start_tensorflow() -> None:
     import tempfile
 
     sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as captured:
+    try:
+        saved, captured = os.dup(2), tempfile.TemporaryFile()
+    except OSError:  # No stderr to hold back, or nowhere to hold it: start as is.
+        import tensorflow  # noqa: F401
+
+        return
+    with captured:
         os.dup2(captured.fileno(), 2)
         try:
             import tensorflow as tf
@@ -78,8 +83,11 @@ def command(function=None, *, tensorflow: bool = True):
             sys.exit(INTERRUPTED)
         except click.ClickException:
             raise
-        except USER_ERRORS as error:
-            if os.environ.get("TCLF_DEBUG"):
+        except (*USER_ERRORS, OSError) as error:
+            # An OSError with an errno is the system's answer (disk full, read-only, ...);
+            # one without is a bug.
+            user = isinstance(error, USER_ERRORS) or getattr(error, "errno", None) is not None
+            if os.environ.get("TCLF_DEBUG") or not user:
                 raise
             message = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
             raise click.ClickException(f"{type(error).__name__}: {message}") from None

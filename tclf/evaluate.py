@@ -10,7 +10,7 @@ import dataclasses
 
 import numpy as np
 
-from tclf import InputError, schema
+from tclf import InputError, RunError, schema
 
 
 def _as_probabilities(probabilities, num_classes: int | None = None) -> np.ndarray:
@@ -28,7 +28,8 @@ def _as_probabilities(probabilities, num_classes: int | None = None) -> np.ndarr
             "class names were given"
         )
     if not np.all(np.isfinite(probs)):
-        raise ValueError("probabilities contain NaN or infinite values")
+        raise RunError("the model's probabilities contain NaN or infinite values: training "
+                       "diverged (try a lower learning rate, or --precision float32)")
     return probs
 
 

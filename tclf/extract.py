@@ -149,8 +149,7 @@ def record_settings(data_dir: str, options: dict) -> None:
 
     path = os.path.join(data_dir, SETTINGS_NAME)
     if os.path.exists(path):
-        with open(path) as f:
-            existing = json.load(f)
+        existing = storage.read_json(path)
         if existing != options:
             raise InputError(f"{data_dir} was extracted with {existing}, not {options}; use the "
                              f"same settings or another DATA_DIR")

@@ -23,7 +23,7 @@ from tclf.schema import (  # noqa: F401 (re-exported)
     EXTRACTION_SETTINGS_NAME, FEATURES_KEY, LABEL_KEY, MANIFEST_NAME, SCHEMA_VERSION, SEGMENT_KEY,
     SPECTROGRAM_KEY, SPLITS, TRACK_ID_KEY, create_example, feature_description, load_manifest)
 from tclf.splits import read_groups, split_tracks
-from tclf.storage import join
+from tclf.storage import join, read_json
 
 
 def _tf():
@@ -371,8 +371,7 @@ def _extraction_settings(data_dir: str) -> dict | None:
     path = join(data_dir, EXTRACTION_SETTINGS_NAME)
     if not tf.io.gfile.exists(path):
         return None
-    with tf.io.gfile.GFile(path) as f:
-        return json.load(f)
+    return read_json(path)
 
 
 def _move_into_place(tmp_dir: str, records_dir: str) -> None:

@@ -18,13 +18,12 @@ segment        int64     N of part_N
 
 from __future__ import annotations
 
-import json
 
 import numpy as np
 
 from tclf import InputError
 from tclf.audio import FEATURE_SHAPE, IMAGE_SIZE  # noqa: F401 (the segment shapes, re-exported)
-from tclf.storage import join
+from tclf.storage import join, read_json
 
 SCHEMA_VERSION = 1
 SPECTROGRAM_KEY = "spectrogram"
@@ -77,9 +76,9 @@ def load_manifest(records_dir: str) -> dict:
     if not tf.io.gfile.exists(path):
         raise FileNotFoundError(f"{path} not found: {records_dir} is not a packed records folder "
                                 f"(run `tclf-pack DATA_DIR {records_dir}`)")
-    with tf.io.gfile.GFile(path) as f:
-        manifest = json.load(f)
-    if manifest.get("schema_version") != SCHEMA_VERSION:
-        raise InputError(f"{path}: schema version {manifest.get('schema_version')}, this tclf "
-                         f"reads {SCHEMA_VERSION}; re-run tclf-pack")
+    manifest = read_json(path)
+    if not isinstance(manifest, dict) or manifest.get("schema_version") != SCHEMA_VERSION:
+        found = manifest.get("schema_version") if isinstance(manifest, dict) else None
+        raise InputError(f"{path}: schema version {found}, this tclf reads {SCHEMA_VERSION}; "
+                         f"re-run tclf-pack")
     return manifest

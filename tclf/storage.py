@@ -12,6 +12,7 @@ workers, the demo synthesizer and tools/ stay light); paths with a scheme
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import posixpath
 import shutil
@@ -43,10 +44,26 @@ def _gfile():
 
 
 def _staging_name(path: str) -> str:
-    """``dir/name.tmp-<random>.ext``: beside the target, and with its extension (Keras picks
-    the saving format from it)."""
-    root, ext = os.path.splitext(path)
-    return f"{root}.tmp-{uuid.uuid4().hex[:12]}{ext}"
+    """``dir/.name.tmp-<random>.ext``: beside the target, hidden (a folder scan skips a
+    leftover of a killed process), and with its extension (Keras picks the format from it)."""
+    folder, name = (posixpath if is_remote(path) else os.path).split(path)
+    root, ext = os.path.splitext(name)
+    return join(folder or ".", f".{root}.tmp-{uuid.uuid4().hex[:12]}{ext}")
+
+
+def read_json(path: str):
+    """The JSON value in the file ``path``; a file that is not valid UTF-8 JSON is the
+    user's to fix (InputError naming it)."""
+    from tclf import InputError
+
+    try:
+        if is_remote(path):
+            with _gfile().GFile(path, "rb") as f:
+                return json.loads(f.read().decode("utf-8"))
+        with open(path, "rb") as f:
+            return json.loads(f.read().decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise InputError(f"{path}: not a valid JSON file ({error})") from None
 
 
 def remove_quietly(path: str) -> None:

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import json
 import math
+import numbers
 import time
 
 from tclf import InputError, schema, storage
@@ -113,8 +113,9 @@ class TrainConfig:
                              f"{sorted(n.replace('_', '-') for n in fields)}")
         for name, value in values.items():
             kind = type(fields[name].default)
-            if kind is float and type(value) is int:
-                values[name] = float(value)
+            number = {int: numbers.Integral, float: numbers.Real}.get(kind)
+            if number and isinstance(value, number) and not isinstance(value, bool):
+                values[name] = kind(value)  # Also numpy numbers, e.g. from a tuner.
             elif type(value) is not kind:
                 raise InputError(f"option {name.replace('_', '-')}: expected {kind.__name__}, "
                                  f"got {value!r}")
@@ -134,10 +135,24 @@ class TrainConfig:
         if not 2 <= self.stage2_max_epochs or self.stage2_min_epochs > self.stage2_max_epochs:
             raise InputError(f"stage 2 epochs: need min <= max, got {self.stage2_min_epochs} and "
                              f"{self.stage2_max_epochs}")
-        for name in ("image_size", "batch_size", "stage1_epochs", "stage2_max_epochs",
-                     "cpu_devices"):
+        for name in ("batch_size", "stage1_epochs", "stage2_max_epochs", "cpu_devices",
+                     "image_units", "gru_units", "gru2_units", "feature_units", "fusion_units",
+                     "head_units", "attention_heads"):
             if getattr(self, name) < 1:
                 raise InputError(f"{name} must be >= 1, got {getattr(self, name)}")
+        checks = [
+            (self.image_size >= 32, "image_size must be >= 32 (EfficientNetB0's smallest input)"),
+            (self.attention_heads <= self.gru_units,
+             "attention_heads must be <= gru_units (each head gets gru_units / heads)"),
+            (0.0 <= self.dropout < 1.0, "dropout must be in [0, 1)"),
+            (self.stage1_lr > 0 and self.stage2_lr > 0, "learning rates must be > 0"),
+            (min(self.stage1_warmup_epochs, self.stage2_warmup_epochs, self.stage1_patience,
+                 self.stage2_patience, self.stage2_min_epochs) >= 0,
+             "warm-up epochs, patience and stage2_min_epochs must be >= 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise InputError(message)
 
     def validate_model_options(self) -> None:
         """The checks that build a backbone (so they start TensorFlow: after the devices)."""
@@ -158,13 +173,7 @@ TINY = dict(weights="none", image_size=32, batch_size=8, stage1_epochs=1, stage2
 
 def load_hparams(path: str) -> dict:
     """Options from a JSON object file (as the tuner writes them)."""
-    import tensorflow as tf
-
-    with tf.io.gfile.GFile(path) as f:
-        try:
-            values = json.load(f)
-        except json.JSONDecodeError as error:
-            raise InputError(f"{path}: not valid JSON ({error})") from None
+    values = storage.read_json(path)
     if not isinstance(values, dict):
         raise InputError(f"{path}: expected a JSON object of option: value")
     return values

@@ -202,3 +202,37 @@ def test_extract_and_predict_report_skips_whatever_the_warnings_filter(trained, 
         assert any(line.startswith("warning: skipped") and broken in line
                    for line in done.output.splitlines()), done.output
     assert "1 failed" in extracted.output and "1 failed" in predicted.output
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("dropout", 1.5, "dropout must be in"), ("gru_units", 0, "gru_units must be >= 1"),
+    ("attention_heads", 200, "attention_heads must be <= gru_units"),
+    ("image_size", 16, "image_size must be >= 32"), ("stage1_lr", 0.0, "learning rates")])
+def test_bad_model_settings_are_user_errors_before_a_folder_is_claimed(option, value, message,
+                                                                       records_dir, tmp_path):
+    config = train.TrainConfig(records=records_dir, models=str(tmp_path / "models"))
+    with pytest.raises(InputError, match=message):
+        train.train(config.replace(**{option: value}))
+    assert not (tmp_path / "models").exists()
+
+
+def test_hparams_accept_numpy_numbers_as_a_tuner_gives_them():
+    import numpy as np
+
+    config = train.TrainConfig().replace(dropout=np.float64(0.3), batch_size=np.int64(16))
+    assert type(config.dropout) is float and type(config.batch_size) is int
+    assert (config.dropout, config.batch_size) == (0.3, 16)
+    with pytest.raises(InputError, match="expected int"):
+        train.TrainConfig().replace(batch_size=True)
+
+
+def test_a_corrupt_manifest_is_one_line(records_dir, tmp_path):
+    import shutil
+
+    broken = tmp_path / "records"
+    shutil.copytree(records_dir, broken)
+    (broken / "manifest.json").write_bytes(b'{"classes": [')
+    done = CliRunner().invoke(cli.train_command, ["--records", str(broken), "--models-dir",
+                                                  str(tmp_path / "m"), "--weights", "none"])
+    assert done.exit_code == 1 and "manifest.json: not a valid JSON file" in done.output
+    assert len(done.output.strip().splitlines()) == 1
