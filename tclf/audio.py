@@ -36,10 +36,12 @@ column   name                        meaning
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import io
 import math
+import re
 
 import numpy as np
 
@@ -150,7 +152,9 @@ def load_segments(path: str, num_segments: int = 6, segment_seconds: float = 10.
 
     Formats libsndfile can seek in (wav, flac, ogg, mp3, aiff) are read
     segment by segment, so a long track is never decoded whole; anything else
-    falls back to ``librosa.load`` (audioread).
+    falls back to ``librosa.load`` (audioread). What the decoders print about
+    a broken file (mpg123's "Illegal Audio-MPEG-Header", librosa's fallback
+    warnings) is held back: the AudioError says what is wrong in one line.
 
     Returns
     -------
@@ -159,16 +163,76 @@ def load_segments(path: str, num_segments: int = 6, segment_seconds: float = 10.
     Raises
     ------
     AudioError
-        If the file cannot be decoded or is shorter than one segment.
+        If the file is missing, not a regular file, unreadable, empty, not
+        decodable audio, shorter than one segment, or holds NaN or infinite
+        samples. The message starts with the path.
     """
+    head = _first_bytes(path)
+    length = int(round(segment_seconds * sample_rate))
+    with _decoder_output_held_back():
+        segments, source_rate, duration = _decode(path, head, num_segments, segment_seconds,
+                                                  skip_fraction)
+    if not segments:
+        raise AudioError(f"{path}: {duration:.1f} s is shorter than one "
+                         f"{segment_seconds:g} s segment")
+    for start, y in segments:
+        if not np.all(np.isfinite(y)):
+            raise AudioError(f"{path}: the segment at {start:.1f} s holds NaN or infinite "
+                             f"samples (a damaged file?)")
+    return [(start, _fit(_resample(y, source_rate, sample_rate), length))
+            for start, y in segments]
+
+
+def _first_bytes(path: str, size: int = 4096) -> bytes:
+    """The file's first bytes, read before any decoder sees it, so that a missing, special,
+    unreadable or empty file gets its own message (libsndfile calls them all "does not exist
+    or is not a regular file"), and a FIFO is never opened (reading it would wait forever)."""
+    import os
+    import stat
+
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        broken = " (a broken symbolic link)" if os.path.islink(path) else ""
+        raise AudioError(f"{path}: no such file{broken}") from None
+    except OSError as error:
+        raise AudioError(f"{path}: cannot read it ({error.strerror or error})") from None
+    if not stat.S_ISREG(mode):
+        kind = "a folder" if stat.S_ISDIR(mode) else "a pipe, socket or device"
+        raise AudioError(f"{path}: not a regular file ({kind})")
+    try:
+        with open(path, "rb") as f:
+            head = f.read(size)
+    except PermissionError:
+        raise AudioError(f"{path}: cannot read it (permission denied)") from None
+    except OSError as error:
+        raise AudioError(f"{path}: cannot read it ({error.strerror or error})") from None
+    if not head:
+        raise AudioError(f"{path}: empty file (0 bytes)")
+    return head
+
+
+def _looks_like_text(head: bytes) -> bool:
+    """True for bytes that are printable UTF-8 text (a playlist, notes, an HTML error page)."""
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        try:  # The 4096 bytes may end inside a multi-byte character.
+            text = head[:-3].decode("utf-8")
+        except UnicodeDecodeError:
+            return False
+    return all(c.isprintable() or c in "\t\r\n\f" for c in text)
+
+
+def _decode(path, head, num_segments, segment_seconds, skip_fraction):
+    """(segments, source_rate, duration): libsndfile first, then audioread."""
     import soundfile as sf
 
-    length = int(round(segment_seconds * sample_rate))
     try:
         with sf.SoundFile(path) as f:
             source_rate, frames = f.samplerate, f.frames
-            if frames <= 0:
-                raise AudioError(f"{path}: no audio frames")
+            if frames <= 0 or source_rate <= 0:
+                raise AudioError(f"{path}: no audio frames (the file holds a header only)")
             duration = frames / source_rate
             starts = segment_starts(duration, num_segments, segment_seconds, skip_fraction)
             segments = []
@@ -177,30 +241,86 @@ def load_segments(path: str, num_segments: int = 6, segment_seconds: float = 10.
                 y = _to_mono(f.read(int(math.ceil(segment_seconds * source_rate)),
                                     dtype="float32", always_2d=False))
                 segments.append((start, y))
+            return segments, source_rate, duration
     except AudioError:
         raise
     except Exception as error:  # libsndfile cannot read it: try audioread, segment by segment.
-        try:
-            import warnings
+        first_error = error
+    try:
+        import warnings
 
-            import librosa
+        import librosa
 
-            with warnings.catch_warnings():  # librosa warns about its own fallback; we report.
-                warnings.simplefilter("ignore")
-                duration = librosa.get_duration(path=path)
-                starts = segment_starts(duration, num_segments, segment_seconds, skip_fraction)
-                segments = []
-                for start in starts:
-                    y, source_rate = librosa.load(path, sr=None, mono=True, offset=start,
-                                                  duration=segment_seconds)
-                    segments.append((start, y))
-        except Exception:
-            raise AudioError(f"{path}: not a readable audio file ({error})") from None
-    if not segments:
-        raise AudioError(f"{path}: {duration:.1f} s is shorter than one "
-                         f"{segment_seconds:g} s segment")
-    return [(start, _fit(_resample(y, source_rate, sample_rate), length))
-            for start, y in segments]
+        with warnings.catch_warnings():  # librosa warns about its own fallback; we report.
+            warnings.simplefilter("ignore")
+            duration = librosa.get_duration(path=path)
+            starts = segment_starts(duration, num_segments, segment_seconds, skip_fraction)
+            segments = []
+            for start in starts:
+                y, source_rate = librosa.load(path, sr=None, mono=True, offset=start,
+                                              duration=segment_seconds)
+                segments.append((start, y))
+            if not starts:
+                source_rate = 0
+            return segments, source_rate, duration
+    except Exception:
+        pass
+    raise AudioError(f"{path}: not a decodable audio file ({_reason(path, head, first_error)})")
+
+
+def _reason(path: str, head: bytes, error: Exception) -> str:
+    """Why no decoder took the file, in words: libsndfile's message without its "Error opening
+    '<path>': " prefix, and without its "does not exist or is not a regular file (possibly a
+    pipe?)", which it says of a corrupt mp3 (the file was just read: it exists)."""
+    if _looks_like_text(head):
+        return "it holds text"
+    message = str(error).strip()
+    prefix = f"Error opening {path!r}: "
+    message = (message[len(prefix):] if message.startswith(prefix)
+               else re.sub(r"^Error opening .*?: ", "", message, flags=re.DOTALL)).strip()
+    if not message or "not a regular file" in message or "does not exist" in message:
+        return "unrecognised or corrupt data"
+    return message.rstrip(".")
+
+
+@contextlib.contextmanager
+def _decoder_output_held_back():
+    """Send what C decoders write to file descriptor 2 (libmpg123's "Note: Illegal
+    Audio-MPEG-Header", ffmpeg's lines) to /dev/null while a file is decoded.
+
+    The AudioError raised for a broken file says what is wrong; the raw lines only confuse.
+    TCLF_DEBUG=1 lets them through. Without a file descriptor 2 (or when it cannot be
+    duplicated) the decode runs as is. Python's own sys.stderr is flushed first and is not
+    written to in between (decoding emits no Python output; warnings are caught).
+    """
+    import os
+    import sys
+
+    if os.environ.get("TCLF_DEBUG"):
+        yield
+        return
+    try:
+        sys.stderr.flush()
+    except Exception:  # noqa: BLE001 - a closed or odd sys.stderr: nothing to flush.
+        pass
+    try:
+        saved = os.dup(2)
+    except OSError:
+        yield
+        return
+    try:
+        null = os.open(os.devnull, os.O_WRONLY)
+    except OSError:
+        os.close(saved)
+        yield
+        return
+    try:
+        os.dup2(null, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(null)
 
 
 def _resample(y: np.ndarray, source_rate: int, target_rate: int) -> np.ndarray:
@@ -403,11 +523,27 @@ def _tempo(onset: np.ndarray, sample_rate: int) -> tuple[float, float]:
 def analyze_file(path: str, num_segments: int = 6, segment_seconds: float = 10.0,
                  sample_rate: int = SAMPLE_RATE, image_size: int = IMAGE_SIZE,
                  skip_fraction: float = 0.1) -> list[Segment]:
-    """All segments of one audio file, analysed. Raises AudioError for unusable files."""
-    return [Segment(index, start, *analyze_segment(y, sample_rate, image_size))
-            for index, (start, y) in enumerate(
-                load_segments(path, num_segments, segment_seconds, sample_rate, skip_fraction),
-                start=1)]
+    """All segments of one audio file, analysed.
+
+    Raises
+    ------
+    AudioError
+        For an unusable file (see :func:`load_segments`), or one whose samples are so far out
+        of range that a feature overflows (a float WAV of 1e30s); the message names the file.
+    """
+    segments = []
+    for index, (start, y) in enumerate(
+            load_segments(path, num_segments, segment_seconds, sample_rate, skip_fraction),
+            start=1):
+        try:
+            image, features = analyze_segment(y, sample_rate, image_size)
+        except AudioError as error:
+            raise AudioError(f"{path}: {error}") from None
+        if not np.all(np.isfinite(features)):
+            raise AudioError(f"{path}: the segment at {start:.1f} s gives non-finite features "
+                             f"(samples far outside -1..1?)")
+        segments.append(Segment(index, start, image, features))
+    return segments
 
 
 def is_audio_file(name: str) -> bool:

@@ -3,7 +3,11 @@
 Tracks are processed in parallel, one track per task. Each track is written
 into a hidden temporary folder beside its final place and renamed when
 complete, so an interrupted run never leaves a half track: a re-run finds
-either the whole track (and skips it) or nothing.
+either the whole track (and skips it) or nothing. Each track folder records
+its source file (source.json), so a re-run matches files to folders by that
+record, not by names that shift when files are added (see plan_tracks).
+A track that cannot be written (disk full) stops the run with one error;
+a file that cannot be used is skipped with a DataWarning naming it.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import dataclasses
+import json
 import multiprocessing
 import os
 import re
@@ -20,7 +25,7 @@ import uuid
 
 import numpy as np
 
-from tclf import InputError, RunError, audio, report_skip, schema, storage
+from tclf import InputError, RunError, audio, faults, report_skip, schema, storage
 
 TMP_PREFIX = ".tmp-"
 
@@ -48,46 +53,230 @@ def track_id_for(filename: str) -> str:
     return re.sub(r"[^\w.\-]+", "_", stem).strip("._") or "track"
 
 
-def list_tracks(audio_dir: str) -> list[tuple[str, str, str]]:
-    """(class_name, track_id, path) for every non-hidden file under AUDIO_DIR/<class>/.
+SOURCE_NAME = "source.json"  # In each track folder: {"source": "<path in AUDIO_DIR/<class>/>"}.
+
+# What a track of the listing is, against DATA_DIR (see plan_tracks).
+NEW, COMPLETE, ADOPT, REDO, AMBIGUOUS = "new", "complete", "adopt", "redo", "ambiguous"
+
+
+@dataclasses.dataclass
+class Track:
+    class_name: str
+    track_id: str | None  # None only for AMBIGUOUS.
+    path: str  # The audio file, as found under AUDIO_DIR.
+    source: str  # Its path inside AUDIO_DIR/<class>/, with "/": what source.json records.
+    state: str  # NEW, COMPLETE, ADOPT, REDO or AMBIGUOUS.
+    note: str = ""  # Why, for AMBIGUOUS.
+
+
+def _check_folder(path: str, what: str) -> None:
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise InputError(f"{path}: is a file, not a folder (expected {what})")
+
+
+def _class_files(class_dir: str) -> list[tuple[str, str]]:
+    """(source, path) of every non-hidden file under one class folder, in sorted walk order.
+
+    Symbolic links to folders are followed (each real folder once: a link loop ends).
+    """
+    found, visited = [], set()
+    for root, dirs, files in os.walk(class_dir, followlinks=True):
+        real = os.path.realpath(root)
+        if real in visited:
+            dirs[:] = []
+            continue
+        visited.add(real)
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(files):
+            if name.startswith("."):
+                continue
+            path = os.path.join(root, name)
+            found.append((os.path.relpath(path, class_dir).replace(os.sep, "/"), path))
+    return found
+
+
+def _old_ids(sources: list[str]) -> dict[str, str]:
+    """The ids tclf gave before track folders recorded their source: cleaned stems, in listing
+    order, with _2, _3 ... appended to stems already used. Used to recognise such folders."""
+    ids, seen = {}, set()
+    for source in sources:
+        base = track_id = track_id_for(source.rsplit("/", 1)[-1])
+        number = 2
+        while track_id in seen:
+            track_id, number = f"{base}_{number}", number + 1
+        seen.add(track_id)
+        ids[source] = track_id
+    return ids
+
+
+_BROKEN = object()  # A source.json that cannot be read: the folder belongs to no file.
+
+
+def read_source(track_dir: str):
+    """The source recorded in a track folder: its path in AUDIO_DIR/<class>/, None if the
+    folder has no record (written by an older tclf), or _BROKEN if the record is damaged."""
+    path = os.path.join(track_dir, SOURCE_NAME)
+    if not os.path.exists(path):
+        return None
+    try:
+        source = storage.read_json(path)["source"]
+    except (InputError, OSError, KeyError, TypeError):
+        return _BROKEN
+    return source if isinstance(source, str) else _BROKEN
+
+
+def _existing(class_data_dir: str) -> tuple[dict, set]:
+    """(track folder -> recorded source, every non-hidden name) of DATA_DIR/<class>/."""
+    if not os.path.isdir(class_data_dir):
+        return {}, set()
+    names = {n for n in os.listdir(class_data_dir) if not n.startswith(".")}
+    folders = {}
+    for name in sorted(names):
+        track_dir = os.path.join(class_data_dir, name)
+        if os.path.isdir(track_dir):
+            folders[name] = read_source(track_dir)
+            if folders[name] is _BROKEN:
+                report_skip(f"{track_dir}/{SOURCE_NAME} is damaged: that folder is matched to "
+                            f"no audio file and left as it is (delete it to extract it again)")
+    return folders, names
+
+
+def _plan_class(class_name: str, files: list[tuple[str, str]], class_data_dir: str,
+                overwrite: bool) -> list[Track]:
+    folders, names = _existing(class_data_dir)
+    recorded = {src: name for name, src in folders.items() if isinstance(src, str)}
+    unrecorded = {name for name, src in folders.items() if src is None}
+    old_ids = _old_ids([source for source, _ in files])
+    bases = {source: track_id_for(source.rsplit("/", 1)[-1]) for source, _ in files}
+    taken = {name.casefold() for name in names}  # Case-insensitive filesystems too.
+    plan: dict[str, Track] = {}
+    for source, path in files:
+        if source in recorded:
+            plan[source] = Track(class_name, recorded[source], path, source,
+                                 REDO if overwrite else COMPLETE)
+    groups = collections.defaultdict(list)
+    for source, _ in files:
+        groups[bases[source]].append(source)
+    paths = dict(files)
+    for base, members in groups.items():
+        pending = [m for m in members if m not in plan]
+        found = {old_ids[m] for m in pending} & unrecorded
+        if not pending or not found:
+            continue
+        # Folders a removed file of this group may have left: base_N that no file is named.
+        extra = {n for n in unrecorded - found
+                 if re.fullmatch(re.escape(base) + r"_\d+", n) and n not in bases.values()}
+        unchanged = (len(pending) == len(members) and not extra
+                     and found == {old_ids[m] for m in members})
+        if unchanged or overwrite:
+            for m in pending:
+                if old_ids[m] in found:
+                    plan[m] = Track(class_name, old_ids[m], paths[m], m,
+                                    REDO if overwrite else ADOPT)
+        else:
+            folder_list = ", ".join(sorted(found | extra))
+            others = ", ".join(pending)
+            for m in pending:
+                plan[m] = Track(class_name, None, paths[m], m, AMBIGUOUS, note=(
+                    f"{paths[m]}: cannot tell whether {class_data_dir}/{{{folder_list}}} "
+                    f"(extracted by an older tclf, which did not record the source file) holds "
+                    f"this track or another of {others}; re-run with --overwrite to extract "
+                    f"them again"))
+    for source, path in files:
+        if source in plan:
+            continue
+        base = track_id = bases[source]
+        number = 2
+        while track_id.casefold() in taken:
+            track_id, number = f"{base}_{number}", number + 1
+        taken.add(track_id.casefold())
+        plan[source] = Track(class_name, track_id, path, source, NEW)
+    return [plan[source] for source, _ in files]
+
+
+def plan_tracks(audio_dir: str, data_dir: str | None = None,
+                overwrite: bool = False) -> list[Track]:
+    """Every non-hidden file under AUDIO_DIR/<class>/, with its track folder in DATA_DIR.
 
     Files are not filtered by extension: anything that does not decode is
-    reported as such by the extraction. Two files of one class with the same
-    stem get the extension appended to keep their ids apart.
+    reported as such by the extraction. A track id is the file's cleaned stem
+    (:func:`track_id_for`); a stem already taken in DATA_DIR/<class>/ (by a
+    folder of any file, or by another file of this listing) gets _2, _3 ...,
+    so two files whose names clean to the same id never share a folder.
+
+    Which folder holds which file is recorded, not recomputed: each track
+    folder holds ``source.json`` (``{"source": "<path inside AUDIO_DIR/<class>/>"}``),
+    written before the folder is moved into place. On a re-run a file is
+    matched to the folder that records it (COMPLETE), whatever was added or
+    removed since; a folder that records another file is never this file's.
+    Paths are relative to the class folder, so AUDIO_DIR may move.
+
+    Folders without ``source.json`` (extracted by an older tclf) are
+    recognised by the ids that tclf gave (:func:`_old_ids`): a file whose name
+    no other file of the class shares adopts the folder named by its cleaned
+    stem (ADOPT: complete; its source.json is written then). Files whose names
+    clean to one stem got _2, _3 ... in sorted order, which shifts when such a
+    file is added or removed; their old folders are adopted only when they are
+    exactly the ids of the current files. Otherwise the files are AMBIGUOUS:
+    reported as failed with the folders named, and --overwrite extracts them
+    again (REDO) into the old ids. Nothing is ever adopted by guesswork.
+
+    With ``overwrite`` every file is extracted again (REDO into its own folder, NEW otherwise).
+
+    Raises
+    ------
+    FileNotFoundError
+        If AUDIO_DIR does not exist.
+    InputError
+        If AUDIO_DIR or DATA_DIR is a file.
     """
+    _check_folder(audio_dir, "AUDIO_DIR/<class>/<files>")
+    if data_dir is not None:
+        _check_folder(data_dir, "DATA_DIR, where the track folders go")
     if not os.path.isdir(audio_dir):
         raise FileNotFoundError(f"{audio_dir}: no such folder (expected AUDIO_DIR/<class>/<files>)")
     tracks = []
     for class_name in sorted(os.listdir(audio_dir)):
         class_dir = os.path.join(audio_dir, class_name)
-        if class_name.startswith(".") or not os.path.isdir(class_dir):
+        if class_name.startswith("."):
             continue
-        seen = set()
-        for root, dirs, files in os.walk(class_dir):
-            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-            for name in sorted(files):
-                if name.startswith("."):
-                    continue
-                base = track_id = track_id_for(name)
-                number = 2
-                while track_id in seen:
-                    track_id, number = f"{base}_{number}", number + 1
-                seen.add(track_id)
-                tracks.append((class_name, track_id, os.path.join(root, name)))
+        if not os.path.isdir(class_dir):
+            report_skip(f"skipped {class_dir}: not in a class folder (audio files go in "
+                        f"AUDIO_DIR/<class>/)")
+            continue
+        files = _class_files(class_dir)
+        if not files:
+            report_skip(f"skipped class folder {class_dir}: it holds no files")
+            continue
+        class_data_dir = os.path.join(data_dir, class_name) if data_dir else ""
+        tracks.extend(_plan_class(class_name, files, class_data_dir, overwrite))
     return tracks
 
 
-def write_track(segments: list[audio.Segment], track_dir: str, overwrite: bool = False) -> None:
-    """Write part_N.png/.npy into a temporary folder, then rename it to track_dir."""
+def list_tracks(audio_dir: str, data_dir: str | None = None) -> list[tuple[str, str, str]]:
+    """(class_name, track_id, path) for every file :func:`plan_tracks` finds (track_id None
+    for an AMBIGUOUS one)."""
+    return [(t.class_name, t.track_id, t.path) for t in plan_tracks(audio_dir, data_dir)]
+
+
+def write_track(segments: list[audio.Segment], track_dir: str, overwrite: bool = False,
+                source: str | None = None) -> None:
+    """Write part_N.png/.npy (and source.json, if ``source``) into a hidden temporary
+    folder beside track_dir, then rename it to track_dir: the track appears whole or not
+    at all."""
     parent = os.path.dirname(track_dir)
     os.makedirs(parent, exist_ok=True)
     tmp = os.path.join(parent, f"{TMP_PREFIX}{os.path.basename(track_dir)}-{uuid.uuid4().hex[:8]}")
     os.makedirs(tmp)
     try:
+        if source is not None:
+            with open(os.path.join(tmp, SOURCE_NAME), "w", encoding="utf-8") as f:
+                f.write(json.dumps({"source": source}, ensure_ascii=False))
         for segment in segments:
             with open(os.path.join(tmp, f"part_{segment.index}.png"), "wb") as f:
                 f.write(segment.png_bytes())
             np.save(os.path.join(tmp, f"part_{segment.index}.npy"), segment.features)
+            faults.point("extract.part_written")
         if os.path.exists(track_dir):
             if not overwrite:
                 raise FileExistsError(f"{track_dir} already exists")
@@ -100,18 +289,30 @@ def write_track(segments: list[audio.Segment], track_dir: str, overwrite: bool =
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    faults.point("extract.track_written")
 
 
 def _extract_one(task):
-    class_name, track_id, path, track_dir, options, overwrite = task
+    """(class, id, path, segments, error, fatal) for one track. A file that cannot be used is
+    an error; a track that cannot be written (disk full, read-only, permissions) is fatal:
+    every other track would fail the same way."""
+    class_name, track_id, path, track_dir, options, overwrite, source = task
     try:
         segments = audio.analyze_file(path, **options)
-        write_track(segments, track_dir, overwrite)
-        return class_name, track_id, path, len(segments), None
     except audio.AudioError as error:
-        return class_name, track_id, path, 0, str(error)
+        return class_name, track_id, path, 0, str(error), False
     except Exception as error:  # One bad file must not stop the run.
-        return class_name, track_id, path, 0, f"{path}: {type(error).__name__}: {error}"
+        return class_name, track_id, path, 0, f"{path}: {type(error).__name__}: {error}", False
+    try:
+        write_track(segments, track_dir, overwrite, source)
+    except FileExistsError as error:  # Another tclf-extract on this DATA_DIR got there first.
+        return class_name, track_id, path, 0, f"{path}: {error}", False
+    except OSError as error:
+        reason = error.strerror or str(error)
+        return class_name, track_id, path, 0, f"cannot write {track_dir}: {reason}", True
+    except Exception as error:
+        return class_name, track_id, path, 0, f"{path}: {type(error).__name__}: {error}", False
+    return class_name, track_id, path, len(segments), None, False
 
 
 def _thread_limits():
@@ -145,8 +346,6 @@ def record_settings(data_dir: str, options: dict) -> None:
     tclf-pack copies it into the manifest and tclf-train into model.h5, so
     that tclf-predict analyses new audio exactly as the training data was.
     """
-    import json
-
     path = os.path.join(data_dir, SETTINGS_NAME)
     if os.path.exists(path):
         existing = storage.read_json(path)
@@ -195,8 +394,13 @@ def extract(audio_dir: str, data_dir: str, num_segments: int = 6, segment_second
 
     Raises
     ------
-    RuntimeError
-        If no track could be extracted and none was already complete.
+    InputError
+        If AUDIO_DIR or DATA_DIR is a file, or DATA_DIR was extracted with other settings.
+    RunError
+        If no track could be extracted and none was already complete, if a track cannot be
+        written (a full disk, a read-only DATA_DIR: the run stops there, every later track
+        would fail the same way; the tracks written before are complete), or if a worker
+        process died.
     """
     start_time = time.perf_counter()
     options = dict(num_segments=num_segments, segment_seconds=segment_seconds,
@@ -205,18 +409,30 @@ def extract(audio_dir: str, data_dir: str, num_segments: int = 6, segment_second
         if "://" in path:
             raise InputError(f"{path}: tclf-extract works on local folders; copy the result "
                              f"to remote storage afterwards (tclf-pack reads and writes gs://)")
-    tracks = list_tracks(audio_dir)
+    _check_folder(audio_dir, "AUDIO_DIR/<class>/<files>")
+    _check_folder(data_dir, "DATA_DIR, where the track folders go")
+    if not os.path.isdir(audio_dir):
+        raise FileNotFoundError(f"{audio_dir}: no such folder (expected AUDIO_DIR/<class>/<files>)")
     record_settings(data_dir, options)
     clean_temporary(data_dir)
+    tracks = plan_tracks(audio_dir, data_dir, overwrite)
     summary = ExtractSummary(collections.Counter(), collections.Counter(),
                              collections.Counter(), [], 0.0)
     tasks = []
-    for class_name, track_id, path in tracks:
-        track_dir = os.path.join(data_dir, class_name, track_id)
-        if os.path.isdir(track_dir) and not overwrite:
-            summary.existing[class_name] += 1
+    for track in tracks:
+        if track.state == AMBIGUOUS:
+            summary.failed.append((track.path, track.note))
+            report_skip(f"skipped {track.note}")
+            continue
+        track_dir = os.path.join(data_dir, track.class_name, track.track_id)
+        if track.state in (COMPLETE, ADOPT):
+            if track.state == ADOPT:  # Record its source now: later runs match it by that.
+                storage.write_atomic(os.path.join(track_dir, SOURCE_NAME),
+                                     json.dumps({"source": track.source}, ensure_ascii=False))
+            summary.existing[track.class_name] += 1
         else:
-            tasks.append((class_name, track_id, path, track_dir, options, overwrite))
+            tasks.append((track.class_name, track.track_id, track.path, track_dir, options,
+                          track.state == REDO, track.source))
     jobs = max(1, min(jobs or os.cpu_count() or 1, len(tasks) or 1))
 
     from tqdm import tqdm
@@ -238,7 +454,11 @@ def extract(audio_dir: str, data_dir: str, num_segments: int = 6, segment_second
         results = (future.result() for future in concurrent.futures.as_completed(
             [pool.submit(_extract_one, task) for task in tasks]))
     try:
-        for class_name, track_id, path, count, error in results:
+        for class_name, track_id, path, count, error, fatal in results:
+            if fatal:
+                done = sum(summary.extracted.values())
+                raise RunError(f"{error}; stopped after {done} of {len(tasks)} tracks (those "
+                               f"are complete and kept): fix that and re-run to go on")
             if error:
                 summary.failed.append((path, error))
                 report_skip(f"skipped {error}")

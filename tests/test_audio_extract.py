@@ -73,7 +73,8 @@ def test_extract_writes_every_track(data_dir):
         assert len(tracks) == TRACKS_PER_STYLE
         for track in tracks:
             names = sorted(os.listdir(os.path.join(data_dir, style, track)))
-            assert names == ["part_1.npy", "part_1.png", "part_2.npy", "part_2.png"]
+            assert names == ["part_1.npy", "part_1.png", "part_2.npy", "part_2.png",
+                             extract.SOURCE_NAME]
             with Image.open(os.path.join(data_dir, style, track, "part_1.png")) as image:
                 assert image.size == (299, 299) and image.mode == "RGB"
             features = np.load(os.path.join(data_dir, style, track, "part_2.npy"))
@@ -123,7 +124,7 @@ def test_interrupted_extract_leaves_no_half_track_and_rerun_completes(
             for t in os.listdir(target / c)]
     assert len(done) == 2  # Two complete tracks, the third never appeared.
     for c, t in done:
-        assert len(os.listdir(target / c / t)) == 4
+        assert len(os.listdir(target / c / t)) == 5  # 2 x (png, npy) + source.json.
     # A crash (not an exception) could also leave a temporary folder behind: the re-run removes it.
     (target / done[0][0] / ".tmp-crashed-1234").mkdir()
     summary = extract.extract(audio_dir, str(target), jobs=2, progress=False)
@@ -133,7 +134,7 @@ def test_interrupted_extract_leaves_no_half_track_and_rerun_completes(
         names = os.listdir(target / style)
         assert len(names) == TRACKS_PER_STYLE and not any(n.startswith(".") for n in names)
         for track in names:
-            assert len(os.listdir(target / style / track)) == 4
+            assert len(os.listdir(target / style / track)) == 5
 
 
 def test_track_ids_stay_unique_across_subfolders(tmp_path):
