@@ -10,20 +10,22 @@ import contextlib
 import io
 import json
 import math
+import os
 import re
+import socket
 import time
 import uuid
 
 import numpy as np
 
 import tclf
-from tclf import InputError, RunError, report_skip
+from tclf import InputError, RunError, faults, report_skip
 from tclf.audio import FEATURE_SHAPE, IMAGE_SIZE
 from tclf.schema import (  # noqa: F401 (re-exported)
     EXTRACTION_SETTINGS_NAME, FEATURES_KEY, LABEL_KEY, MANIFEST_NAME, SCHEMA_VERSION, SEGMENT_KEY,
     SPECTROGRAM_KEY, SPLITS, TRACK_ID_KEY, create_example, feature_description, load_manifest)
 from tclf.splits import read_groups, split_tracks
-from tclf.storage import join, read_json
+from tclf.storage import is_remote, join, read_json, remove_quietly
 
 
 def _tf():
@@ -43,28 +45,48 @@ _PART = re.compile(r"^part_(\d+)\.(png|npy)$")
 Sample = collections.namedtuple("Sample", "label track_id segment png_path npy_path")
 
 
+def _listdir(folder: str) -> list[str] | None:
+    """Sorted entries of a folder of the user's data; None (reported) when it cannot be listed."""
+    tf = _tf()
+    try:
+        return sorted(n.rstrip("/") for n in tf.io.gfile.listdir(folder))
+    except (OSError, tf.errors.OpError) as error:
+        report_skip(f"skipped folder {folder}: it cannot be listed "
+                    f"({getattr(error, 'strerror', None) or getattr(error, 'message', error)})")
+        return None
+
+
 def scan_data(data_dir: str) -> tuple[list[str], list[Sample], collections.Counter]:
     """Classes (sub-folders with at least one pair), every png/npy pair of DATA_DIR, and the
     count of what was skipped per class folder.
 
-    A png without its npy (or the reverse) and a class folder without any
-    pair are reported with a DataWarning, counted and left out.
+    A png without its npy (or the reverse), a class folder without any pair and a
+    folder that cannot be listed are reported with a DataWarning, counted and left
+    out. Symbolic links to class or track folders are followed. The pairs are not
+    read here: see :func:`validate_samples`.
     """
     tf = _tf()
     if not tf.io.gfile.isdir(data_dir):
+        if tf.io.gfile.exists(data_dir):
+            raise NotADirectoryError(f"{data_dir}: is a file, not a folder (expected "
+                                     f"DATA_DIR/<class>/<track>/part_N.png + part_N.npy)")
         raise FileNotFoundError(f"{data_dir}: no such folder (expected DATA_DIR/<class>/<track>/)")
     classes, samples, skipped = [], [], collections.Counter()
-    for class_name in sorted(n.rstrip("/") for n in tf.io.gfile.listdir(data_dir)):
+    for class_name in _listdir(data_dir) or []:
         class_dir = join(data_dir, class_name)
         if class_name.startswith(".") or not tf.io.gfile.isdir(class_dir):
             continue
         found = []
-        for track in sorted(n.rstrip("/") for n in tf.io.gfile.listdir(class_dir)):
+        for track in _listdir(class_dir) or []:
             track_dir = join(class_dir, track)
             if track.startswith(".") or not tf.io.gfile.isdir(track_dir):
                 continue
+            names = _listdir(track_dir)
+            if names is None:
+                skipped[class_name] += 1
+                continue
             parts = collections.defaultdict(dict)
-            for name in tf.io.gfile.listdir(track_dir):
+            for name in names:
                 match = _PART.match(name)
                 if match:
                     parts[int(match.group(1))][match.group(2)] = join(track_dir, name)
@@ -86,41 +108,128 @@ def scan_data(data_dir: str) -> tuple[list[str], list[Sample], collections.Count
     return classes, samples, skipped
 
 
+def validate_samples(data_dir: str, classes: list[str], samples: list[Sample],
+                     skipped: collections.Counter, progress: bool = False
+                     ) -> tuple[list[str], list[Sample]]:
+    """The classes and samples of a scan that pass :func:`read_sample`, before the split.
+
+    Every pair is read and checked once (nothing decoded is kept: only whether it
+    passed), so the split is drawn over tracks that really have data: a track whose
+    parts are all bad cannot take a class's place in the validation split. Bad pairs
+    are reported and counted in skipped; a class left without any valid pair is
+    reported and dropped, and the labels of the others renumbered.
+    """
+    from tqdm import tqdm
+
+    valid = []
+    for sample in tqdm(samples, unit="segment", desc="check", disable=not progress):
+        try:
+            read_sample(sample)
+        except ValueError as error:
+            report_skip(f"skipped {error}")
+            skipped[classes[sample.label]] += 1
+            continue
+        valid.append(sample)
+    kept = sorted({s.label for s in valid})
+    for label in sorted(set(range(len(classes))) - set(kept)):
+        report_skip(f"skipped class folder {join(data_dir, classes[label])}: "
+                    f"none of its part_N.png/.npy pairs is valid")
+    relabel = {old: new for new, old in enumerate(kept)}
+    return ([classes[label] for label in kept],
+            [s._replace(label=relabel[s.label]) for s in valid])
+
+
+def _read_file(path: str) -> bytes:
+    """The bytes of a data file; InputError naming it when it cannot be read or is empty."""
+    try:
+        if is_remote(path):
+            tf = _tf()
+            try:
+                with tf.io.gfile.GFile(path, "rb") as f:
+                    content = f.read()
+            except tf.errors.OpError as error:
+                raise OSError(error.message) from None
+        else:
+            with open(path, "rb") as f:
+                content = f.read()
+    except OSError as error:
+        raise InputError(f"{path}: cannot be read ({error.strerror or error})") from None
+    if not content:
+        raise InputError(f"{path}: empty file")
+    return content
+
+
+def _load_features(path: str, content: bytes, feature_shape) -> np.ndarray:
+    """The feature matrix of a .npy file's bytes as float32, checked; InputError naming it.
+
+    The header is checked before the data are read (a header cannot make us allocate
+    more than the file holds). Real numbers are accepted, floats or integers, and
+    converted to float32; bool, complex, structured and object arrays are not (a bool
+    or complex matrix is not a feature matrix, and dropping an imaginary part would
+    pack wrong numbers).
+    """
+    from numpy.lib import format as npy
+
+    buffer = io.BytesIO(content)
+    try:
+        version = npy.read_magic(buffer)
+        read_header = {(1, 0): npy.read_array_header_1_0,
+                       (2, 0): npy.read_array_header_2_0}.get(version)
+        if read_header is None:
+            raise ValueError(f"unsupported .npy format version {version[0]}.{version[1]}")
+        shape, _, dtype = read_header(buffer)
+    except Exception as error:  # noqa: BLE001 - numpy raises many kinds for bad bytes.
+        raise InputError(f"{path}: unreadable .npy ({error})") from None
+    if dtype.fields is not None or dtype.subdtype is not None or not (
+            np.issubdtype(dtype, np.floating) or np.issubdtype(dtype, np.integer)):
+        raise InputError(f"{path}: feature matrix has dtype {dtype}, expected a real float "
+                         f"array (integers are accepted too)")
+    if tuple(shape) != tuple(feature_shape):
+        raise InputError(f"{path}: feature matrix has shape {tuple(shape)}, "
+                         f"expected {tuple(feature_shape)}")
+    try:
+        features = np.load(io.BytesIO(content), allow_pickle=False)
+    except Exception as error:  # noqa: BLE001
+        raise InputError(f"{path}: unreadable .npy ({error})") from None
+    with np.errstate(over="ignore", invalid="ignore"):
+        converted = features.astype(np.float32)
+    if not np.all(np.isfinite(converted)):
+        what = ("values too large for float32" if np.all(np.isfinite(features))
+                else "non-finite values")
+        raise InputError(f"{path}: feature matrix holds {what}")
+    return converted
+
+
 def read_sample(sample: Sample, image_size: int = IMAGE_SIZE,
                 feature_shape=FEATURE_SHAPE) -> tuple[bytes, np.ndarray, np.ndarray]:
-    """Read and check one pair; ValueError naming the bad file.
+    """Read and check one pair; InputError (a ValueError) naming the bad file.
 
-    Returns (png bytes, features float32 [10, 68], image uint8 [H, W, 3]); the
-    image is the decode that checked the PNG, so callers need not decode again.
+    A file that cannot be read (permissions, a folder or dangling link by that
+    name) or is empty, a PNG that is not a 299x299 RGB PNG, and a .npy that is not
+    a finite real matrix of the feature shape (see :func:`_load_features`) are
+    errors. Returns (png bytes, features float32 [10, 68], image uint8 [H, W, 3]);
+    the image is the decode that checked the PNG, so callers need not decode again.
     """
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
 
-    tf = _tf()
-    with tf.io.gfile.GFile(sample.png_path, "rb") as f:
-        png = f.read()
+    png = _read_file(sample.png_path)
     try:
         with Image.open(io.BytesIO(png)) as image:
             if image.format != "PNG":
-                raise InputError(f"not a PNG ({image.format})")
-            image.load()
+                raise InputError(f"a {image.format} image, not a PNG")
             size, mode = image.size, image.mode
-            pixels = np.asarray(image)
-    except Exception as error:
+            if size == (image_size, image_size) and mode == "RGB":
+                image.load()
+                pixels = np.asarray(image)
+    except UnidentifiedImageError:
+        raise InputError(f"{sample.png_path}: unreadable PNG (not an image file)") from None
+    except Exception as error:  # noqa: BLE001 - Pillow raises many kinds for bad bytes.
         raise InputError(f"{sample.png_path}: unreadable PNG ({error})") from None
     if size != (image_size, image_size) or mode != "RGB":
         raise InputError(f"{sample.png_path}: image is {size[0]}x{size[1]} {mode}, expected "
                          f"{image_size}x{image_size} RGB")
-    try:
-        with tf.io.gfile.GFile(sample.npy_path, "rb") as f:
-            features = np.load(io.BytesIO(f.read()), allow_pickle=False)
-    except Exception as error:
-        raise InputError(f"{sample.npy_path}: unreadable .npy ({error})") from None
-    if features.shape != tuple(feature_shape):
-        raise InputError(f"{sample.npy_path}: feature matrix has shape {features.shape}, "
-                         f"expected {tuple(feature_shape)}")
-    if not np.issubdtype(features.dtype, np.number) or not np.all(np.isfinite(features)):
-        raise InputError(f"{sample.npy_path}: feature matrix holds non-finite values")
-    return png, features.astype(np.float32), pixels
+    features = _load_features(sample.npy_path, _read_file(sample.npy_path), feature_shape)
+    return png, features, pixels
 
 
 # ---------------------------------------------------------------------------
@@ -128,9 +237,20 @@ def read_sample(sample: Sample, image_size: int = IMAGE_SIZE,
 # ---------------------------------------------------------------------------
 
 
-def shard_name(split: str, index: int, count: int) -> str:
-    """File name of shard INDEX of COUNT of a split."""
-    return f"{split}-{index:05d}-of-{count:05d}.tfrecord"
+def shard_name(split: str, index: int, count: int, pack_id: str = "") -> str:
+    """File name of shard INDEX of COUNT of a split, e.g. train-00000-of-00008-<pack id>.tfrecord.
+
+    The pack id (8 hex digits, new for every pack) keeps a new pack's shards from
+    taking the names of the pack they replace: see :func:`_move_into_place`.
+    """
+    return f"{split}-{index:05d}-of-{count:05d}{'-' + pack_id if pack_id else ''}.tfrecord"
+
+
+# Shards written by this tclf: those not listed by the folder's manifest are a killed run's.
+_OWN_SHARD = re.compile(r"^(%s)-\d{5}-of-\d{5}-[0-9a-f]{8}\.tfrecord$" % "|".join(SPLITS))
+LOCK_NAME = ".pack.lock"
+STAGING_PREFIX = ".tmp-pack-"
+OLD_PACK_PREFIX = ".old-pack-"  # Written by tclf before the pack id; still cleaned up.
 
 
 def _num_shards(num_bytes: int, num_samples: int, shard_megabytes: float, min_shards: int) -> int:
@@ -190,13 +310,14 @@ def _write_records(samples: list[Sample], paths: list[str], classes: list[str],
                 bar.update(1)
             try:
                 png, features, _ = read_sample(sample)
-            except ValueError as error:
+            except ValueError as error:  # Changed since validate_samples read it.
                 report_skip(f"skipped {error}")
                 skipped[classes[sample.label]] += 1
                 continue
             shard = written % len(paths)
             writers[shard].write(create_example(png, features, sample.label,
                                                 sample.track_id, sample.segment))
+            faults.point("pack.record_written")
             per_shard[shard] += 1
             per_class[classes[sample.label]] += 1
             tracks.add(sample.track_id)
@@ -226,8 +347,9 @@ def _shard_entries(out_dir: str, names: list[str], per_shard: list[int]) -> list
 
 def write_split(side: str, samples: list[Sample], classes: list[str], out_dir: str,
                 rng: np.random.Generator, skipped: collections.Counter, bar=None,
-                shard_megabytes: float = 128.0, min_shards: int = 8) -> tuple[dict, FeatureStats]:
-    """Write one split's samples into shards `<side>-NNNNN-of-NNNNN.tfrecord` in out_dir.
+                shard_megabytes: float = 128.0, min_shards: int = 8,
+                pack_id: str = "") -> tuple[dict, FeatureStats]:
+    """Write one split's samples into shards `<side>-NNNNN-of-NNNNN-<pack_id>.tfrecord`.
 
     The records are shuffled with rng and dealt round-robin over the shards,
     whose number follows the PNG bytes (see :func:`_num_shards`). Unreadable
@@ -243,7 +365,7 @@ def write_split(side: str, samples: list[Sample], classes: list[str], out_dir: s
     chosen = [samples[i] for i in rng.permutation(len(samples))]
     num_bytes = sum(tf.io.gfile.stat(s.png_path).length for s in chosen)
     count = _num_shards(num_bytes, len(chosen), shard_megabytes, min_shards)
-    names = [shard_name(side, i, count) for i in range(count)]
+    names = [shard_name(side, i, count, pack_id) for i in range(count)]
     per_shard, per_class, tracks, stats = _write_records(
         chosen, [join(out_dir, n) for n in names], classes, skipped, bar)
     entry = {
@@ -257,7 +379,7 @@ def write_split(side: str, samples: list[Sample], classes: list[str], out_dir: s
 
 def build_manifest(data_dir: str, classes: list[str], splits: dict, skipped: collections.Counter,
                    feature_stats: FeatureStats, seed: int, val_fraction: float,
-                   groups_file: str | None) -> dict:
+                   groups_file: str | None, pack_id: str = "") -> dict:
     """The manifest.json content of a pack: schema, classes, splits, skips and the
     feature mean and std (of the train split, given as feature_stats)."""
     mean, std = feature_stats.mean_std()
@@ -265,6 +387,7 @@ def build_manifest(data_dir: str, classes: list[str], splits: dict, skipped: col
         "schema_version": SCHEMA_VERSION,
         "tclf_version": tclf.__version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "pack_id": pack_id,
         "data_dir": data_dir,
         "classes": classes,
         "image_size": [IMAGE_SIZE, IMAGE_SIZE, 3],
@@ -280,11 +403,139 @@ def build_manifest(data_dir: str, classes: list[str], splits: dict, skipped: col
     }
 
 
+# ---------------------------------------------------------------------------
+# One pack at a time per folder, and what killed runs leave behind.
+# ---------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _pack_lock(records_dir: str):
+    """Hold RECORDS_DIR/.pack.lock for the whole pack; yields whether a lock is held.
+
+    The lock is an advisory ``flock`` on that file, not the file's existence: the
+    kernel releases it when its process ends in any way (SIGKILL and the OOM killer
+    included), so a killed run never leaves a stale lock, and a run that holds it
+    knows that no live pack is working in the folder. A second pack into the folder
+    fails at once with a FileExistsError naming the holder (pid and host, written in
+    the file). The file is removed when the pack ends; a run that locked a file just
+    removed that way sees that the path no longer names it, and locks the new one.
+
+    Paths with a scheme (gs://) and filesystems without flock get no lock (yields
+    False): there two concurrent packs are only caught by the checks before the
+    final move, and leftovers of killed runs are not cleaned up (see
+    :func:`_clean_leftovers`). On NFS, Linux maps flock to NFS locks.
+    """
+    if is_remote(records_dir):
+        yield False
+        return
+    try:
+        import fcntl
+    except ImportError:  # Not a POSIX system.
+        yield False
+        return
+    path = join(records_dir, LOCK_NAME)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 200).decode(errors="replace").strip() or "starting"
+            os.close(fd)
+            raise FileExistsError(f"{records_dir} is being packed by another tclf-pack "
+                                  f"({holder}); wait for it to end, or pack into another "
+                                  f"folder") from None
+        except OSError:  # No locks on this filesystem (ENOLCK, EOPNOTSUPP).
+            os.close(fd)
+            yield False
+            return
+        try:
+            current = os.stat(path)
+        except FileNotFoundError:
+            current = None
+        mine = os.fstat(fd)
+        if current is not None and (current.st_ino, current.st_dev) == (mine.st_ino, mine.st_dev):
+            break
+        os.close(fd)  # The holder removed this file as it ended: lock the one at the path now.
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}, since "
+                     f"{time.strftime('%Y-%m-%d %H:%M:%S')}".encode())
+        yield True
+    finally:
+        try:
+            os.remove(path)  # Still locked: a run that opened it meanwhile re-checks (above).
+        except OSError:
+            pass
+        os.close(fd)
+
+
+def _clean_leftovers(records_dir: str) -> None:
+    """Remove what killed packs left in RECORDS_DIR; call only while holding :func:`_pack_lock`.
+
+    Under the lock no live pack works in the folder, so everything below is a dead
+    run's (a pack of another tclf version running at the same time, which takes no
+    lock, is not guarded against):
+
+    - hidden staging folders ``.tmp-pack-*``: deleted;
+    - shards of this tclf (``<split>-NNNNN-of-NNNNN-<pack id>.tfrecord``) that the
+      folder's manifest does not list (a run killed while moving its shards in, or
+      after its manifest replaced the old one and before the old shards were
+      deleted): deleted. If the manifest exists but cannot be read, nothing is
+      deleted: which shards it lists is unknown;
+    - ``.old-pack-*`` folders, left by tclf versions that moved the old pack aside
+      before moving the new one in: when RECORDS_DIR has no manifest and such a
+      folder holds a whole pack (its manifest and every shard it lists), that pack
+      is moved back (its manifest last), with a warning; the others, and all of them
+      when RECORDS_DIR has a manifest, are deleted.
+    """
+    import warnings
+
+    tf = _tf()
+    names = [n.rstrip("/") for n in tf.io.gfile.listdir(records_dir)]
+    manifest_path = join(records_dir, MANIFEST_NAME)
+    has_manifest = tf.io.gfile.exists(manifest_path)
+    old_dirs = sorted((join(records_dir, n) for n in names if n.startswith(OLD_PACK_PREFIX)),
+                      key=lambda d: tf.io.gfile.stat(d).mtime_nsec, reverse=True)
+    for old_dir in old_dirs if not has_manifest else []:
+        try:
+            files = _shard_files(load_manifest(old_dir))
+        except (OSError, ValueError):
+            continue
+        if all(tf.io.gfile.exists(join(old_dir, f)) for f in files):
+            for name in files:
+                tf.io.gfile.rename(join(old_dir, name), join(records_dir, name), overwrite=True)
+            tf.io.gfile.rename(join(old_dir, MANIFEST_NAME), manifest_path)
+            warnings.warn(f"restored the pack that a killed tclf-pack had moved aside to "
+                          f"{old_dir}", stacklevel=3)
+            has_manifest = True
+            break
+    for name in names:
+        if name.startswith((STAGING_PREFIX, OLD_PACK_PREFIX)):
+            tf.io.gfile.rmtree(join(records_dir, name))
+    listed = set()
+    if has_manifest:
+        try:
+            listed = set(_shard_files(load_manifest(records_dir)))
+        except (OSError, ValueError):
+            return
+    for name in tf.io.gfile.listdir(records_dir):
+        if _OWN_SHARD.match(name) and name not in listed:
+            tf.io.gfile.remove(join(records_dir, name))
+
+
+def _shard_files(manifest: dict) -> list[str]:
+    return [s["file"] for side in SPLITS for s in manifest["splits"][side]["shards"]]
+
+
 @contextlib.contextmanager
 def _staging_dir(records_dir: str):
-    """A new hidden .tmp-pack-* folder in records_dir, deleted again if the block fails."""
+    """A new hidden .tmp-pack-<pid>-* folder in records_dir, deleted again if the block fails.
+
+    A SIGKILL leaves it behind; the next pack into the folder deletes it
+    (see :func:`_clean_leftovers`).
+    """
     tf = _tf()
-    tmp_dir = join(records_dir, f".tmp-pack-{uuid.uuid4().hex[:8]}")
+    tmp_dir = join(records_dir, f"{STAGING_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}")
     tf.io.gfile.makedirs(tmp_dir)
     try:
         yield tmp_dir
@@ -293,15 +544,52 @@ def _staging_dir(records_dir: str):
         raise
 
 
+def _refuse_existing(records_dir: str, overwrite: bool) -> None:
+    if _existing_pack(records_dir) and not overwrite:
+        raise FileExistsError(f"{records_dir} already holds packed records; "
+                              f"use --overwrite to replace them")
+
+
+def _warn_missing_classes(classes: list[str], samples: list[Sample], split: dict,
+                          val_fraction: float) -> None:
+    """A warning for each class with no track in a split (val only when val_fraction > 0):
+    training would not learn it, or its validation accuracy could not be measured."""
+    label_of = {s.track_id: s.label for s in samples}
+    tracks = collections.Counter(label_of.values())
+    for side in SPLITS:
+        if side == "val" and val_fraction == 0:
+            continue
+        present = {label_of[t] for t in split[side]}
+        for label, name in enumerate(classes):
+            if label not in present:
+                effect = ("training will not learn it" if side == "train"
+                          else "its validation results will be missing")
+                plural = "s" if tracks[label] != 1 else ""
+                report_skip(f"class {name} has no track in the {side} split (it has "
+                            f"{tracks[label]} valid track{plural} in all): {effect}; "
+                            f"add tracks of {name} or change --val-fraction")
+
+
+# ---------------------------------------------------------------------------
+# The pack.
+# ---------------------------------------------------------------------------
+
+
 def pack(data_dir: str, records_dir: str, val_fraction: float = 0.2, seed: int = 0,
          groups_file: str | None = None, shard_megabytes: float = 128.0, min_shards: int = 8,
          overwrite: bool = False, progress: bool = True) -> dict:
     """Pack DATA_DIR into sharded TFRecords and a manifest in RECORDS_DIR.
 
-    Everything is written into a hidden temporary folder inside RECORDS_DIR
-    and moved into place at the end, manifest.json last, so a folder with a
-    manifest is always complete. Samples are streamed: memory does not grow
-    with the data set.
+    Every pair is read and checked first (:func:`validate_samples`), and the split
+    is drawn over the tracks that have valid pairs; then the records are written
+    into a hidden temporary folder inside RECORDS_DIR and moved into place at the
+    end, manifest.json last (:func:`_move_into_place`), so a folder with a
+    manifest is always complete, whenever the run is killed. Samples are streamed:
+    memory does not grow with the data set (the check keeps one flag a pair; each
+    file is read twice).
+
+    One pack at a time works in a folder (:func:`_pack_lock`); the run that holds
+    the lock first removes what killed runs left there (:func:`_clean_leftovers`).
 
     Parameters
     ----------
@@ -326,41 +614,60 @@ def pack(data_dir: str, records_dir: str, val_fraction: float = 0.2, seed: int =
     Raises
     ------
     FileExistsError
-        RECORDS_DIR already holds a pack and overwrite is False.
+        RECORDS_DIR already holds a pack and overwrite is False, or another pack is
+        running in it.
+    InputError
+        Fewer than two classes with valid pairs.
     RuntimeError
         No valid sample at all.
     """
-    tf = _tf()
     from tqdm import tqdm
 
     start_time = time.perf_counter()
-    if _existing_pack(records_dir) and not overwrite:
-        raise FileExistsError(f"{records_dir} already holds packed records; "
-                              f"use --overwrite to replace them")
-    classes, samples, skipped = scan_data(data_dir)
-    if not samples:
-        raise RunError(f"no samples found in {data_dir} (expected "
-                       f"DATA_DIR/<class>/<track>/part_N.png + part_N.npy)")
-    groups = read_groups(groups_file) if groups_file else None
-    split = split_tracks({s.track_id: s.label for s in samples}, val_fraction, seed, groups)
-    side_of = {track: side for side, tracks in split.items() for track in tracks}
+    if not is_remote(records_dir) and os.path.exists(records_dir) and not os.path.isdir(
+            records_dir):
+        raise NotADirectoryError(f"{records_dir}: is a file, not a folder")
+    _tf().io.gfile.makedirs(records_dir)
+    with _pack_lock(records_dir) as locked:
+        if locked:
+            _clean_leftovers(records_dir)
+        _refuse_existing(records_dir, overwrite)
+        classes, samples, skipped = scan_data(data_dir)
+        if not samples:
+            raise RunError(f"no samples found in {data_dir} (expected "
+                           f"DATA_DIR/<class>/<track>/part_N.png + part_N.npy)")
+        found = len(samples)
+        classes, samples = validate_samples(data_dir, classes, samples, skipped, progress)
+        if not samples:
+            raise RunError(f"no valid sample in {data_dir}: all {found} were skipped")
+        if len(classes) < 2:
+            raise InputError(f"{data_dir}: at least two classes are needed, found only "
+                             f"{classes[0]!r} (a class is a sub-folder with valid "
+                             f"<track>/part_N.png + part_N.npy pairs)")
+        groups = read_groups(groups_file) if groups_file else None
+        split = split_tracks({s.track_id: s.label for s in samples}, val_fraction, seed, groups)
+        _warn_missing_classes(classes, samples, split, val_fraction)
+        side_of = {track: side for side, tracks in split.items() for track in tracks}
+        pack_id = uuid.uuid4().hex[:8]
 
-    with _staging_dir(records_dir) as tmp_dir:
-        rng = np.random.default_rng(seed)
-        bar = tqdm(total=len(samples), unit="segment", desc="pack", disable=not progress)
-        splits, stats = {}, {}
-        for side in SPLITS:
-            chosen = [s for s in samples if side_of[s.track_id] == side]
-            splits[side], stats[side] = write_split(side, chosen, classes, tmp_dir, rng, skipped,
-                                                    bar, shard_megabytes, min_shards)
-        bar.close()
-        if not sum(entry["records"] for entry in splits.values()):
-            raise RunError(f"no valid sample in {data_dir}: all {len(samples)} were skipped")
-        manifest = build_manifest(data_dir, classes, splits, skipped, stats["train"], seed=seed,
-                                  val_fraction=val_fraction, groups_file=groups_file)
-        with tf.io.gfile.GFile(join(tmp_dir, MANIFEST_NAME), "w") as f:
-            json.dump(manifest, f, indent=1)
-        _move_into_place(tmp_dir, records_dir)
+        with _staging_dir(records_dir) as tmp_dir:
+            rng = np.random.default_rng(seed)
+            bar = tqdm(total=len(samples), unit="segment", desc="pack", disable=not progress)
+            splits, stats = {}, {}
+            for side in SPLITS:
+                chosen = [s for s in samples if side_of[s.track_id] == side]
+                splits[side], stats[side] = write_split(side, chosen, classes, tmp_dir, rng,
+                                                        skipped, bar, shard_megabytes,
+                                                        min_shards, pack_id)
+            bar.close()
+            if not sum(entry["records"] for entry in splits.values()):
+                raise RunError(f"no valid sample in {data_dir}: all {found} were skipped")
+            manifest = build_manifest(data_dir, classes, splits, skipped, stats["train"],
+                                      seed=seed, val_fraction=val_fraction,
+                                      groups_file=groups_file, pack_id=pack_id)
+            with _tf().io.gfile.GFile(join(tmp_dir, MANIFEST_NAME), "w") as f:
+                json.dump(manifest, f, indent=1)
+            _move_into_place(tmp_dir, records_dir, overwrite)
     manifest["seconds"] = time.perf_counter() - start_time
     return manifest
 
@@ -374,41 +681,62 @@ def _extraction_settings(data_dir: str) -> dict | None:
     return read_json(path)
 
 
-def _move_into_place(tmp_dir: str, records_dir: str) -> None:
-    """Replace the pack in records_dir by tmp_dir's, manifest.json last.
+def _place_manifest(source: str, target: str, overwrite: bool) -> None:
+    """Move the new manifest to target in one step: replacing the old one (overwrite), or only
+    if there is none, atomically where the filesystem allows (a hard link fails when the name
+    exists), so that of two packs that got this far only one publishes."""
+    if is_remote(target):
+        _tf().io.gfile.rename(source, target, overwrite=overwrite)
+    elif overwrite:
+        os.replace(source, target)
+    else:
+        try:
+            os.link(source, target)
+        except FileExistsError:
+            raise FileExistsError(f"{os.path.dirname(target)} already holds packed records "
+                                  f"(another tclf-pack finished first); use --overwrite to "
+                                  f"replace them") from None
+        except OSError:  # No hard links on this filesystem.
+            if os.path.exists(target):
+                raise
+            os.rename(source, target)
+            return
+        os.remove(source)
 
-    The old pack is first moved aside (manifest first, so the folder stops
-    looking complete) and deleted only after the new one is in place. A failure
-    while the new files move in (remote storage) puts the old pack back; a hard
-    kill leaves it whole in a hidden .old-pack-* folder, never half-replaced.
+
+def _move_into_place(tmp_dir: str, records_dir: str, overwrite: bool = True) -> None:
+    """Publish the pack staged in tmp_dir in records_dir, replacing an old one if overwrite.
+
+    The new shards have names of their own (the pack id), so they move in beside
+    the old pack without touching it; then the manifest is put in place in one
+    atomic step (:func:`_place_manifest`) and only then are the old shards
+    deleted. At every moment the folder's manifest lists shards that all exist:
+    the old pack's until the manifest moves, the new one's after. A failure
+    before that (remote storage) takes the new shards out again; a hard kill
+    leaves unlisted shards, which the next run deletes (:func:`_clean_leftovers`).
     """
     tf = _tf()
     old = _existing_pack(records_dir)
-    old_dir = None
-    if old:
-        old_dir = join(records_dir, f".old-pack-{uuid.uuid4().hex[:8]}")
-        tf.io.gfile.makedirs(old_dir)
-        for name in sorted(old, key=lambda n: n != MANIFEST_NAME):
-            tf.io.gfile.rename(join(records_dir, name), join(old_dir, name))
-    new = sorted(tf.io.gfile.listdir(tmp_dir), key=lambda n: n == MANIFEST_NAME)
+    if old and not overwrite:
+        _refuse_existing(records_dir, overwrite)
+    new = sorted(n for n in tf.io.gfile.listdir(tmp_dir) if n != MANIFEST_NAME)
     placed = []
     try:
         for name in new:
             tf.io.gfile.rename(join(tmp_dir, name), join(records_dir, name))
             placed.append(name)
+            faults.point("pack.moving")
+        _place_manifest(join(tmp_dir, MANIFEST_NAME), join(records_dir, MANIFEST_NAME),
+                        overwrite)
     except BaseException:
-        # Take the new files back out and put the old pack back, its manifest last; should
-        # that fail too, the old pack is still whole in its .old-pack-* folder.
         for name in placed:
-            tf.io.gfile.rename(join(records_dir, name), join(tmp_dir, name))
-        if old_dir:
-            for name in sorted(old, key=lambda n: n == MANIFEST_NAME):
-                tf.io.gfile.rename(join(old_dir, name), join(records_dir, name))
-            tf.io.gfile.rmtree(old_dir)
+            remove_quietly(join(records_dir, name))
         raise
+    faults.point("pack.manifest_placed")
+    for name in old:
+        if name != MANIFEST_NAME and name not in new:
+            tf.io.gfile.remove(join(records_dir, name))
     tf.io.gfile.rmtree(tmp_dir)
-    if old_dir:
-        tf.io.gfile.rmtree(old_dir)
 
 
 def summary_lines(manifest: dict) -> list[str]:

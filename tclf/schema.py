@@ -18,6 +18,7 @@ segment        int64     N of part_N
 
 from __future__ import annotations
 
+import math
 
 import numpy as np
 
@@ -70,15 +71,103 @@ def feature_description(feature_shape=FEATURE_SHAPE) -> dict:
 
 
 def load_manifest(records_dir: str) -> dict:
-    """Read RECORDS_DIR/manifest.json, with a clear error when it is missing."""
+    """Read RECORDS_DIR/manifest.json and check the structure the other modules rely on.
+
+    A missing manifest is a FileNotFoundError; anything else wrong with it (not JSON, not an
+    object, another schema version, a key missing or of the wrong type: see
+    :func:`check_manifest`) is an InputError naming the file and what is wrong.
+    """
     tf = _tf()
     path = join(records_dir, MANIFEST_NAME)
     if not tf.io.gfile.exists(path):
         raise FileNotFoundError(f"{path} not found: {records_dir} is not a packed records folder "
                                 f"(run `tclf-pack DATA_DIR {records_dir}`)")
-    manifest = read_json(path)
+    if tf.io.gfile.isdir(path):
+        raise InputError(f"{path}: is a folder, not a manifest file; re-run tclf-pack")
+    try:
+        manifest = read_json(path)
+    except RecursionError:  # JSON nested thousands deep.
+        raise InputError(f"{path}: not a valid JSON file (nested too deep)") from None
     if not isinstance(manifest, dict) or manifest.get("schema_version") != SCHEMA_VERSION:
         found = manifest.get("schema_version") if isinstance(manifest, dict) else None
-        raise InputError(f"{path}: schema version {found}, this tclf reads {SCHEMA_VERSION}; "
+        what = (f"schema version {found!r}" if isinstance(manifest, dict)
+                else f"holds a JSON {type(manifest).__name__}, not an object")
+        raise InputError(f"{path}: {what}, this tclf reads schema version {SCHEMA_VERSION}; "
                          f"re-run tclf-pack")
+    problem = check_manifest(manifest)
+    if problem:
+        raise InputError(f"{path}: {problem}; re-run tclf-pack")
     return manifest
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int):
+        return abs(value) < 2**1000
+    return isinstance(value, float) and math.isfinite(value)
+
+
+def _shape_problem(manifest: dict, key: str, length: int) -> str | None:
+    value = manifest.get(key)
+    if (not isinstance(value, list) or len(value) != length
+            or not all(_is_int(v) and v > 0 for v in value)):
+        return f"{key!r} must be a list of {length} positive integers, found {value!r:.80}"
+    return None
+
+
+def check_manifest(manifest: dict) -> str | None:
+    """What is wrong with a manifest's structure (None when nothing): the keys the reader,
+    training and evaluation use, with their types: classes (distinct names), splits (train and
+    val, each with records, counts per class, shards {file, records}, tracks), feature_shape,
+    image_size, and feature_mean/std with one finite number per feature column."""
+    classes = manifest.get("classes")
+    if (not isinstance(classes, list) or not classes
+            or not all(isinstance(c, str) and c for c in classes)
+            or len(set(classes)) != len(classes)):
+        return f"'classes' must be a non-empty list of distinct names, found {classes!r:.80}"
+    for key, length in (("feature_shape", 2), ("image_size", 3)):
+        problem = _shape_problem(manifest, key, length)
+        if problem:
+            return problem
+    columns = manifest["feature_shape"][1]
+    for key in ("feature_mean", "feature_std"):
+        value = manifest.get(key)
+        if (not isinstance(value, list) or len(value) != columns
+                or not all(_is_number(v) for v in value)):
+            return (f"{key!r} must be a list of {columns} finite numbers (one per feature "
+                    f"column), found {value!r:.80}")
+    if any(v < 0 for v in manifest["feature_std"]):
+        return "'feature_std' holds a negative value"
+    splits = manifest.get("splits")
+    if not isinstance(splits, dict):
+        return f"'splits' must be an object with {' and '.join(SPLITS)}, found {splits!r:.80}"
+    for side in SPLITS:
+        info = splits.get(side)
+        where = f"splits.{side}"
+        if not isinstance(info, dict):
+            return f"{where!r} is missing or not an object"
+        if not _is_int(info.get("records")) or info["records"] < 0:
+            return f"'{where}.records' must be a count, found {info.get('records')!r:.80}"
+        counts = info.get("counts")
+        if (not isinstance(counts, dict)
+                or not all(_is_int(counts.get(c)) and counts[c] >= 0 for c in classes)):
+            return f"'{where}.counts' must hold a count for every class, found {counts!r:.80}"
+        shards = info.get("shards")
+        if not isinstance(shards, list) or not all(
+                isinstance(s, dict) and isinstance(s.get("file"), str) and s["file"]
+                and "/" not in s["file"] and "\\" not in s["file"] and s["file"] not in (".", "..")
+                and _is_int(s.get("records")) and s["records"] >= 0 for s in shards):
+            return (f"'{where}.shards' must be a list of {{\"file\": <name in the folder>, "
+                    f"\"records\": <count>}}, found {shards!r:.80}")
+        if sum(s["records"] for s in shards) != info["records"]:
+            return (f"'{where}.records' is {info['records']} but its shards hold "
+                    f"{sum(s['records'] for s in shards)}")
+        tracks = info.get("tracks", [])
+        if not isinstance(tracks, list) or not all(isinstance(t, str) for t in tracks):
+            return f"'{where}.tracks' must be a list of track ids, found {tracks!r:.80}"
+    return None
