@@ -7,15 +7,30 @@ import time
 import keras
 import numpy as np
 
-from tclf import storage
+from tclf import faults, storage
 
 
 class EarlyStoppingAfter(keras.callbacks.EarlyStopping):
-    """EarlyStopping that never stops before ``min_epochs`` epochs have run."""
+    """EarlyStopping that never stops before ``min_epochs`` epochs have run, and that a
+    resumed stage can start from a saved state (:meth:`resume_from`)."""
 
     def __init__(self, min_epochs: int = 0, **kwargs):
         super().__init__(**kwargs)
         self.min_epochs = min_epochs
+        self._resume = None
+
+    def resume_from(self, state: dict, best_weights=None) -> None:
+        """Continue from ``state`` (wait, best, best_epoch, stopped_epoch, as
+        tclf.checkpoints saves them) instead of starting afresh at the next fit."""
+        self._resume = (state, best_weights)
+
+    def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)  # Resets the state for a new fit...
+        if self._resume:  # ...unless this fit continues an interrupted one.
+            state, self.best_weights = self._resume
+            self.wait, self.best = state["wait"], state["best"]
+            self.best_epoch, self.stopped_epoch = state["best_epoch"], state["stopped_epoch"]
+            self._resume = None
 
     def on_epoch_end(self, epoch, logs=None):
         super().on_epoch_end(epoch, logs)
@@ -48,3 +63,29 @@ class ProgressFile(keras.callbacks.Callback):
             f"val_loss {logs.get('val_loss', float('nan')):.4f}  "
             f"lr {learning_rate:.3e}  seconds {time.perf_counter() - self.started:.1f}")
         storage.write_atomic(self.path, "\n".join(self.lines) + "\n")
+
+
+class EpochCheckpoint(keras.callbacks.Callback):
+    """After every epoch, record the stage in the run's checkpoint (tclf.checkpoints).
+
+    Listed after the early stopping and the progress file, so that it saves their state
+    after this epoch. ``state`` is the stage's StageState, updated in place.
+    """
+
+    def __init__(self, checkpoint, stage: str, stopper, state, progress: list, epochs: int):
+        super().__init__()
+        self.checkpoint, self.stage, self.stopper = checkpoint, stage, stopper
+        self.state, self.progress, self.epochs = state, progress, epochs
+
+    def on_train_begin(self, logs=None):
+        self.fit_started, self.seconds_before = time.time(), self.state.seconds
+
+    def on_epoch_end(self, epoch, logs=None):
+        for key, value in (logs or {}).items():
+            self.state.history.setdefault(key, []).append(float(value))
+        self.state.epochs_done = epoch + 1
+        self.state.finished = bool(self.model.stop_training) or epoch + 1 >= self.epochs
+        self.state.seconds = self.seconds_before + time.time() - self.fit_started
+        self.checkpoint.save_epoch(self.stage, self.model, self.stopper, self.state,
+                                   self.progress)
+        faults.point("train.epoch_end")

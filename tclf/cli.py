@@ -195,31 +195,47 @@ def _train_options(function):
               help="JSON object of option: value (e.g. from a tuner search; names as below, "
                    "with dashes or underscores). Options given on the command line win over it.")
 @click.option("--quiet", "-q", is_flag=True, help="No Keras progress output (--verbose 0).")
+@click.option("--resume", "resume", is_flag=False, flag_value="", default=None, metavar="[vN]",
+              help="Continue the unfinished run vN (default: the newest) in --models-dir from its "
+                   "last completed epoch, stage, optimizer and schedule included, with the "
+                   "options it started with; only --gpus, --cpu-devices and --verbose/-q may "
+                   "be given again.")
 @_train_options
 @command
-def train_command(hparams_file, quiet, **options):
+def train_command(hparams_file, quiet, resume, **options):
     """Train the two-branch model on RECORDS with the two-stage schedule.
 
     Stage 1 trains with the EfficientNetB0 backbone frozen, stage 2 fine-tunes
     its last layers. Writes MODELS/vX/ (model.h5, plots, reports, logs) and
     replaces MODELS/latest.h5 when the run succeeds. A folder without
-    model.h5 is an unfinished or failed run.
+    model.h5 is an unfinished or failed run: it holds UNFINISHED and a
+    checkpoint after every epoch, and `tclf-train --resume vX` continues it.
     """
     from click.core import ParameterSource
 
-    from tclf import train
+    from tclf import train, versions
 
     context = click.get_current_context()
-    values = {}
-    if hparams_file:
-        values.update(train.load_hparams(hparams_file))
     given = {k: v for k, v in options.items()
              if context.get_parameter_source(k) != ParameterSource.DEFAULT}
-    values.update(given if hparams_file else options)
     if quiet and "verbose" not in given:
-        values["verbose"] = 0
-    config = train.TrainConfig().replace(**values)
-    result = train.train(config)
+        given["verbose"] = 0
+    if resume is not None:
+        if hparams_file:
+            raise click.UsageError("--hparams cannot be combined with --resume: a resumed run "
+                                   "keeps the options it started with")
+        config, folder = train.resume_config(options["models"], resume or None,
+                                             **{k: v for k, v in given.items() if k != "models"})
+        click.echo(f"resuming {folder}", err=True)
+    else:
+        values = train.load_hparams(hparams_file) if hparams_file else {}
+        values.update(given if hparams_file else {**options, **given})
+        config, folder = train.TrainConfig().replace(**values), None
+        for unfinished in versions.unfinished_runs(config.models)[:3]:
+            click.echo(f"note: {unfinished} did not finish; `tclf-train --resume "
+                       f"{os.path.basename(unfinished)} --models-dir {config.models}` continues "
+                       f"it (a new run starts now)", err=True)
+    result = train.train(config, resume=folder)
     minutes, seconds = divmod(result.seconds, 60)
     click.echo(f"trained {result.version_dir} in {int(minutes)} min {seconds:.0f} s on "
                f"{result.devices} ({result.precision}): validation accuracy "

@@ -10,7 +10,7 @@ import dataclasses
 
 import numpy as np
 
-from tclf import InputError, RunError, schema
+from tclf import InputError, RunError, schema, storage
 
 
 def _as_probabilities(probabilities, num_classes: int | None = None) -> np.ndarray:
@@ -304,7 +304,8 @@ def evaluate_records(model, class_names, records_dir: str, split: str = "val",
     """Segment- and track-level metrics of a model on a packed split."""
     manifest = schema.load_manifest(records_dir)
     if list(manifest["classes"]) != list(class_names):
-        raise InputError(f"the model's classes {list(class_names)} differ from the records' "
-                         f"{manifest['classes']} ({records_dir})")
+        raise InputError(f"the model's classes {list(class_names)} differ from those of "
+                         f"{storage.join(records_dir, schema.MANIFEST_NAME)} "
+                         f"{manifest['classes']}: evaluate a model on records of its classes")
     probabilities, labels, track_ids = predict_records(model, records_dir, split, batch_size)
     return evaluate_predictions(probabilities, labels, track_ids, class_names)

@@ -282,6 +282,11 @@ def load_model(path: str):
                                 f"pass --model)")
     with tempfile.TemporaryDirectory() as tmp:
         local = _local_copy(path, tmp)
+        import h5py
+
+        if not h5py.is_hdf5(local):
+            raise InputError(f"{path}: not an HDF5 file (tclf-train writes model.h5 as HDF5; "
+                             f"is it truncated or another kind of file?)")
         try:
             model = keras.models.load_model(local, compile=False)
         except Exception as error:

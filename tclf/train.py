@@ -132,9 +132,9 @@ class TrainConfig:
     def validate(self) -> None:
         if self.precision not in PRECISIONS:
             raise InputError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
-        if not 2 <= self.stage2_max_epochs or self.stage2_min_epochs > self.stage2_max_epochs:
-            raise InputError(f"stage 2 epochs: need min <= max, got {self.stage2_min_epochs} and "
-                             f"{self.stage2_max_epochs}")
+        if self.stage2_min_epochs > self.stage2_max_epochs:
+            raise InputError(f"stage2_min_epochs ({self.stage2_min_epochs}) must not exceed "
+                             f"stage2_max_epochs ({self.stage2_max_epochs})")
         for name in ("batch_size", "stage1_epochs", "stage2_max_epochs", "cpu_devices",
                      "image_units", "gru_units", "gru2_units", "feature_units", "fusion_units",
                      "head_units", "attention_heads"):
@@ -220,39 +220,70 @@ class StageResult:
 
 def run_stage(model, train_data, val_data, *, name: str, learning_rate: float, epochs: int,
               steps_per_epoch: int, warmup_epochs: float = 1.0, patience: int = 3,
-              min_epochs: int = 0, class_weight=None, callbacks=(), verbose=1) -> StageResult:
+              min_epochs: int = 0, class_weight=None, callbacks=(), verbose=1,
+              checkpoint=None, progress: list | None = None) -> StageResult:
     """Compile with Adam on a warm-up + cosine schedule and fit, with early stopping.
 
     Early stopping watches val_loss, restores the best epoch's weights and
-    never stops before ``min_epochs``.
+    never stops before ``min_epochs``. With a ``checkpoint`` (tclf.checkpoints) every
+    epoch is recorded in it, and a stage it already holds continues after its last
+    recorded epoch, with its weights, optimizer state (so the schedule too) and
+    early-stopping state; ``progress`` is the training_progress.txt lines, saved with it.
     """
     import keras
 
-    from tclf.callbacks import EarlyStoppingAfter
+    from tclf.callbacks import EarlyStoppingAfter, EpochCheckpoint
+    from tclf.checkpoints import StageState
 
     schedule = learning_rate_schedule(learning_rate, steps_per_epoch, epochs, warmup_epochs)
     model.compile(optimizer=keras.optimizers.Adam(schedule),
                   loss=keras.losses.SparseCategoricalCrossentropy(), metrics=["accuracy"])
     stopper = EarlyStoppingAfter(min_epochs=min_epochs, monitor="val_loss", patience=patience,
                                  restore_best_weights=True)
-    started = time.time()
-    history = model.fit(train_data, validation_data=val_data, epochs=epochs,
-                        steps_per_epoch=steps_per_epoch, class_weight=class_weight, shuffle=False,
-                        callbacks=[stopper, *callbacks], verbose=verbose)
-    epochs_run = len(history.history.get("loss", []))
-    if stopper.stopped_epoch > 0:
-        reason = (f"early stopping: val_loss did not improve for {patience} epochs; "
-                  f"restored the best epoch, {stopper.best_epoch + 1}")
+    state = (checkpoint.stage(name) if checkpoint else None) or StageState(started=time.time())
+    best_weights = (checkpoint.load_best_weights(state.best_weights)
+                    if state.epochs_done and state.best_weights else None)
+    if state.finished:  # Interrupted after the stage's last epoch: nothing left to run.
+        if best_weights is not None:
+            model.set_weights(best_weights)
+        else:
+            checkpoint.restore_weights(model, state.weights)
     else:
-        best = f"; restored the best epoch, {stopper.best_epoch + 1}" if epochs_run else ""
-        reason = f"reached the maximum of {epochs} epochs{best}"
-    return StageResult(name, dict(history.history), epochs_run, reason, started,
-                       time.time() - started)
+        if state.epochs_done:
+            checkpoint.restore_weights(model, state.weights)
+            checkpoint.restore_optimizer(model, state.optimizer)
+            stopper.resume_from(state.stopper, best_weights)
+        if checkpoint:
+            callbacks = [*callbacks, EpochCheckpoint(checkpoint, name, stopper, state,
+                                                     progress if progress is not None else [],
+                                                     epochs)]
+        history = model.fit(train_data, validation_data=val_data, epochs=epochs,
+                            initial_epoch=state.epochs_done, steps_per_epoch=steps_per_epoch,
+                            class_weight=class_weight, shuffle=False,
+                            callbacks=[stopper, *callbacks], verbose=verbose)
+        if not checkpoint:  # (With one, EpochCheckpoint has kept the state.)
+            state.history = dict(history.history)
+            state.epochs_done = len(state.history.get("loss", []))
+            state.seconds = time.time() - state.started
+            state.stopper = {"stopped_epoch": stopper.stopped_epoch,
+                             "best_epoch": stopper.best_epoch}
+        else:
+            state.stopper = {**state.stopper, "stopped_epoch": stopper.stopped_epoch,
+                             "best_epoch": stopper.best_epoch}
+    stopped, best = state.stopper.get("stopped_epoch", 0), state.stopper.get("best_epoch", 0)
+    if stopped > 0:
+        reason = (f"early stopping: val_loss did not improve for {patience} epochs; "
+                  f"restored the best epoch, {best + 1}")
+    else:
+        restored = f"; restored the best epoch, {best + 1}" if state.epochs_done else ""
+        reason = f"reached the maximum of {epochs} epochs{restored}"
+    return StageResult(name, state.history, state.epochs_done, reason, state.started,
+                       state.seconds)
 
 
 def stage1(model, train_data, val_data, *, steps_per_epoch: int, learning_rate: float = 1e-4,
            epochs: int = 15, warmup_epochs: float = 1.0, patience: int = 3, class_weight=None,
-           callbacks=(), verbose=1) -> StageResult:
+           callbacks=(), verbose=1, checkpoint=None, progress=None) -> StageResult:
     """Stage 1: backbone frozen, heads trained at ``learning_rate``."""
     from tclf.model import freeze_backbone
 
@@ -260,13 +291,13 @@ def stage1(model, train_data, val_data, *, steps_per_epoch: int, learning_rate: 
     return run_stage(model, train_data, val_data, name="stage1", learning_rate=learning_rate,
                      epochs=epochs, steps_per_epoch=steps_per_epoch, warmup_epochs=warmup_epochs,
                      patience=patience, class_weight=class_weight, callbacks=callbacks,
-                     verbose=verbose)
+                     verbose=verbose, checkpoint=checkpoint, progress=progress)
 
 
 def stage2(model, train_data, val_data, *, steps_per_epoch: int, num_layers: int = 20,
            learning_rate: float = 1e-5, min_epochs: int = 3, max_epochs: int = 8,
            warmup_epochs: float = 1.0, patience: int = 2, class_weight=None, callbacks=(),
-           verbose=1) -> StageResult:
+           verbose=1, checkpoint=None, progress=None) -> StageResult:
     """Stage 2: the last ``num_layers`` backbone layers trainable (BatchNorm frozen)."""
     from tclf.model import unfreeze_top
 
@@ -274,7 +305,8 @@ def stage2(model, train_data, val_data, *, steps_per_epoch: int, num_layers: int
     return run_stage(model, train_data, val_data, name="stage2", learning_rate=learning_rate,
                      epochs=max_epochs, min_epochs=min_epochs, steps_per_epoch=steps_per_epoch,
                      warmup_epochs=warmup_epochs, patience=patience, class_weight=class_weight,
-                     callbacks=callbacks, verbose=verbose)
+                     callbacks=callbacks, verbose=verbose, checkpoint=checkpoint,
+                     progress=progress)
 
 
 # ---------------------------------------------------------------------------
@@ -295,8 +327,11 @@ class TrainResult:
     replicas: int = 1  # Devices the global batch was split over.
 
 
-def train(config: TrainConfig) -> TrainResult:
+def train(config: TrainConfig, resume: str | None = None) -> TrainResult:
     """Run the two-stage schedule on config.records and write config.models/vX/.
+
+    ``resume`` is the folder of an unfinished run to continue instead (see
+    :func:`resume_config`, which gives the config to pass with it).
 
     Sets Keras' global dtype policy for the run and puts the previous one back
     when it returns or fails, so that a run in a process leaves no trace in the next.
@@ -305,19 +340,44 @@ def train(config: TrainConfig) -> TrainResult:
 
     previous_policy = keras.mixed_precision.global_policy()
     try:
-        return _train(config)
+        return _train(config, resume)
     finally:
         keras.mixed_precision.set_global_policy(previous_policy)
 
 
-def _train(config: TrainConfig) -> TrainResult:
+# What `--resume` lets a user change: where and how verbosely the run continues, never what
+# it computes. The precision is the one the run resolved when it started.
+RESUME_OPTIONS = ("models", "gpus", "cpu_devices", "verbose")
+
+
+def resume_config(models_dir: str, which: str | None = None,
+                  **overrides) -> tuple[TrainConfig, str]:
+    """The config and folder of the unfinished run ``which`` (vN, N or a folder; None: the
+    newest) in models_dir, read from its checkpoint, with ``overrides`` of RESUME_OPTIONS."""
+    from tclf.checkpoints import Checkpoint
+    from tclf.versions import find_resumable
+
+    folder = find_resumable(models_dir, which)
+    checkpoint = Checkpoint.load(folder)
+    fixed = sorted(set(overrides) - set(RESUME_OPTIONS))
+    if fixed:
+        raise InputError(f"--resume continues {folder} with the options it started with; "
+                         f"these cannot change: {', '.join(n.replace('_', '-') for n in fixed)}"
+                         f" (allowed: --gpus, --cpu-devices, --models-dir, --verbose/-q)")
+    config = TrainConfig().replace(**checkpoint.config)
+    return config.replace(**overrides, precision=checkpoint.state["precision"]), folder
+
+
+def _train(config: TrainConfig, resume: str | None) -> TrainResult:
     import keras
 
     from tclf import data
+    from tclf.checkpoints import Checkpoint
     from tclf.model import build_model, save_model
 
     config.validate()
     started = time.time()
+    checkpoint = Checkpoint.load(resume) if resume else None
 
     # --- Devices, precision, seeds -------------------------------------------------------------
     strategy, devices, on_gpu = configure_devices(config.gpus, config.cpu_devices)
@@ -337,7 +397,10 @@ def _train(config: TrainConfig) -> TrainResult:
 
     # --- Version folder ------------------------------------------------------------------------
     weights = class_weights(manifest["splits"]["train"]["counts"], manifest["classes"])
-    run = RunFolder.claim(config, manifest, devices, precision, weights, started)
+    if checkpoint:
+        run = RunFolder.reopen(resume, config, manifest, devices, precision, weights, checkpoint)
+    else:
+        run = RunFolder.claim(config, manifest, devices, precision, weights, started)
     try:
         # --- Model and the two stages ----------------------------------------------------------
         with strategy.scope():
@@ -354,6 +417,7 @@ def _train(config: TrainConfig) -> TrainResult:
         # --- The model last: its presence marks the folder complete ----------------------------
         save_model(model, run.path("model.h5"), manifest["classes"], run.record(evaluation))
         storage.publish(run.path("model.h5"), storage.join(config.models, "latest.h5"))
+        run.complete()
     except BaseException as error:
         run.fail(error)
         raise
@@ -372,11 +436,26 @@ def _batch_split(batch_size: int, replicas: int) -> str:
 
 
 def _training_manifest(records_dir: str) -> dict:
+    """The pack's manifest, checked for what training needs: every class in the training
+    split (an error: the model could not learn it) and in the validation split (a warning:
+    its validation scores would be empty, and early stopping blind to it)."""
+    from tclf import report_skip
+
     manifest = schema.load_manifest(records_dir)
     counts = {side: manifest["splits"][side]["records"] for side in schema.SPLITS}
     if not all(counts.values()):
         raise InputError(f"{records_dir}: training needs records in both splits "
                          f"(train: {counts['train']}, val: {counts['val']})")
+    missing = {side: [c for c in manifest["classes"]
+                      if not manifest["splits"][side]["counts"].get(c)] for side in schema.SPLITS}
+    if missing["train"]:
+        raise InputError(f"{records_dir}: the training split has no records of "
+                         f"{', '.join(missing['train'])}; re-pack with more tracks of it")
+    if missing["val"]:
+        report_skip(f"{records_dir}: the validation split has no records of "
+                    f"{', '.join(missing['val'])}: its validation scores will be empty and early "
+                    f"stopping cannot see it; re-pack with more tracks of it (or another "
+                    f"--seed or --val-fraction)")
     return manifest
 
 
@@ -386,10 +465,11 @@ def run_schedule(model, train_data, val_data, config: TrainConfig, run: RunFolde
 
     from tclf.callbacks import ProgressFile
 
-    lines: list[str] = []
+    lines = run.checkpoint.progress if run.checkpoint else []
     common = dict(steps_per_epoch=math.ceil(run.manifest["splits"]["train"]["records"]
                                             / config.batch_size),
-                  class_weight=run.class_weights, verbose=config.verbose)
+                  class_weight=run.class_weights, verbose=config.verbose,
+                  checkpoint=run.checkpoint, progress=lines)
     tensorboard = keras.callbacks.TensorBoard(run.path("logs"), write_graph=False)
     progress = lambda stage: ProgressFile(run.path("training_progress.txt"), stage, lines)  # noqa
     run.stages.append(stage1(

@@ -1,7 +1,11 @@
-"""The version folder models/vX/ (SPEC section 6): claiming it, its log, its report set.
+"""The version folder models/vX/ (SPEC section 6): claiming it, its log, its report set,
+and finding an unfinished one to resume.
 
 X is 1 + the largest existing vN, claimed with an atomic mkdir. The folder is complete
-when it holds model.h5, written last; a failed run's training_log.txt ends with the reason.
+when it holds model.h5, written last. Until then it holds UNFINISHED (a note saying how to
+resume it) and checkpoint/ (tclf.checkpoints), both removed when the run completes; a run
+that failed with an error also ends training_log.txt with the reason. While a process trains
+in it, .lock names that process, so that a resume never runs beside a live run.
 """
 
 from __future__ import annotations
@@ -13,9 +17,11 @@ import re
 import time
 
 import tclf
-from tclf import storage
+from tclf import RunError, storage
 
 _VERSION = re.compile(r"^v(\d+)$")
+UNFINISHED_NAME = "UNFINISHED"
+LOCK_NAME = ".lock"
 
 
 def claim_version_dir(models_dir: str) -> tuple[str, int]:
@@ -50,9 +56,10 @@ def _stamp(seconds: float) -> str:
 
 
 def _training_log(config, manifest, devices, precision, weights, stages, evaluation=None,
-                  started=None, failure=None) -> str:
+                  started=None, failure=None, resumed=(), resume_command="") -> str:
     lines = [f"tclf {tclf.__version__} training log", ""]
     lines.append(f"started: {_stamp(started)}")
+    lines += [f"resumed: {_stamp(when)}" for when in resumed]
     if stages or evaluation:
         lines.append(f"finished: {_stamp(time.time())}  "
                      f"(duration {time.time() - started:.1f} s)")
@@ -75,15 +82,17 @@ def _training_log(config, manifest, devices, precision, weights, stages, evaluat
                   f"over {evaluation.num_tracks} tracks",
                   f"validation macro F1 (segments / tracks): {evaluation.segment_macro_f1:.4f} / "
                   f"{evaluation.track_macro_f1:.4f}"]
-    if failure:
-        lines += ["", f"FAILED: {failure}", "No model.h5 was written; latest.h5 is unchanged."]
     lines += ["", "options:"] + [f"  {k}: {v}" for k, v in dataclasses.asdict(config).items()]
+    if failure:
+        lines += ["", f"FAILED: {failure}", "No model.h5 was written; latest.h5 is unchanged.",
+                  f"To continue this run from its last completed epoch: {resume_command}"]
     return "\n".join(lines) + "\n"
 
 
 @dataclasses.dataclass
 class RunFolder:
-    """models/vX/ while a run writes it: its paths, stages so far and training_log.txt."""
+    """models/vX/ while a run writes it: its paths, stages so far, training_log.txt, its
+    UNFINISHED note and lock, and its checkpoint (tclf.checkpoints.Checkpoint)."""
 
     folder: str
     config: object  # tclf.train.TrainConfig
@@ -93,22 +102,65 @@ class RunFolder:
     class_weights: dict
     started: float
     stages: list = dataclasses.field(default_factory=list)
+    resumed: list = dataclasses.field(default_factory=list)  # When it was resumed.
+    checkpoint: object = None
 
     @classmethod
     def claim(cls, config, manifest, devices, precision, class_weights,
               started) -> "RunFolder":
+        """A new models/vX/ for a run, locked by this process, with its checkpoint started."""
+        from tclf.checkpoints import Checkpoint
+
         folder, _ = claim_version_dir(config.models)
-        storage.makedirs(storage.join(folder, "analysis"))
+        _lock(folder)
         run = cls(folder, config, manifest, devices, precision, class_weights, started)
+        storage.write_atomic(run.path(UNFINISHED_NAME), run.unfinished_note())
+        storage.makedirs(run.path("analysis"))
+        run.checkpoint = Checkpoint(folder)
+        run.checkpoint.start(dataclasses.asdict(config), precision,
+                             {"started": started, "records_created": manifest.get("created")})
         run.write_log()
         return run
+
+    @classmethod
+    def reopen(cls, folder, config, manifest, devices, precision, class_weights,
+               checkpoint) -> "RunFolder":
+        """An unfinished models/vX/ whose run continues in this process (``--resume``)."""
+        _lock(folder)
+        saved = checkpoint.state["run"]
+        if saved.get("records_created") != manifest.get("created"):
+            _unlock(folder)
+            raise RunError(f"{config.records} was packed again since {folder} started "
+                           f"(manifest created {manifest.get('created')}, the run used the one "
+                           f"created {saved.get('records_created')}); a resumed run must read "
+                           f"the same records: start a new run")
+        run = cls(folder, config, manifest, devices, precision, class_weights,
+                  saved["started"], resumed=[*saved.get("resumed", []), time.time()],
+                  checkpoint=checkpoint)
+        checkpoint.state["run"]["resumed"] = run.resumed
+        checkpoint.write_state()
+        run.write_log()
+        return run
+
+    @property
+    def name(self) -> str:
+        return os.path.basename(self.folder.rstrip("/"))
 
     def path(self, *names: str) -> str:
         return storage.join(self.folder, *names)
 
+    def resume_command(self) -> str:
+        return f"tclf-train --resume {self.name} --models-dir {self.config.models}"
+
+    def unfinished_note(self) -> str:
+        return (f"This training run has not finished: it is running, or it was interrupted.\n"
+                f"A run is complete when its folder holds model.h5.\n"
+                f"To continue it from its last completed epoch: {self.resume_command()}\n")
+
     def log_text(self, evaluation=None, failure=None) -> str:
         return _training_log(self.config, self.manifest, self.devices, self.precision,
-                             self.class_weights, self.stages, evaluation, self.started, failure)
+                             self.class_weights, self.stages, evaluation, self.started, failure,
+                             self.resumed, self.resume_command())
 
     def write_log(self) -> None:
         storage.write_atomic(self.path("training_log.txt"), self.log_text())
@@ -120,14 +172,138 @@ class RunFolder:
                 "resolved_precision": self.precision, "tclf_version": tclf.__version__,
                 "version_dir": self.folder, "evaluation": evaluation.to_dict()}
 
+    def complete(self) -> None:
+        """model.h5 is written: drop the checkpoint, the UNFINISHED note and the lock."""
+        if self.checkpoint is not None:
+            self.checkpoint.remove()
+        storage.remove_quietly(self.path(UNFINISHED_NAME))
+        _unlock(self.folder)
+
     def fail(self, error: BaseException) -> None:
-        """End training_log.txt with the reason; the folder stays without model.h5."""
+        """End training_log.txt with the reason; the folder stays without model.h5, with its
+        checkpoint, to be resumed."""
         reason = "interrupted" if isinstance(error, KeyboardInterrupt) else (
             f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}")
         try:
             storage.write_atomic(self.path("training_log.txt"), self.log_text(failure=reason))
         except Exception:  # noqa: BLE001 - the original error is the one to report
             pass
+        _unlock(self.folder)
+
+
+# ---------------------------------------------------------------------------
+# Unfinished runs: the lock, and finding one to resume.
+# ---------------------------------------------------------------------------
+
+
+def _owner() -> str:
+    import socket
+
+    return f"{os.getpid()}@{socket.gethostname()}"
+
+
+def _lock(folder: str) -> None:
+    """Mark ``folder`` as trained by this process; refuse if a live process holds it.
+
+    Locally the lock file is created with O_EXCL; a lock left by a process that no longer
+    runs on this host is taken over. On remote storage (no O_EXCL) it is best effort.
+    """
+    import socket
+
+    path = storage.join(folder, LOCK_NAME)
+    if storage.is_remote(folder):
+        storage.write_atomic(path, _owner())
+        return
+    for _ in range(2):
+        try:
+            descriptor = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            owner = _read_text(path)
+            pid, _, host = owner.partition("@")
+            if host == socket.gethostname() and pid.isdigit() and not _alive(int(pid)):
+                storage.remove_quietly(path)  # Its process is gone: a stale lock.
+                continue
+            raise RunError(f"{folder} is being trained by process {owner or '?'} (its "
+                           f"{LOCK_NAME} file); wait for it, or delete that file if the "
+                           f"process is gone") from None
+        with os.fdopen(descriptor, "w") as f:
+            f.write(_owner())
+        return
+
+
+def _unlock(folder: str) -> None:
+    path = storage.join(folder, LOCK_NAME)
+    if storage.is_remote(folder) or _read_text(path) == _owner():
+        storage.remove_quietly(path)
+
+
+def _read_text(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    if os.path.exists(f"/proc/{pid}/stat"):  # A zombie (killed, not yet reaped) is gone.
+        return _read_text(f"/proc/{pid}/stat").split(") ")[-1][:1] != "Z"
+    return True
+
+
+def _exists(path: str) -> bool:
+    if storage.is_remote(path):
+        return storage._gfile().exists(path)
+    return os.path.exists(path)
+
+
+def _versions(models_dir: str) -> list[tuple[int, str]]:
+    """(N, name) of the vN folders in models_dir, newest first."""
+    if storage.is_remote(models_dir):
+        names = [n.rstrip("/") for n in storage._gfile().listdir(models_dir)] \
+            if storage._gfile().isdir(models_dir) else []
+    else:
+        names = os.listdir(models_dir) if os.path.isdir(models_dir) else []
+    return sorted(((int(m.group(1)), n) for n in names if (m := _VERSION.match(n))),
+                  reverse=True)
+
+
+def unfinished_runs(models_dir: str) -> list[str]:
+    """The vN folders of models_dir that have a checkpoint and no model.h5, newest first."""
+    from tclf.checkpoints import FOLDER_NAME, STATE_NAME
+
+    found = []
+    for _, name in _versions(models_dir):
+        folder = storage.join(models_dir, name)
+        if (not _exists(storage.join(folder, "model.h5"))
+                and _exists(storage.join(folder, FOLDER_NAME, STATE_NAME))):
+            found.append(folder)
+    return found
+
+
+def find_resumable(models_dir: str, which: str | None = None) -> str:
+    """The folder ``tclf-train --resume [which]`` continues: ``which`` is vN, N or a folder
+    path; None means the newest unfinished run in models_dir."""
+    if which is None:
+        found = unfinished_runs(models_dir)
+        if not found:
+            raise RunError(f"no unfinished run to resume in {models_dir} (a vN folder without "
+                           f"model.h5 that has a checkpoint/ folder)")
+        return found[0]
+    folder = which
+    if which.isdigit() or _VERSION.match(which):
+        folder = storage.join(models_dir, which if which.startswith("v") else f"v{which}")
+    if not _exists(folder):
+        raise RunError(f"{folder}: no such run folder to resume")
+    if _exists(storage.join(folder, "model.h5")):
+        raise RunError(f"{folder} has finished (it holds model.h5): nothing to resume")
+    return folder
 
 
 def write_report_set(run: RunFolder, evaluation) -> None:
