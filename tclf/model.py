@@ -290,5 +290,6 @@ def load_model(path: str):
         try:
             model = keras.models.load_model(local, compile=False)
         except Exception as error:
-            raise InputError(f"{path}: not a loadable Keras model ({error})") from None
+            reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            raise InputError(f"{path}: not a loadable Keras model ({reason})") from None
     return model, load_class_names(path)

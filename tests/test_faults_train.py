@@ -124,6 +124,7 @@ def test_runs_killed_in_either_stage_resume_to_the_uninterrupted_result(records_
     # segments make one segment 0.17; both runs must have learnt the three styles.
     reference_accuracy = reference.evaluation.segment_accuracy
     accuracy = config["evaluation"]["segment_accuracy"]
+    print(f"validation accuracy: resumed {accuracy:.3f}, uninterrupted {reference_accuracy:.3f}")
     assert abs(accuracy - reference_accuracy) <= 0.34, (accuracy, reference_accuracy)
     # Complete: model.h5 is latest.h5; no checkpoint, note or lock is left.
     assert (models / "latest.h5").read_bytes() == (v2 / "model.h5").read_bytes()
