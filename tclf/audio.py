@@ -57,6 +57,9 @@ WINDOWS = 10
 NUM_FEATURES = 68
 FEATURE_SHAPE = (WINDOWS, NUM_FEATURES)
 COLORMAP = "magma"
+# Samples are -1..1 (float files may go a little over); beyond this no audio is meant, and
+# the spectrum's power would overflow float32 near 1e16.
+MAX_PEAK = 1000.0
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".oga", ".mp3", ".aiff", ".aif", ".au", ".opus", ".m4a")
 
 _PITCH_CLASSES = ("C", "C#", "D", "D#", "E", "F", "F#", "G", "G#", "A", "A#", "B")
@@ -165,7 +168,7 @@ def load_segments(path: str, num_segments: int = 6, segment_seconds: float = 10.
     AudioError
         If the file is missing, not a regular file, unreadable, empty, not
         decodable audio, shorter than one segment, or holds NaN or infinite
-        samples. The message starts with the path.
+        samples or samples beyond ``MAX_PEAK``. The message starts with the path.
     """
     head = _first_bytes(path)
     length = int(round(segment_seconds * sample_rate))
@@ -173,12 +176,16 @@ def load_segments(path: str, num_segments: int = 6, segment_seconds: float = 10.
         segments, source_rate, duration = _decode(path, head, num_segments, segment_seconds,
                                                   skip_fraction)
     if not segments:
-        raise AudioError(f"{path}: {duration:.1f} s is shorter than one "
+        raise AudioError(f"{path}: {math.floor(duration * 10) / 10:.1f} s is shorter than one "
                          f"{segment_seconds:g} s segment")
     for start, y in segments:
         if not np.all(np.isfinite(y)):
             raise AudioError(f"{path}: the segment at {start:.1f} s holds NaN or infinite "
                              f"samples (a damaged file?)")
+        peak = float(np.max(np.abs(y))) if len(y) else 0.0
+        if peak > MAX_PEAK:
+            raise AudioError(f"{path}: the segment at {start:.1f} s holds samples far outside "
+                             f"-1..1 (peak {peak:.3g}; a damaged float file?)")
     return [(start, _fit(_resample(y, source_rate, sample_rate), length))
             for start, y in segments]
 

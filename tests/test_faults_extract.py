@@ -180,6 +180,8 @@ def test_files_that_are_not_audio_get_one_clear_line_each(tmp_path, audio_dir, c
     os.symlink(goa / "gone.wav", goa / "broken_link.wav")
     os.mkfifo(goa / "pipe.wav")  # Opening it to read would wait forever.
     sf.write(goa / "nan.wav", np.full(12 * 22050, np.nan, np.float32), 22050, subtype="FLOAT")
+    # Samples of 1e20: the spectrum's power overflowed float32 and librosa raised its own error.
+    sf.write(goa / "huge.wav", np.full(12 * 22050, 1e20, np.float32), 22050, subtype="FLOAT")
     capfd.readouterr()
     with pytest.warns(DataWarning) as caught:
         summary = _run(source, data, num_segments=1)
@@ -195,6 +197,7 @@ def test_files_that_are_not_audio_get_one_clear_line_each(tmp_path, audio_dir, c
         "broken_link.wav": "no such file (a broken symbolic link)",
         "pipe.wav": "not a regular file (a pipe, socket or device)",
         "nan.wav": "holds NaN or infinite samples",
+        "huge.wav": "holds samples far outside -1..1 (peak 1e+20",
     }
     assert sorted(messages) == sorted(expected)
     for name, text in expected.items():
