@@ -114,12 +114,16 @@ class RunFolder:
         folder, _ = claim_version_dir(config.models)
         _lock(folder)
         run = cls(folder, config, manifest, devices, precision, class_weights, started)
-        storage.write_atomic(run.path(UNFINISHED_NAME), run.unfinished_note())
-        storage.makedirs(run.path("analysis"))
-        run.checkpoint = Checkpoint(folder)
-        run.checkpoint.start(dataclasses.asdict(config), precision,
-                             {"started": started, "records_created": manifest.get("created")})
-        run.write_log()
+        try:
+            storage.write_atomic(run.path(UNFINISHED_NAME), run.unfinished_note())
+            storage.makedirs(run.path("analysis"))
+            run.checkpoint = Checkpoint(folder)
+            run.checkpoint.start(dataclasses.asdict(config), precision,
+                                 {"started": started, "records_created": manifest.get("created")})
+            run.write_log()
+        except BaseException as error:  # E.g. a full disk: the folder says why, unlocked.
+            run.fail(error)
+            raise
         return run
 
     @classmethod
@@ -274,15 +278,27 @@ def _versions(models_dir: str) -> list[tuple[int, str]]:
                   reverse=True)
 
 
+def _trained_now(folder: str) -> bool:
+    """Whether a live process on this host holds the folder's lock."""
+    import socket
+
+    if storage.is_remote(folder):
+        return False
+    pid, _, host = _read_text(storage.join(folder, LOCK_NAME)).partition("@")
+    return host == socket.gethostname() and pid.isdigit() and _alive(int(pid))
+
+
 def unfinished_runs(models_dir: str) -> list[str]:
-    """The vN folders of models_dir that have a checkpoint and no model.h5, newest first."""
+    """The vN folders of models_dir that have a checkpoint and no model.h5 and that no live
+    process is training, newest first."""
     from tclf.checkpoints import FOLDER_NAME, STATE_NAME
 
     found = []
     for _, name in _versions(models_dir):
         folder = storage.join(models_dir, name)
         if (not _exists(storage.join(folder, "model.h5"))
-                and _exists(storage.join(folder, FOLDER_NAME, STATE_NAME))):
+                and _exists(storage.join(folder, FOLDER_NAME, STATE_NAME))
+                and not _trained_now(folder)):
             found.append(folder)
     return found
 

@@ -305,10 +305,14 @@ def test_resume_on_the_command_line(tmp_path):
 def test_a_run_folder_is_trained_by_one_live_process_at_a_time(tmp_path):
     folder = tmp_path / "v1"
     folder.mkdir()
+    checkpoints.Checkpoint(str(folder)).start({}, "float32", {"started": 0.0})
     versions._lock(str(folder))
     with pytest.raises(RunError, match="is being trained by process"):
         versions._lock(str(folder))  # This process is alive.
+    # A run being trained is not offered to --resume, nor named as unfinished.
+    assert versions.unfinished_runs(str(tmp_path)) == []
     versions._unlock(str(folder))
+    assert versions.unfinished_runs(str(tmp_path)) == [str(folder)]
     assert not (folder / ".lock").exists()
     # A lock left by a process that has died is taken over.
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
