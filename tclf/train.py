@@ -20,6 +20,7 @@ import dataclasses
 import inspect
 import math
 import numbers
+import os
 import time
 
 from tclf import InputError, schema, storage
@@ -365,7 +366,10 @@ def resume_config(models_dir: str, which: str | None = None,
                          f"these cannot change: {', '.join(n.replace('_', '-') for n in fixed)}"
                          f" (allowed: --gpus, --cpu-devices, --models-dir, --verbose/-q)")
     config = TrainConfig().replace(**checkpoint.config)
-    return config.replace(**overrides, precision=checkpoint.state["precision"]), folder
+    # The folders as found now, not as typed when the run started (another working folder).
+    where = {"models": os.path.dirname(folder.rstrip("/")) or ".",
+             "records": checkpoint.state.get("run", {}).get("records_path", config.records)}
+    return config.replace(**{**overrides, **where}, precision=checkpoint.state["precision"]), folder
 
 
 def _train(config: TrainConfig, resume: str | None) -> TrainResult:

@@ -119,7 +119,9 @@ class RunFolder:
             storage.makedirs(run.path("analysis"))
             run.checkpoint = Checkpoint(folder)
             run.checkpoint.start(dataclasses.asdict(config), precision,
-                                 {"started": started, "records_created": manifest.get("created")})
+                                 {"started": started, "records_created": manifest.get("created"),
+                                  "records_path": config.records if storage.is_remote(
+                                      config.records) else os.path.abspath(config.records)})
             run.write_log()
         except BaseException as error:  # E.g. a full disk: the folder says why, unlocked.
             run.fail(error)

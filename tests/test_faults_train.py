@@ -254,9 +254,11 @@ def _unfinished(models, name, **options) -> str:
     """A fake unfinished run: a vN folder with a started checkpoint and no model.h5."""
     folder = models / name
     folder.mkdir(parents=True)
-    config = train.TrainConfig(records="r", models=str(models), **{**TINY_TRAINING, **options})
+    # As if started from another working folder: --models-dir and --records typed relative.
+    config = train.TrainConfig(records="r", models="elsewhere", **{**TINY_TRAINING, **options})
     checkpoints.Checkpoint(str(folder)).start(
-        __import__("dataclasses").asdict(config), "mixed_bfloat16", {"started": 0.0})
+        __import__("dataclasses").asdict(config), "mixed_bfloat16",
+        {"started": 0.0, "records_path": "/data/r"})
     return str(folder)
 
 
@@ -271,7 +273,8 @@ def test_resume_finds_the_run_and_keeps_its_options(tmp_path):
     open(os.path.join(finished, "model.h5"), "wb").close()
 
     config, folder = train.resume_config(str(models))
-    assert folder == newest and config.seed == 7 and config.records == "r"
+    assert folder == newest and config.seed == 7
+    assert config.models == str(models) and config.records == "/data/r"
     # The precision is the one the run resolved, whatever `auto` gives on this machine.
     assert config.precision == "mixed_bfloat16"
     config, folder = train.resume_config(str(models), "1", gpus="none", verbose=2)
