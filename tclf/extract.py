@@ -169,6 +169,11 @@ def _plan_class(class_name: str, files: list[tuple[str, str]], class_data_dir: s
         unchanged = (len(pending) == len(members) and not extra
                      and found == {old_ids[m] for m in members})
         if unchanged or overwrite:
+            if extra:
+                report_skip(f"{class_data_dir}/{{{', '.join(sorted(extra))}}}: left as they "
+                            f"are; extracted by an older tclf, they may hold files since "
+                            f"removed, or copies of tracks now in other folders: delete them "
+                            f"if so")
             for m in pending:
                 if old_ids[m] in found:
                     plan[m] = Track(class_name, old_ids[m], paths[m], m,
@@ -214,12 +219,14 @@ def plan_tracks(audio_dir: str, data_dir: str | None = None,
     Folders without ``source.json`` (extracted by an older tclf) are
     recognised by the ids that tclf gave (:func:`_old_ids`): a file whose name
     no other file of the class shares adopts the folder named by its cleaned
-    stem (ADOPT: complete; its source.json is written then). Files whose names
-    clean to one stem got _2, _3 ... in sorted order, which shifts when such a
-    file is added or removed; their old folders are adopted only when they are
-    exactly the ids of the current files. Otherwise the files are AMBIGUOUS:
-    reported as failed with the folders named, and --overwrite extracts them
-    again (REDO) into the old ids. Nothing is ever adopted by guesswork.
+    stem (ADOPT: complete; its source.json is written then), unless a folder
+    <stem>_N that no current file is named after shows that a file of that
+    name was removed. Files whose names clean to one stem got _2, _3 ... in
+    sorted order, which shifts when such a file is added or removed; their old
+    folders are adopted only when they are exactly the ids of the current
+    files. Otherwise the files are AMBIGUOUS: reported as failed with the
+    folders named, nothing written; --overwrite extracts them again (REDO)
+    into the old ids. Nothing is ever adopted by guesswork.
 
     With ``overwrite`` every file is extracted again (REDO into its own folder, NEW otherwise).
 

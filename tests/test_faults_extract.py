@@ -150,6 +150,25 @@ def test_folders_of_an_older_tclf_are_adopted_only_when_certain(tmp_path, audio_
     assert len(_tracks(data)) == 5 and not _hidden(data)
 
 
+def test_an_old_folder_is_not_adopted_after_a_colliding_file_was_removed(tmp_path, audio_dir):
+    """Older tclf: "a b.wav" -> a_b, "a_b.wav" -> a_b_2. With "a b.wav" gone, the old naming
+    would give a_b.wav the folder a_b, which holds the removed song."""
+    source, data = tmp_path / "audio", tmp_path / "data"
+    _link(_wav(audio_dir, "goa", 0), str(source / "goa" / "a b.wav"))
+    _link(_wav(audio_dir, "goa", 1), str(source / "goa" / "a_b.wav"))
+    _run(source, data, num_segments=1)
+    for track in _tracks(data):
+        os.remove(data / track / SOURCE)
+    os.remove(source / "goa" / "a b.wav")
+    with pytest.warns(DataWarning, match=r"a_b.wav: cannot tell whether .*a_b, a_b_2"), \
+            pytest.raises(RunError, match=r"no track could be extracted .*1 failed"):
+        _run(source, data, num_segments=1)
+    assert not os.path.exists(data / "goa" / "a_b" / SOURCE)  # Not adopted.
+    with pytest.warns(DataWarning, match=r"a_b_2}: left as they are"):
+        summary = _run(source, data, num_segments=1, overwrite=True)
+    assert sum(summary.extracted.values()) == 1 and _source(data, "goa/a_b") == "a_b.wav"
+
+
 def test_a_folder_recording_another_file_is_never_complete_for_this_one(tmp_path, audio_dir):
     source, data = tmp_path / "audio", tmp_path / "data"
     _link(_wav(audio_dir, "goa", 0), str(source / "goa" / "x.wav"))
