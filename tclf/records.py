@@ -56,6 +56,16 @@ def _listdir(folder: str) -> list[str] | None:
         return None
 
 
+def _check_data_dir(data_dir: str) -> None:
+    """FileNotFoundError or NotADirectoryError unless data_dir is a folder."""
+    tf = _tf()
+    if not tf.io.gfile.isdir(data_dir):
+        if tf.io.gfile.exists(data_dir):
+            raise NotADirectoryError(f"{data_dir}: is a file, not a folder (expected "
+                                     f"DATA_DIR/<class>/<track>/part_N.png + part_N.npy)")
+        raise FileNotFoundError(f"{data_dir}: no such folder (expected DATA_DIR/<class>/<track>/)")
+
+
 def scan_data(data_dir: str) -> tuple[list[str], list[Sample], collections.Counter]:
     """Classes (sub-folders with at least one pair), every png/npy pair of DATA_DIR, and the
     count of what was skipped per class folder.
@@ -66,11 +76,7 @@ def scan_data(data_dir: str) -> tuple[list[str], list[Sample], collections.Count
     read here: see :func:`validate_samples`.
     """
     tf = _tf()
-    if not tf.io.gfile.isdir(data_dir):
-        if tf.io.gfile.exists(data_dir):
-            raise NotADirectoryError(f"{data_dir}: is a file, not a folder (expected "
-                                     f"DATA_DIR/<class>/<track>/part_N.png + part_N.npy)")
-        raise FileNotFoundError(f"{data_dir}: no such folder (expected DATA_DIR/<class>/<track>/)")
+    _check_data_dir(data_dir)
     classes, samples, skipped = [], [], collections.Counter()
     for class_name in _listdir(data_dir) or []:
         class_dir = join(data_dir, class_name)
@@ -446,8 +452,8 @@ def _pack_lock(records_dir: str):
                                   f"folder") from None
         except OSError:  # No locks on this filesystem (ENOLCK, EOPNOTSUPP).
             os.close(fd)
-            yield False
-            return
+            fd = None
+            break
         try:
             current = os.stat(path)
         except FileNotFoundError:
@@ -456,6 +462,9 @@ def _pack_lock(records_dir: str):
         if current is not None and (current.st_ino, current.st_dev) == (mine.st_ino, mine.st_dev):
             break
         os.close(fd)  # The holder removed this file as it ended: lock the one at the path now.
+    if fd is None:
+        yield False
+        return
     try:
         os.ftruncate(fd, 0)
         os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}, since "
@@ -483,10 +492,12 @@ def _clean_leftovers(records_dir: str) -> None:
       deleted): deleted. If the manifest exists but cannot be read, nothing is
       deleted: which shards it lists is unknown;
     - ``.old-pack-*`` folders, left by tclf versions that moved the old pack aside
-      before moving the new one in: when RECORDS_DIR has no manifest and such a
-      folder holds a whole pack (its manifest and every shard it lists), that pack
-      is moved back (its manifest last), with a warning; the others, and all of them
-      when RECORDS_DIR has a manifest, are deleted.
+      before moving the new one in (manifest first): when RECORDS_DIR has no
+      manifest and such a folder holds a manifest whose every shard is there or still
+      in RECORDS_DIR (a run killed while moving the old pack aside), that pack is
+      moved back (its manifest last), with a warning; the others, and all of them
+      when RECORDS_DIR has a manifest, are deleted. A restore killed half-way is
+      finished by the next run the same way.
     """
     import warnings
 
@@ -501,9 +512,14 @@ def _clean_leftovers(records_dir: str) -> None:
             files = _shard_files(load_manifest(old_dir))
         except (OSError, ValueError):
             continue
-        if all(tf.io.gfile.exists(join(old_dir, f)) for f in files):
+        # A shard not in old_dir is still (or, after a killed restore, again) in records_dir:
+        # the old versions moved the whole old pack aside before moving any new file in.
+        if all(tf.io.gfile.exists(join(old_dir, f)) or tf.io.gfile.exists(join(records_dir, f))
+               for f in files):
             for name in files:
-                tf.io.gfile.rename(join(old_dir, name), join(records_dir, name), overwrite=True)
+                if tf.io.gfile.exists(join(old_dir, name)):
+                    tf.io.gfile.rename(join(old_dir, name), join(records_dir, name),
+                                       overwrite=True)
             tf.io.gfile.rename(join(old_dir, MANIFEST_NAME), manifest_path)
             warnings.warn(f"restored the pack that a killed tclf-pack had moved aside to "
                           f"{old_dir}", stacklevel=3)
@@ -627,6 +643,7 @@ def pack(data_dir: str, records_dir: str, val_fraction: float = 0.2, seed: int =
     if not is_remote(records_dir) and os.path.exists(records_dir) and not os.path.isdir(
             records_dir):
         raise NotADirectoryError(f"{records_dir}: is a file, not a folder")
+    _check_data_dir(data_dir)  # Before RECORDS_DIR is created.
     _tf().io.gfile.makedirs(records_dir)
     with _pack_lock(records_dir) as locked:
         if locked:

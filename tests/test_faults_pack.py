@@ -256,18 +256,20 @@ def test_a_live_packs_staging_folder_is_left_alone(old_pack, data_dir):
     assert _snapshot(target) == before  # The lock file is gone with the lock.
 
 
-def test_an_old_pack_moved_aside_by_a_killed_run_is_restored(old_pack, data_dir):
-    """tclf before the pack id moved the old pack to .old-pack-* first: with no manifest in the
-    folder, a later run puts it back (overwriting the dead run's half-moved shard); with one,
-    it deletes it."""
+@pytest.mark.parametrize("moved", ["all", "half"])
+def test_an_old_pack_moved_aside_by_a_killed_run_is_restored(old_pack, data_dir, moved):
+    """tclf before the pack id moved the old pack to .old-pack-* (manifest first), then the new
+    one in. Killed after that move ("all", with a new shard of an old shard's name already
+    in) or during it ("half"): with no manifest in the folder, a later run puts the old pack
+    back; with one, it deletes the .old-pack-* folder."""
     target, before = old_pack
     aside = target / f"{records.OLD_PACK_PREFIX}12345678"
     aside.mkdir()
-    for name in os.listdir(target):
-        if not name.startswith("."):
-            os.rename(target / name, aside / name)
-    shard = next(n for n in before if n.endswith(".tfrecord"))
-    (target / shard).write_bytes(b"the dead run's new shard, same name")
+    shards = sorted(n for n in before if n.endswith(".tfrecord"))
+    for name in ["manifest.json"] + (shards if moved == "all" else shards[:1]):
+        os.rename(target / name, aside / name)
+    if moved == "all":
+        (target / shards[0]).write_bytes(b"the dead run's new shard, same name")
     with pytest.warns(UserWarning, match="restored the pack"), \
             pytest.raises(FileExistsError, match="--overwrite"):
         records.pack(data_dir, str(target), progress=False)
@@ -574,6 +576,7 @@ def test_a_file_given_as_data_dir_is_named_a_file(tmp_path):
     assert done.exit_code == 1 and "is a file, not a folder" in done.output
     with pytest.raises(FileNotFoundError, match="no such folder"):
         records.pack(str(tmp_path / "missing"), str(tmp_path / "records"), progress=False)
+    assert not (tmp_path / "records").exists()  # Nothing created for a run that cannot start.
 
 
 def test_unicode_spaces_and_symlinked_folders(data_dir, tmp_path):
