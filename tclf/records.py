@@ -330,9 +330,21 @@ def _write_records(samples: list[Sample], paths: list[str], classes: list[str],
             stats.add(features)
             written += 1
     finally:
-        for writer in writers:
-            writer.close()
+        _close_all(writers)
     return per_shard, per_class, tracks, stats
+
+
+def _close_all(writers) -> None:
+    """Close every writer even if one fails (a full disk may only show when buffers are
+    flushed); the first failure is raised after all are closed."""
+    failure = None
+    for writer in writers:
+        try:
+            writer.close()
+        except Exception as error:  # noqa: BLE001 - re-raised below.
+            failure = failure or error
+    if failure is not None:
+        raise failure
 
 
 def _shard_entries(out_dir: str, names: list[str], per_shard: list[int]) -> list[dict]:

@@ -336,6 +336,32 @@ def test_a_full_disk_is_a_clear_error_and_the_old_pack_stays(old_pack, data_dir,
     assert _snapshot(target) == before
 
 
+def test_a_full_disk_found_when_the_shards_are_closed(old_pack, data_dir, monkeypatch):
+    """Buffered writes may only fail when flushed: every writer is still closed, the staging
+    folder removed and the old pack kept."""
+    target, before = old_pack
+    real_writer, closed = tf.io.TFRecordWriter, []
+
+    class FailsOnClose:
+        def __init__(self, path, *args):
+            self.writer = real_writer(path, *args)
+
+        def write(self, record):
+            self.writer.write(record)
+
+        def close(self):
+            self.writer.close()
+            closed.append(self)
+            if len(closed) == 1:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(tf.io, "TFRecordWriter", FailsOnClose)
+    with pytest.raises(OSError, match="No space left"):
+        records.pack(data_dir, str(target), overwrite=True, min_shards=2, progress=False)
+    assert len(closed) == 2  # Both train shards, though the first close failed.
+    assert _snapshot(target) == before
+
+
 # ---------------------------------------------------------------------------
 # 4. The split is drawn over valid tracks; empty classes and splits.
 # ---------------------------------------------------------------------------
