@@ -116,24 +116,32 @@ def command(function=None, *, tensorflow: bool = True):
               help="Audio is resampled to this rate (Hz), mono.")
 @click.option("--jobs", "-j", default=None, type=click.IntRange(min=1),
               help="Worker processes, one track each. [default: all cores]")
+@click.option("--png-compression", default=None, type=click.IntRange(0, 9),
+              help="zlib level of the spectrogram PNGs, 0-9: the same pixels at every level; "
+                   "0 (uncompressed, ~268 kB) decodes several times faster than 1-9 "
+                   "(~100 kB) when training. Use 6-9 only where the records are read from "
+                   "slow remote storage (see README). [default: 0 for a new DATA_DIR, else "
+                   "the folder's own]")
 @click.option("--overwrite", is_flag=True, help="Redo tracks already extracted.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @command(tensorflow=False)  # Extraction never uses TensorFlow.
 def extract_command(audio_dir, data_dir, num_segments, segment_seconds, skip_fraction,
-                    sample_rate, jobs, overwrite, quiet):
+                    sample_rate, png_compression, jobs, overwrite, quiet):
     """Cut AUDIO_DIR/<class>/<audio files> into DATA_DIR/<class>/<track_id>/part_N.png + .npy.
 
     Each segment becomes a 299x299 mel-spectrogram PNG and a 10x68 float32
     feature matrix (columns: see tclf/audio.py and the README). Files that
     cannot be decoded, or are shorter than one segment, are skipped with a
     warning. Tracks already in DATA_DIR are skipped unless --overwrite.
+    The settings are recorded in DATA_DIR/extract.json; a later run with
+    other settings into the same folder is refused.
     """
     from tclf import extract
 
     summary = extract.extract(audio_dir, data_dir, num_segments=num_segments,
                               segment_seconds=segment_seconds, sample_rate=sample_rate,
                               skip_fraction=skip_fraction, jobs=jobs, overwrite=overwrite,
-                              progress=not quiet)
+                              progress=not quiet, png_compression=png_compression)
     click.echo(summary.line())
 
 
@@ -150,11 +158,16 @@ def extract_command(audio_dir, data_dir, num_segments, segment_seconds, skip_fra
 @click.option("--min-shards", default=8, type=click.IntRange(min=1),
               help="At least this many shards per split (if it has that many records), so that "
                    "reads can run in parallel.")
+@click.option("--png-compression", default="keep", metavar="[0-9|keep]",
+              type=click.Choice(["keep", *map(str, range(10))]),
+              help="keep: copy each PNG's bytes as DATA_DIR holds them; 0-9: encode each PNG "
+                   "again at that zlib level while packing (the same pixels; 0 decodes "
+                   "fastest, 1-9 are smaller: see tclf-extract --png-compression).")
 @click.option("--overwrite", is_flag=True, help="Replace records already in RECORDS_DIR.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @command
 def pack_command(data_dir, records_dir, val_fraction, seed, groups_file, shard_megabytes,
-                 min_shards, overwrite, quiet):
+                 min_shards, png_compression, overwrite, quiet):
     """Pack DATA_DIR/<class>/<track>/part_N.{png,npy} into sharded TFRecords in RECORDS_DIR.
 
     Writes train-*.tfrecord, val-*.tfrecord and manifest.json (classes,
@@ -165,7 +178,9 @@ def pack_command(data_dir, records_dir, val_fraction, seed, groups_file, shard_m
 
     manifest = records.pack(data_dir, records_dir, val_fraction=val_fraction, seed=seed,
                             groups_file=groups_file, shard_megabytes=shard_megabytes,
-                            min_shards=min_shards, overwrite=overwrite, progress=not quiet)
+                            min_shards=min_shards, overwrite=overwrite, progress=not quiet,
+                            png_compression=(png_compression if png_compression == "keep"
+                                             else int(png_compression)))
     for line in records.summary_lines(manifest):
         click.echo(line)
     click.echo(f"packed {sum(s['records'] for s in manifest['splits'].values())} records into "

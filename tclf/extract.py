@@ -267,10 +267,11 @@ def list_tracks(audio_dir: str, data_dir: str | None = None) -> list[tuple[str, 
 
 
 def write_track(segments: list[audio.Segment], track_dir: str, overwrite: bool = False,
-                source: str | None = None) -> None:
+                source: str | None = None,
+                png_compression: int | str = audio.PNG_COMPRESSION) -> None:
     """Write part_N.png/.npy (and source.json, if ``source``) into a hidden temporary
     folder beside track_dir, then rename it to track_dir: the track appears whole or not
-    at all."""
+    at all. The PNGs are encoded at ``png_compression`` (see :func:`audio.encode_png`)."""
     parent = os.path.dirname(track_dir)
     os.makedirs(parent, exist_ok=True)
     tmp = os.path.join(parent, f"{TMP_PREFIX}{os.path.basename(track_dir)}-{uuid.uuid4().hex[:8]}")
@@ -281,7 +282,7 @@ def write_track(segments: list[audio.Segment], track_dir: str, overwrite: bool =
                 f.write(json.dumps({"source": source}, ensure_ascii=False))
         for segment in segments:
             with open(os.path.join(tmp, f"part_{segment.index}.png"), "wb") as f:
-                f.write(segment.png_bytes())
+                f.write(segment.png_bytes(png_compression))
             np.save(os.path.join(tmp, f"part_{segment.index}.npy"), segment.features)
             faults.point("extract.part_written")
         if os.path.exists(track_dir):
@@ -303,7 +304,7 @@ def _extract_one(task):
     """(class, id, path, segments, error, fatal) for one track. A file that cannot be used is
     an error; a track that cannot be written (disk full, read-only, permissions) is fatal:
     every other track would fail the same way."""
-    class_name, track_id, path, track_dir, options, overwrite, source = task
+    class_name, track_id, path, track_dir, options, overwrite, source, png_compression = task
     try:
         segments = audio.analyze_file(path, **options)
     except audio.AudioError as error:
@@ -311,7 +312,7 @@ def _extract_one(task):
     except Exception as error:  # One bad file must not stop the run.
         return class_name, track_id, path, 0, f"{path}: {type(error).__name__}: {error}", False
     try:
-        write_track(segments, track_dir, overwrite, source)
+        write_track(segments, track_dir, overwrite, source, png_compression)
     except FileExistsError as error:  # Another tclf-extract on this DATA_DIR got there first.
         return class_name, track_id, path, 0, f"{path}: {error}", False
     except OSError as error:
@@ -345,23 +346,51 @@ def _warm_up(options):
 
 
 SETTINGS_NAME = schema.EXTRACTION_SETTINGS_NAME
+PNG_COMPRESSION_KEY = "png_compression"  # In extract.json; absent: audio.PNG_LEGACY.
 
 
-def record_settings(data_dir: str, options: dict) -> None:
-    """Write DATA_DIR/extract.json; refuse to mix settings in one data folder.
+def record_settings(data_dir: str, options: dict,
+                    png_compression: int | str | None = None) -> int | str:
+    """Write DATA_DIR/extract.json; refuse to mix settings in one data folder. Returns the
+    PNG compression the folder's tracks are written with.
 
     tclf-pack copies it into the manifest and tclf-train into model.h5, so
     that tclf-predict analyses new audio exactly as the training data was.
+
+    The PNG compression (``png_compression``: a level 0-9, see
+    :func:`audio.encode_png`) changes the bytes of the PNGs, never their pixels.
+    A new folder records the one given, or ``audio.PNG_COMPRESSION``. In a folder
+    already extracted, None (not given) means the folder's own: the recorded one,
+    or ``audio.PNG_LEGACY`` when extract.json has no such key (written by a tclf
+    before the option; the file is left as it is), so new tracks are encoded as
+    the old ones were. Asking for another than the folder's is refused, as for
+    the analysis settings: re-encode when packing (tclf-pack --png-compression).
     """
+    if png_compression is not None:
+        png_compression = audio.check_png_compression(png_compression)
     path = os.path.join(data_dir, SETTINGS_NAME)
     if os.path.exists(path):
         existing = storage.read_json(path)
-        if existing != options:
-            raise InputError(f"{data_dir} was extracted with {existing}, not {options}; use the "
+        analysis = ({k: v for k, v in existing.items() if k != PNG_COMPRESSION_KEY}
+                    if isinstance(existing, dict) else existing)
+        if analysis != options:
+            raise InputError(f"{data_dir} was extracted with {analysis}, not {options}; use the "
                              f"same settings or another DATA_DIR")
-        return
+        recorded = existing.get(PNG_COMPRESSION_KEY, audio.PNG_LEGACY)
+        if png_compression is not None and png_compression != recorded:
+            what = (f"--png-compression {recorded}" if recorded != audio.PNG_LEGACY else
+                    "the PNG encoding of tclf before --png-compression (Pillow level 1)")
+            raise InputError(f"{data_dir} was extracted with {what}, not --png-compression "
+                             f"{png_compression}; leave the option out to go on with the "
+                             f"folder's, use another DATA_DIR, or re-encode while packing "
+                             f"(tclf-pack --png-compression {png_compression})")
+        return recorded
+    if png_compression is None:
+        png_compression = audio.PNG_COMPRESSION
     os.makedirs(data_dir, exist_ok=True)
-    storage.write_atomic(path, json.dumps(options, indent=1))
+    storage.write_atomic(path, json.dumps({**options, PNG_COMPRESSION_KEY: png_compression},
+                                          indent=1))
+    return png_compression
 
 
 def clean_temporary(data_dir: str) -> int:
@@ -383,7 +412,7 @@ def clean_temporary(data_dir: str) -> int:
 def extract(audio_dir: str, data_dir: str, num_segments: int = 6, segment_seconds: float = 10.0,
             sample_rate: int = audio.SAMPLE_RATE, image_size: int = audio.IMAGE_SIZE,
             skip_fraction: float = 0.1, jobs: int | None = None, overwrite: bool = False,
-            progress: bool = True) -> ExtractSummary:
+            progress: bool = True, png_compression: int | None = None) -> ExtractSummary:
     """Extract every track of AUDIO_DIR into DATA_DIR.
 
     Parameters
@@ -392,6 +421,9 @@ def extract(audio_dir: str, data_dir: str, num_segments: int = 6, segment_second
         Worker processes; default all cores. 1 runs in this process.
     progress : bool
         Show a progress bar.
+    png_compression : int, optional
+        zlib level 0-9 of the PNGs (:func:`audio.encode_png`); None: the folder's own
+        (see :func:`record_settings`), ``audio.PNG_COMPRESSION`` for a new folder.
 
     Every file that cannot be used is reported by a DataWarning naming it.
 
@@ -402,7 +434,8 @@ def extract(audio_dir: str, data_dir: str, num_segments: int = 6, segment_second
     Raises
     ------
     InputError
-        If AUDIO_DIR or DATA_DIR is a file, or DATA_DIR was extracted with other settings.
+        If AUDIO_DIR or DATA_DIR is a file, or DATA_DIR was extracted with other settings
+        (another png_compression included, when one is given).
     RunError
         If no track could be extracted and none was already complete, if a track cannot be
         written (a full disk, a read-only DATA_DIR: the run stops there, every later track
@@ -420,7 +453,7 @@ def extract(audio_dir: str, data_dir: str, num_segments: int = 6, segment_second
     _check_folder(data_dir, "DATA_DIR, where the track folders go")
     if not os.path.isdir(audio_dir):
         raise FileNotFoundError(f"{audio_dir}: no such folder (expected AUDIO_DIR/<class>/<files>)")
-    record_settings(data_dir, options)
+    png_compression = record_settings(data_dir, options, png_compression)
     clean_temporary(data_dir)
     tracks = plan_tracks(audio_dir, data_dir, overwrite)
     summary = ExtractSummary(collections.Counter(), collections.Counter(),
@@ -439,7 +472,7 @@ def extract(audio_dir: str, data_dir: str, num_segments: int = 6, segment_second
             summary.existing[track.class_name] += 1
         else:
             tasks.append((track.class_name, track.track_id, track.path, track_dir, options,
-                          track.state == REDO, track.source))
+                          track.state == REDO, track.source, png_compression))
     jobs = max(1, min(jobs or os.cpu_count() or 1, len(tasks) or 1))
 
     from tqdm import tqdm

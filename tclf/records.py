@@ -19,7 +19,7 @@ import uuid
 import numpy as np
 
 import tclf
-from tclf import InputError, RunError, faults, report_skip
+from tclf import InputError, RunError, audio, faults, report_skip
 from tclf.audio import FEATURE_SHAPE, IMAGE_SIZE
 from tclf.schema import (  # noqa: F401 (re-exported)
     EXTRACTION_SETTINGS_NAME, FEATURES_KEY, LABEL_KEY, MANIFEST_NAME, SCHEMA_VERSION, SEGMENT_KEY,
@@ -295,12 +295,17 @@ class FeatureStats:
         return mean, std
 
 
+KEEP = "keep"  # tclf-pack --png-compression keep: the PNG bytes as DATA_DIR holds them.
+
+
 def _write_records(samples: list[Sample], paths: list[str], classes: list[str],
-                   skipped: collections.Counter, bar=None):
+                   skipped: collections.Counter, bar=None, png_compression=KEEP):
     """Write samples, in order, round-robin into new TFRecord files at paths.
 
     A sample that fails :func:`read_sample` is reported, counted in skipped
-    under its class and left out. Returns (records per shard, records per
+    under its class and left out. Unless png_compression is KEEP, each PNG is
+    encoded again from its decoded pixels at that setting (:func:`audio.encode_png`:
+    the same pixels, other bytes). Returns (records per shard, records per
     class name, track ids written, FeatureStats of the written samples).
     """
     tf = _tf()
@@ -315,11 +320,13 @@ def _write_records(samples: list[Sample], paths: list[str], classes: list[str],
             if bar is not None:
                 bar.update(1)
             try:
-                png, features, _ = read_sample(sample)
+                png, features, pixels = read_sample(sample)
             except ValueError as error:  # Changed since validate_samples read it.
                 report_skip(f"skipped {error}")
                 skipped[classes[sample.label]] += 1
                 continue
+            if png_compression != KEEP:
+                png = audio.encode_png(pixels, png_compression)
             shard = written % len(paths)
             writers[shard].write(create_example(png, features, sample.label,
                                                 sample.track_id, sample.segment))
@@ -366,13 +373,14 @@ def _shard_entries(out_dir: str, names: list[str], per_shard: list[int]) -> list
 def write_split(side: str, samples: list[Sample], classes: list[str], out_dir: str,
                 rng: np.random.Generator, skipped: collections.Counter, bar=None,
                 shard_megabytes: float = 128.0, min_shards: int = 8,
-                pack_id: str = "") -> tuple[dict, FeatureStats]:
+                pack_id: str = "", png_compression=KEEP) -> tuple[dict, FeatureStats]:
     """Write one split's samples into shards `<side>-NNNNN-of-NNNNN-<pack_id>.tfrecord`.
 
     The records are shuffled with rng and dealt round-robin over the shards,
-    whose number follows the PNG bytes (see :func:`_num_shards`). Unreadable
-    samples are reported and counted in skipped; bar (a tqdm) advances one
-    step a sample.
+    whose number follows the PNG bytes (see :func:`_num_shards`; when the PNGs are
+    re-encoded at level 0 their size is known, otherwise the files' sizes stand in).
+    Unreadable samples are reported and counted in skipped; bar (a tqdm) advances one
+    step a sample. png_compression: see :func:`_write_records`.
 
     Returns
     -------
@@ -381,11 +389,14 @@ def write_split(side: str, samples: list[Sample], classes: list[str], out_dir: s
     """
     tf = _tf()
     chosen = [samples[i] for i in rng.permutation(len(samples))]
-    num_bytes = sum(tf.io.gfile.stat(s.png_path).length for s in chosen)
+    if png_compression == 0:  # Stored rows: the size follows from the image's.
+        num_bytes = len(chosen) * (IMAGE_SIZE * (IMAGE_SIZE * 3 + 1) + 100)
+    else:
+        num_bytes = sum(tf.io.gfile.stat(s.png_path).length for s in chosen)
     count = _num_shards(num_bytes, len(chosen), shard_megabytes, min_shards)
     names = [shard_name(side, i, count, pack_id) for i in range(count)]
     per_shard, per_class, tracks, stats = _write_records(
-        chosen, [join(out_dir, n) for n in names], classes, skipped, bar)
+        chosen, [join(out_dir, n) for n in names], classes, skipped, bar, png_compression)
     entry = {
         "records": sum(per_shard),
         "counts": {c: per_class[c] for c in classes},
@@ -397,9 +408,10 @@ def write_split(side: str, samples: list[Sample], classes: list[str], out_dir: s
 
 def build_manifest(data_dir: str, classes: list[str], splits: dict, skipped: collections.Counter,
                    feature_stats: FeatureStats, seed: int, val_fraction: float,
-                   groups_file: str | None, pack_id: str = "") -> dict:
-    """The manifest.json content of a pack: schema, classes, splits, skips and the
-    feature mean and std (of the train split, given as feature_stats)."""
+                   groups_file: str | None, pack_id: str = "", png_compression=KEEP) -> dict:
+    """The manifest.json content of a pack: schema, classes, splits, skips, the PNG
+    compression asked for (KEEP: as extracted, see "extraction") and the feature mean
+    and std (of the train split, given as feature_stats)."""
     mean, std = feature_stats.mean_std()
     return {
         "schema_version": SCHEMA_VERSION,
@@ -413,6 +425,7 @@ def build_manifest(data_dir: str, classes: list[str], splits: dict, skipped: col
         "seed": seed,
         "val_fraction": val_fraction,
         "groups_file": groups_file,
+        "png_compression": png_compression,
         "splits": splits,
         "skipped": dict(skipped),
         "extraction": _extraction_settings(data_dir),
@@ -605,7 +618,7 @@ def _warn_missing_classes(classes: list[str], samples: list[Sample], split: dict
 
 def pack(data_dir: str, records_dir: str, val_fraction: float = 0.2, seed: int = 0,
          groups_file: str | None = None, shard_megabytes: float = 128.0, min_shards: int = 8,
-         overwrite: bool = False, progress: bool = True) -> dict:
+         overwrite: bool = False, progress: bool = True, png_compression=KEEP) -> dict:
     """Pack DATA_DIR into sharded TFRecords and a manifest in RECORDS_DIR.
 
     Every pair is read and checked first (:func:`validate_samples`), and the split
@@ -634,6 +647,11 @@ def pack(data_dir: str, records_dir: str, val_fraction: float = 0.2, seed: int =
         so that the reader can interleave reads.
     overwrite : bool
         Replace an existing pack in RECORDS_DIR.
+    png_compression : "keep" or int
+        KEEP copies each PNG's bytes as they are; a zlib level 0-9 encodes each
+        PNG again at that level (:func:`audio.encode_png`: identical pixels, other
+        bytes; ``audio.PNG_LEGACY`` for the encoding of tclf before the option).
+        Recorded in the manifest as "png_compression".
 
     Returns
     -------
@@ -652,6 +670,8 @@ def pack(data_dir: str, records_dir: str, val_fraction: float = 0.2, seed: int =
     from tqdm import tqdm
 
     start_time = time.perf_counter()
+    if png_compression != KEEP:
+        png_compression = audio.check_png_compression(png_compression)
     if not is_remote(records_dir) and os.path.exists(records_dir) and not os.path.isdir(
             records_dir):
         raise NotADirectoryError(f"{records_dir}: is a file, not a folder")
@@ -687,13 +707,14 @@ def pack(data_dir: str, records_dir: str, val_fraction: float = 0.2, seed: int =
                 chosen = [s for s in samples if side_of[s.track_id] == side]
                 splits[side], stats[side] = write_split(side, chosen, classes, tmp_dir, rng,
                                                         skipped, bar, shard_megabytes,
-                                                        min_shards, pack_id)
+                                                        min_shards, pack_id, png_compression)
             bar.close()
             if not sum(entry["records"] for entry in splits.values()):
                 raise RunError(f"no valid sample in {data_dir}: all {found} were skipped")
             manifest = build_manifest(data_dir, classes, splits, skipped, stats["train"],
                                       seed=seed, val_fraction=val_fraction,
-                                      groups_file=groups_file, pack_id=pack_id)
+                                      groups_file=groups_file, pack_id=pack_id,
+                                      png_compression=png_compression)
             with _tf().io.gfile.GFile(join(tmp_dir, MANIFEST_NAME), "w") as f:
                 json.dump(manifest, f, indent=1)
             _move_into_place(tmp_dir, records_dir, overwrite)
