@@ -89,3 +89,20 @@ class EpochCheckpoint(keras.callbacks.Callback):
         self.checkpoint.save_epoch(self.stage, self.model, self.stopper, self.state,
                                    self.progress)
         faults.point("train.epoch_end")
+
+
+class StageTensorBoard(keras.callbacks.TensorBoard):
+    """TensorBoard logs of one stage on the run's single epoch axis.
+
+    Each stage is its own fit, whose epochs Keras counts from 0; this one logs epoch e at
+    step e + ``epoch_offset`` (stage 2: the epochs stage 1 ran), so that both stages
+    follow each other as in accuracy.png, and logs ``epoch_stage`` (1 or 2) beside the
+    metrics, from which the boundary can be read back.
+    """
+
+    def __init__(self, log_dir: str, stage: int, epoch_offset: int = 0):
+        super().__init__(log_dir, write_graph=False)
+        self.stage, self.epoch_offset = stage, epoch_offset
+
+    def on_epoch_end(self, epoch, logs=None):
+        super().on_epoch_end(epoch + self.epoch_offset, {**(logs or {}), "stage": self.stage})

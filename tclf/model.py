@@ -41,6 +41,7 @@ from tclf import InputError, RunError
 from tclf.schema import FEATURE_SHAPE, FEATURES_KEY, IMAGE_SIZE, SPECTROGRAM_KEY
 
 BACKBONE_NAME = "efficientnetb0"
+BACKBONE_OUTPUT_KEY = "backbone_output"  # The input of heads_model (stage 1).
 CLASS_NAMES_ATTRIBUTE = "tclf_class_names"
 CONFIG_ATTRIBUTE = "tclf_config"
 IMAGENET_URL = ("https://storage.googleapis.com/keras-applications/efficientnetb0_notop.h5")
@@ -138,29 +139,102 @@ def build_model(num_classes: int, feature_mean=None, feature_std=None,
 
     # Image branch. EfficientNet rescales 0-255 itself; Rescaling(1) only casts uint8 to float.
     x = layers.Rescaling(1.0, name="image_to_float")(spectrogram)
-    x = build_backbone(image_size, weights)(x)
-    x = layers.Dense(image_units, activation="relu", name="image_dense")(x)
+    x = _inference_only(build_backbone(image_size, weights))(x)
 
-    # Sequence branch over the ten 1-second windows. The normalization computes in float32
-    # under every policy: the spectral columns are in Hz, their variances exceed float16's
-    # maximum (65,504; the layer would output 0 for them) and bfloat16 keeps 8 bits of the raw
-    # values. Its output is O(1) and safe to cast to the compute dtype of the layers after it.
-    s = layers.Normalization(axis=-1, mean=mean.tolist(), variance=(std**2).tolist(),
-                             dtype="float32", name="feature_normalization")(features)
-    s = layers.GRU(gru_units, return_sequences=True, name="gru_1")(s)
-    s = layers.MultiHeadAttention(num_heads=attention_heads, key_dim=gru_units // attention_heads,
-                                  name="self_attention")(s, s)
-    s = layers.GRU(gru2_units, name="gru_2")(s)
-    s = layers.Dense(feature_units, activation="relu", name="feature_dense")(s)
-
-    # Fusion head. The softmax runs in float32 so that mixed precision stays stable.
-    h = layers.Concatenate(name="fusion")([x, s])
-    h = layers.Dense(fusion_units, activation="relu", name="fusion_dense")(h)
-    h = layers.Dropout(dropout, name="fusion_dropout")(h)
-    h = layers.Dense(head_units, activation="relu", name="head_dense")(h)
-    outputs = layers.Dense(num_classes, activation="softmax", dtype="float32", name="style")(h)
+    # The rest, after the backbone, is also the stage-1 model (heads_model): one description.
+    # The normalization computes in float32 under every policy: the spectral columns are in
+    # Hz, their variances exceed float16's maximum (65,504; the layer would output 0 for
+    # them) and bfloat16 keeps 8 bits of the raw values. Its output is O(1) and safe to cast
+    # to the compute dtype of the layers after it. The softmax runs in float32 so that mixed
+    # precision stays stable.
+    head_layers = {layer.name: layer for layer in [
+        layers.Dense(image_units, activation="relu", name="image_dense"),
+        layers.Normalization(axis=-1, mean=mean.tolist(), variance=(std**2).tolist(),
+                             dtype="float32", name="feature_normalization"),
+        layers.GRU(gru_units, return_sequences=True, name="gru_1"),
+        layers.MultiHeadAttention(num_heads=attention_heads,
+                                  key_dim=gru_units // attention_heads, name="self_attention"),
+        layers.GRU(gru2_units, name="gru_2"),
+        layers.Dense(feature_units, activation="relu", name="feature_dense"),
+        layers.Concatenate(name="fusion"),
+        layers.Dense(fusion_units, activation="relu", name="fusion_dense"),
+        layers.Dropout(dropout, name="fusion_dropout"),
+        layers.Dense(head_units, activation="relu", name="head_dense"),
+        layers.Dense(num_classes, activation="softmax", dtype="float32", name="style"),
+    ]}
+    outputs = _heads(head_layers.__getitem__, x, features)
     return keras.Model({SPECTROGRAM_KEY: spectrogram, FEATURES_KEY: features}, outputs,
                        name="tclf")
+
+
+def _heads(layer, image_vector, features):
+    """The graph after the backbone: image vector [B, 1280] + features [B, 10, 68] -> class
+    probabilities, through the layers ``layer(name)`` returns (new ones, or a model's)."""
+    x = layer("image_dense")(image_vector)
+    # Sequence branch over the ten 1-second windows.
+    s = layer("feature_normalization")(features)
+    s = layer("gru_1")(s)
+    s = layer("self_attention")(s, s)
+    s = layer("gru_2")(s)
+    s = layer("feature_dense")(s)
+    # Fusion head.
+    h = layer("fusion")([x, s])
+    h = layer("fusion_dense")(h)
+    h = layer("fusion_dropout")(h)
+    h = layer("head_dense")(h)
+    return layer("style")(h)
+
+
+def _inference_only(backbone):
+    """Make the backbone compute as in inference mode whatever the training flag.
+
+    The Keras transfer-learning recipe, ``backbone(x, training=False)``, does not hold in
+    Keras 3.15 functional models: the model's own call passes its training flag to every
+    layer of the graph, overriding the one given when the graph was built (checked: a
+    trainable backbone built that way gives different outputs for one batch in two
+    training-mode calls). What it computes in training mode differs from inference in two
+    kinds of layer only: BatchNormalization, which computes in inference mode whenever it is
+    not trainable (it never is here: stage 1 freezes the backbone, stage 2 keeps its
+    BatchNormalization frozen), and EfficientNet's stochastic-depth Dropout layers, whose
+    rate is set to 0 here. The backbone then computes the same in both stages as in
+    inference, so stage 1 may compute its outputs once (tclf.train).
+    """
+    import keras
+
+    for layer in backbone.layers:
+        if isinstance(layer, keras.layers.Dropout):
+            layer.rate = 0.0
+    return backbone
+
+
+def heads_model(model):
+    """The part of ``model`` after the backbone, as a model of its own:
+    {"backbone_output": [B, 1280], "features": [B, 10, 68]} -> class probabilities.
+
+    It holds the same layer objects as ``model``: training it trains model's heads, and
+    model's backbone is not part of it. Stage 1 trains it on backbone outputs computed once.
+    """
+    import keras
+
+    width = backbone_of(model).output.shape[-1]
+    feature_input = model.get_layer(FEATURES_KEY)
+    image_vector = keras.Input((width,), name=BACKBONE_OUTPUT_KEY)
+    features = keras.Input(tuple(feature_input.batch_shape[1:]), dtype="float32",
+                           name=FEATURES_KEY)
+    outputs = _heads(model.get_layer, image_vector, features)
+    return keras.Model({BACKBONE_OUTPUT_KEY: image_vector, FEATURES_KEY: features}, outputs,
+                       name="tclf_heads")
+
+
+def image_encoder(model):
+    """spectrogram uint8 [B, H, W, 3] -> backbone output [B, 1280], with ``model``'s layers."""
+    import keras
+
+    image_input = model.get_layer(SPECTROGRAM_KEY)
+    spectrogram = keras.Input(tuple(image_input.batch_shape[1:]), dtype="uint8",
+                              name=SPECTROGRAM_KEY)
+    x = model.get_layer("image_to_float")(spectrogram)
+    return keras.Model(spectrogram, backbone_of(model)(x), name="tclf_image_encoder")
 
 
 def image_size_of(model) -> int:

@@ -79,6 +79,15 @@ class TrainConfig:
     attention_heads: int = option(4, "Heads of the self-attention over the 10 windows.")
     dropout: float = option(0.4, "Dropout rate after the first fusion layer.")
     # Stage 1: frozen backbone.
+    stage1_cache: bool = option(
+        True,
+        "Stage 1: compute the frozen backbone's outputs of every record once, then train the "
+        "rest of the model on them (the weights are the same layers'). --no-stage1-cache runs "
+        "the backbone on every record in every epoch, as tclf 0.1 did.")
+    stage1_cache_mb: float = option(
+        2048.0,
+        "Stage 1 cache: above this many MB (about 7.9 kB a record) the backbone outputs go to "
+        "a scratch file in the version folder instead of memory.")
     stage1_epochs: int = option(15, "Stage 1 (frozen backbone): maximum epochs.")
     stage1_lr: float = option(
         1e-4,
@@ -216,7 +225,8 @@ class StageResult:
     epochs_run: int
     stop_reason: str
     started: float
-    seconds: float
+    seconds: float  # Includes prepare_seconds.
+    prepare_seconds: float = 0.0  # Stage 1: computing the backbone outputs.
 
 
 def run_stage(model, train_data, val_data, *, name: str, learning_rate: float, epochs: int,
@@ -285,10 +295,15 @@ def run_stage(model, train_data, val_data, *, name: str, learning_rate: float, e
 def stage1(model, train_data, val_data, *, steps_per_epoch: int, learning_rate: float = 1e-4,
            epochs: int = 15, warmup_epochs: float = 1.0, patience: int = 3, class_weight=None,
            callbacks=(), verbose=1, checkpoint=None, progress=None) -> StageResult:
-    """Stage 1: backbone frozen, heads trained at ``learning_rate``."""
-    from tclf.model import freeze_backbone
+    """Stage 1: backbone frozen, heads trained at ``learning_rate``.
 
-    freeze_backbone(model)
+    ``model`` is the full model with datasets of records, or its ``tclf.model.heads_model``
+    with datasets of backbone outputs (``tclf.backbone_cache``): the same layers train.
+    """
+    from tclf.model import BACKBONE_NAME, freeze_backbone
+
+    if any(layer.name == BACKBONE_NAME for layer in model.layers):
+        freeze_backbone(model)
     return run_stage(model, train_data, val_data, name="stage1", learning_rate=learning_rate,
                      epochs=epochs, steps_per_epoch=steps_per_epoch, warmup_epochs=warmup_epochs,
                      patience=patience, class_weight=class_weight, callbacks=callbacks,
@@ -464,28 +479,60 @@ def _training_manifest(records_dir: str) -> dict:
 
 
 def run_schedule(model, train_data, val_data, config: TrainConfig, run: RunFolder) -> None:
-    """Stage 1 then stage 2 on ``model``, each epoch logged to training_progress.txt."""
-    import keras
-
-    from tclf.callbacks import ProgressFile
+    """Stage 1 then stage 2 on ``model``, each epoch logged to training_progress.txt and to
+    TensorBoard on one epoch axis (stage 2's epochs follow stage 1's)."""
+    from tclf.callbacks import StageTensorBoard
 
     lines = run.checkpoint.progress if run.checkpoint else []
     common = dict(steps_per_epoch=math.ceil(run.manifest["splits"]["train"]["records"]
                                             / config.batch_size),
                   class_weight=run.class_weights, verbose=config.verbose,
                   checkpoint=run.checkpoint, progress=lines)
-    tensorboard = keras.callbacks.TensorBoard(run.path("logs"), write_graph=False)
-    progress = lambda stage: ProgressFile(run.path("training_progress.txt"), stage, lines)  # noqa
-    run.stages.append(stage1(
-        model, train_data, val_data, learning_rate=config.stage1_lr,
-        epochs=config.stage1_epochs, warmup_epochs=config.stage1_warmup_epochs,
-        patience=config.stage1_patience, callbacks=[progress("stage1"), tensorboard], **common))
+    stage1_options = dict(learning_rate=config.stage1_lr, epochs=config.stage1_epochs,
+                          warmup_epochs=config.stage1_warmup_epochs,
+                          patience=config.stage1_patience,
+                          callbacks=[_progress(run, "stage1", lines),
+                                     StageTensorBoard(run.path("logs"), stage=1)], **common)
+    if config.stage1_cache:
+        run.stages.append(_cached_stage1(model, config, run, stage1_options))
+    else:
+        run.stages.append(stage1(model, train_data, val_data, **stage1_options))
     run.write_log()
     run.stages.append(stage2(
         model, train_data, val_data, num_layers=config.stage2_layers,
         learning_rate=config.stage2_lr, min_epochs=config.stage2_min_epochs,
         max_epochs=config.stage2_max_epochs, warmup_epochs=config.stage2_warmup_epochs,
-        patience=config.stage2_patience, callbacks=[progress("stage2"), tensorboard], **common))
+        patience=config.stage2_patience,
+        callbacks=[_progress(run, "stage2", lines),
+                   StageTensorBoard(run.path("logs"), stage=2,
+                                    epoch_offset=run.stages[0].epochs_run)], **common))
+
+
+def _progress(run: RunFolder, stage: str, lines: list):
+    from tclf.callbacks import ProgressFile
+
+    return ProgressFile(run.path("training_progress.txt"), stage, lines)
+
+
+def _cached_stage1(model, config: TrainConfig, run: RunFolder, options: dict) -> StageResult:
+    """Stage 1 on backbone outputs computed once (tclf.backbone_cache): its time includes
+    the pass. A resumed run whose stage 1 had finished skips the pass."""
+    from tclf.backbone_cache import backbone_outputs
+    from tclf.model import freeze_backbone, heads_model
+
+    freeze_backbone(model)
+    heads = heads_model(model)
+    saved = run.checkpoint.stage("stage1") if run.checkpoint else None
+    if saved and saved.finished:
+        return stage1(heads, None, None, **options)
+    with backbone_outputs(model, config.records, config.batch_size, config.image_size,
+                          run.folder, config.stage1_cache_mb,
+                          progress=config.verbose > 0) as cached:
+        result = stage1(heads, cached.train.dataset(config.batch_size, True, config.seed),
+                        cached.val.dataset(config.batch_size), **options)
+    return dataclasses.replace(result, started=min(result.started, cached.started),
+                               seconds=result.seconds + cached.seconds,
+                               prepare_seconds=cached.seconds)
 
 
 def _evaluate(model, config: TrainConfig):

@@ -72,8 +72,10 @@ def _training_log(config, manifest, devices, precision, weights, stages, evaluat
               "class weights: " + ", ".join(
                   f"{c}: {weights[i]:.4f}" for i, c in enumerate(manifest["classes"])), ""]
     for stage in stages:
+        prepared = (f", of which {stage.prepare_seconds:.1f} s computing the backbone outputs"
+                    if getattr(stage, "prepare_seconds", 0) else "")
         lines += [f"{stage.name}: {stage.epochs_run} epochs, {_stamp(stage.started)} -> "
-                  f"{_stamp(stage.started + stage.seconds)} ({stage.seconds:.1f} s)",
+                  f"{_stamp(stage.started + stage.seconds)} ({stage.seconds:.1f} s{prepared})",
                   f"  stopped: {stage.stop_reason}"]
     if evaluation is not None:
         lines += ["", f"validation accuracy (segments): {evaluation.segment_accuracy:.4f} "
@@ -180,8 +182,11 @@ class RunFolder:
 
     def complete(self) -> None:
         """model.h5 is written: drop the checkpoint, the UNFINISHED note and the lock."""
+        from tclf.backbone_cache import remove_scratch
+
         if self.checkpoint is not None:
             self.checkpoint.remove()
+        remove_scratch(self.folder)  # Left by a killed stage 1, if any.
         storage.remove_quietly(self.path(UNFINISHED_NAME))
         _unlock(self.folder)
 

@@ -1,0 +1,163 @@
+"""Stage 1's backbone outputs, computed once (tclf-train's `--stage1-cache`, the default).
+
+While the backbone is frozen it computes the same pooled output (1,280 values) for a
+spectrogram in every epoch (tclf.model keeps it in inference mode), so stage 1 computes
+the outputs of every training and validation record in one batched pass through the
+reader, on the training devices and in the training precision, and then trains
+``tclf.model.heads_model`` on (backbone output, feature matrix) pairs. The outputs are kept
+in memory (about 7.9 kB a record with its features), or, above ``memory_mb``, in a scratch
+TFRecord file inside the version folder, deleted when the stage ends, whether it succeeds
+or fails (and by the next resume or completion of a run that was killed).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import time
+
+import numpy as np
+
+from tclf import schema, storage
+from tclf.model import BACKBONE_OUTPUT_KEY
+
+SCRATCH_NAME = ".stage1-cache-{split}.tfrecord"
+
+
+@dataclasses.dataclass
+class CachedSplit:
+    """One split's backbone outputs, features and labels: arrays, or a scratch file."""
+
+    records: int
+    arrays: tuple | None = None  # (backbone outputs [N, 1280], features [N, 10, 68], labels [N])
+    path: str | None = None
+    shape: tuple = ()  # (1280, (10, 68)) for reading the scratch file.
+
+    def dataset(self, batch_size: int, training: bool = False, seed: int | None = None):
+        """({"backbone_output", "features"}, label) batches; training: shuffled, repeated."""
+        import tensorflow as tf
+
+        if self.arrays is not None:
+            outputs, features, labels = self.arrays
+            data = tf.data.Dataset.from_tensor_slices(
+                ({BACKBONE_OUTPUT_KEY: outputs, schema.FEATURES_KEY: features}, labels))
+            buffer = self.records
+        else:
+            width, feature_shape = self.shape
+            description = {
+                BACKBONE_OUTPUT_KEY: tf.io.FixedLenFeature([width], tf.float32),
+                schema.FEATURES_KEY: tf.io.FixedLenFeature(list(feature_shape), tf.float32),
+                schema.LABEL_KEY: tf.io.FixedLenFeature([], tf.int64)}
+
+            def parse(serialized):
+                example = tf.io.parse_single_example(serialized, description)
+                return ({BACKBONE_OUTPUT_KEY: example[BACKBONE_OUTPUT_KEY],
+                         schema.FEATURES_KEY: example[schema.FEATURES_KEY]},
+                        tf.cast(example[schema.LABEL_KEY], tf.int32))
+
+            data = tf.data.TFRecordDataset(self.path).map(parse, num_parallel_calls=tf.data.AUTOTUNE)
+            buffer = min(self.records, 8192)
+        if training:
+            data = data.shuffle(buffer, seed=seed, reshuffle_each_iteration=True).repeat()
+        data = data.batch(batch_size)
+        if not training:
+            data = data.apply(tf.data.experimental.assert_cardinality(
+                math.ceil(self.records / batch_size)))
+        return data.prefetch(tf.data.AUTOTUNE)
+
+
+@dataclasses.dataclass
+class BackboneOutputs:
+    train: CachedSplit
+    val: CachedSplit
+    started: float
+    seconds: float
+
+
+def record_bytes(width: int, feature_shape) -> int:
+    """Memory per record: its backbone output, features (float32) and label."""
+    return 4 * (width + int(np.prod(feature_shape))) + 4
+
+
+@contextlib.contextmanager
+def backbone_outputs(model, records_dir: str, batch_size: int, image_size: int, folder: str,
+                     memory_mb: float = 2048.0, progress: bool = True):
+    """Compute the backbone outputs of both splits of records_dir with ``model``'s backbone;
+    yield a BackboneOutputs; delete any scratch files in ``folder`` when the block ends."""
+    from tclf.model import backbone_of, image_encoder
+
+    manifest = schema.load_manifest(records_dir)
+    width = int(backbone_of(model).output.shape[-1])
+    feature_shape = tuple(manifest["feature_shape"])
+    total = sum(manifest["splits"][side]["records"] for side in schema.SPLITS)
+    in_memory = total * record_bytes(width, feature_shape) <= memory_mb * 2**20
+    paths = {side: storage.join(folder, SCRATCH_NAME.format(split=side)) for side in schema.SPLITS}
+    remove_scratch(folder)  # A killed run's.
+    try:
+        started = time.time()
+        encoder = image_encoder(model)
+        splits = {side: _compute(encoder, records_dir, side, manifest, batch_size, image_size,
+                                 width, feature_shape, None if in_memory else paths[side],
+                                 progress)
+                  for side in schema.SPLITS}
+        yield BackboneOutputs(splits["train"], splits["val"], started, time.time() - started)
+    finally:
+        remove_scratch(folder)
+
+
+def remove_scratch(folder: str) -> None:
+    for side in schema.SPLITS:
+        storage.remove_quietly(storage.join(folder, SCRATCH_NAME.format(split=side)))
+
+
+def _compute(encoder, records_dir, split, manifest, batch_size, image_size, width,
+             feature_shape, path, progress) -> CachedSplit:
+    import tensorflow as tf
+    from tqdm import tqdm
+
+    from tclf import data
+
+    count = manifest["splits"][split]["records"]
+    dataset = data.make_dataset(records_dir, split, batch_size, image_size=image_size)
+    bar = tqdm(total=count, unit="record", desc=f"stage 1: backbone outputs ({split})",
+               disable=not progress)
+    if path is None:
+        outputs = np.empty((count, width), np.float32)
+        features = np.empty((count, *feature_shape), np.float32)
+        labels = np.empty((count,), np.int32)
+        done = 0
+        with data.naming_corrupt_shards(records_dir, split):
+            for inputs, label in dataset:
+                n = int(label.shape[0])
+                outputs[done:done + n] = np.asarray(
+                    encoder.predict_on_batch(inputs[schema.SPECTROGRAM_KEY]), np.float32)
+                features[done:done + n] = inputs[schema.FEATURES_KEY].numpy()
+                labels[done:done + n] = label.numpy()
+                done += n
+                bar.update(n)
+        bar.close()
+        return CachedSplit(done, arrays=(outputs[:done], features[:done], labels[:done]))
+    done = 0
+    with tf.io.TFRecordWriter(path) as writer, data.naming_corrupt_shards(records_dir, split):
+        for inputs, label in dataset:
+            batch_outputs = np.asarray(
+                encoder.predict_on_batch(inputs[schema.SPECTROGRAM_KEY]), np.float32)
+            batch_features = inputs[schema.FEATURES_KEY].numpy()
+            for i, value in enumerate(label.numpy()):
+                writer.write(_example(batch_outputs[i], batch_features[i], int(value)))
+            done += len(batch_outputs)
+            bar.update(len(batch_outputs))
+    bar.close()
+    return CachedSplit(done, path=path, shape=(width, feature_shape))
+
+
+def _example(output, features, label) -> bytes:
+    import tensorflow as tf
+
+    feature = tf.train.Feature
+    return tf.train.Example(features=tf.train.Features(feature={
+        BACKBONE_OUTPUT_KEY: feature(float_list=tf.train.FloatList(value=output.ravel())),
+        schema.FEATURES_KEY: feature(float_list=tf.train.FloatList(value=features.ravel())),
+        schema.LABEL_KEY: feature(int64_list=tf.train.Int64List(value=[label])),
+    })).SerializeToString()
