@@ -169,8 +169,11 @@ def test_no_valid_sample_raises_runtime_error(tmp_path):
     track.mkdir(parents=True)
     (track / "part_1.png").write_bytes(b"not a png")
     np.save(track / "part_1.npy", np.zeros((10, 68), np.float32))
-    with pytest.warns(DataWarning, match="part_1.png"), pytest.raises(RuntimeError):
+    with pytest.warns(DataWarning) as warned, pytest.raises(RuntimeError):
         records.pack(str(tmp_path / "data"), str(tmp_path / "records"), progress=False)
+    messages = [str(w.message) for w in warned]
+    assert any("part_1.png" in m for m in messages)
+    assert any("goa: none of its part_N.png/.npy pairs is valid" in m for m in messages)
     assert not os.path.exists(tmp_path / "records" / "manifest.json")
     assert os.listdir(tmp_path / "records") == []  # The temporary folder is gone too.
     (tmp_path / "nothing").mkdir()
