@@ -119,9 +119,8 @@ def command(function=None, *, tensorflow: bool = True):
 @click.option("--png-compression", default=None, type=click.IntRange(0, 9),
               help="zlib level of the spectrogram PNGs, 0-9: the same pixels at every level; "
                    "0 (uncompressed, ~268 kB) decodes several times faster than 1-9 "
-                   "(~100 kB) when training. Use 6-9 only where the records are read from "
-                   "slow remote storage (see README). [default: 0 for a new DATA_DIR, else "
-                   "the folder's own]")
+                   "(~100 kB) when training; 3 suits records read from slow remote storage "
+                   "(see README). [default: 0 for a new DATA_DIR, else the folder's own]")
 @click.option("--overwrite", is_flag=True, help="Redo tracks already extracted.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @command(tensorflow=False)  # Extraction never uses TensorFlow.

@@ -14,7 +14,13 @@ Measured:
     tf.io.decode_png over the same PNG bytes in a plain loop, times the cores;
   * extraction segments/s with --jobs 1 and --jobs 2, and versus a naive
     extractor (each librosa feature on the raw audio, tonnetz via CQT, a
-    matplotlib figure saved per PNG).
+    matplotlib figure saved per PNG);
+  * the PNG encodings (tclf-extract --png-compression): bytes per PNG, encode
+    ms and tf.io.decode_png rate on one core for levels 0-9 and for the
+    encoding of tclf before the option, over the same spectrograms; and the
+    reader's records/s on one core (the process pinned to one CPU) over the
+    same records packed at the default and at the old encoding, with the
+    one-core decode ceiling of each, side by side in the same rounds.
 """
 
 from __future__ import annotations
@@ -220,6 +226,153 @@ def bench_reader(data_dir: str, records_dir: str, epochs: int = 3) -> dict:
             "png_kb": np.mean([len(p.numpy()) for p in pngs]) / 1024}
 
 
+def bench_png(data_dir: str, rounds: int) -> dict:
+    """Bytes, encode ms and one-core decode rate of every PNG setting, over the spectrograms
+    of data_dir (decoded from its PNGs: the pixels are the same at every setting)."""
+    import tensorflow as tf
+    from PIL import Image
+
+    from tclf import audio
+
+    images = [np.asarray(Image.open(p).convert("RGB")) for p in sorted(glob.glob(
+        os.path.join(data_dir, "*", "*", "part_*.png")))]
+    settings = [audio.PNG_LEGACY, *audio.PNG_LEVELS]
+    encoded, encode_ms = {}, {}
+    for setting in settings:
+        start = time.perf_counter()
+        encoded[setting] = [audio.encode_png(image, setting) for image in images]
+        encode_ms[setting] = (time.perf_counter() - start) / len(images) * 1e3
+        for png, image in zip(encoded[setting][:8], images):  # Lossless at every setting.
+            assert np.array_equal(tf.io.decode_png(png, channels=3).numpy(), image)
+    tensors = {setting: [tf.constant(p) for p in pngs] for setting, pngs in encoded.items()}
+
+    def decode_rate(setting):
+        def loop():
+            for png in tensors[setting]:
+                tf.io.decode_png(png, channels=3)
+            return len(images)
+        run = timed(loop)
+        return run.records / run.wall
+
+    for setting in settings:  # Warm up.
+        decode_rate(setting)
+    rates = run_rounds({setting: (lambda s=setting: decode_rate(s)) for setting in settings},
+                       rounds)
+    return {"images": len(images), "rates": rates, "encode_ms": encode_ms,
+            "kb": {s: np.mean([len(p) for p in pngs]) / 1024 for s, pngs in encoded.items()}}
+
+
+def one_core_reader(records_new: str, records_old: str, rounds: int) -> dict:
+    """The reader's records/s and the decode ceiling over two packs of the same records, in a
+    process pinned to one CPU (call in a fresh process, before TensorFlow starts: its threads
+    inherit the pin). Measured alternately in every round."""
+    core = min(os.sched_getaffinity(0))
+    os.sched_setaffinity(0, {core})
+    import tensorflow as tf
+
+    from tclf import data, records
+
+    def stream_rate(records_dir):
+        dataset = data.make_dataset(records_dir, "train", 32, training=True, repeat=True)
+        count = records.load_manifest(records_dir)["splits"]["train"]["records"]
+        iterator, got = iter(dataset), 0
+        while got < count // 2:  # Start-up, shuffle buffer filled.
+            got += int(next(iterator)[1].shape[0])
+
+        def stream():
+            got = 0
+            while got < count:
+                got += int(next(iterator)[1].shape[0])
+            return got
+        return timed(stream)
+
+    def pngs_of(records_dir):
+        manifest = records.load_manifest(records_dir)
+        description = records.feature_description(manifest["feature_shape"])
+        return [tf.io.parse_single_example(r, description)[records.SPECTROGRAM_KEY]
+                for path in data.shard_paths(records_dir, "train", manifest)
+                for r in tf.data.TFRecordDataset(path)]
+
+    pngs = {"new": pngs_of(records_new), "old": pngs_of(records_old)}
+
+    def ceiling(which):
+        def loop():
+            for png in pngs[which]:
+                tf.io.decode_png(png, channels=3)
+            return len(pngs[which])
+        return timed(loop)
+
+    for which in pngs:
+        ceiling(which)
+    runs = run_rounds({"reader_old": lambda: stream_rate(records_old),
+                       "reader_new": lambda: stream_rate(records_new),
+                       "ceiling_old": lambda: ceiling("old"),
+                       "ceiling_new": lambda: ceiling("new")}, rounds)
+    return {"core": core,
+            "rates": {name: [r.records / r.wall for r in rs] for name, rs in runs.items()},
+            "cpu_ms": {name: statistics.median(r.cpu / r.records * 1e3 for r in rs)
+                       for name, rs in runs.items()},
+            "kb": {which: float(np.mean([len(p.numpy()) for p in ps]) / 1024)
+                   for which, ps in pngs.items()}}
+
+
+def png_section(pn: dict, oc: dict, rounds: int, remote_mb_s: float = 100.0) -> str:
+    """The PNG part of the pipeline section: the table per setting and the reader per core."""
+    from tclf import audio
+
+    legacy = audio.PNG_LEGACY
+    rates = pn["rates"]
+    rows = []
+    for setting in [legacy, *audio.PNG_LEVELS]:
+        name = ("old encoding (tclf before the option: Pillow compress_level=1, adaptive "
+                "filters)" if setting == legacy else f"level {setting}"
+                + (" (default)" if setting == audio.PNG_COMPRESSION else ""))
+        remote = remote_mb_s * 1e6 / (pn["kb"][setting] * 1024)
+        rows.append(f"| {name} | {pn['kb'][setting]:.0f} | {pn['encode_ms'][setting]:.1f} | "
+                    f"{statistics.median(rates[setting]):.0f} | "
+                    f"{ratio_cell(rates[setting], rates[legacy], 'old')} | {remote:.0f} |")
+    r = oc["rates"]
+    reader_ratio = benchlib.paired(r["reader_new"], r["reader_old"])[0]
+    cpu = oc["cpu_ms"]
+    table = "\n".join(rows)
+    return f"""### PNG encoding: decode rate against size
+
+The same {pn['images']} spectrograms (the demo tracks above, as tclf-extract renders them)
+encoded at every `--png-compression` setting; one core decoding them with tf.io.decode_png in a
+plain loop, {rounds} rounds, settings alternating within a round (rates: medians; ratios:
+paired, as above). Decoded pixels are identical at every setting (checked here, and in
+tests/test_png_compression.py). "Remote at {remote_mb_s:.0f} MB/s" is the records/s that a
+host reading its records at {remote_mb_s:.0f} MB/s gets at that size, whatever its cores.
+
+| PNG setting | kB per PNG | encode ms | decodes/s, 1 core | vs old (range) | remote at {remote_mb_s:.0f} MB/s: records/s per host |
+|---|---:|---:|---:|---:|---:|
+{table}
+
+### Reader on one core: old encoding against the default
+
+The reader as tclf-train reads (shuffled, uncached stream, repeat=True) in a fresh process
+pinned to one CPU (core {oc['core']}; TensorFlow's threads inherit the pin), over the training
+split above packed twice from the same data folder: as extracted (default, level
+{audio.PNG_COMPRESSION}, {oc['kb']['new']:.0f} kB a PNG) and re-encoded while packing to the old
+encoding (`records.pack(..., png_compression=audio.PNG_LEGACY)`, {oc['kb']['old']:.0f} kB). The one-core decode
+ceiling (the tf.io.decode_png loop over the same records' PNGs) is measured in the same rounds.
+{rounds} rounds, one run.
+
+| one core | records/s | CPU ms/record | vs old encoding (range) | target |
+|---|---:|---:|---:|---|
+| decode ceiling, old encoding | {statistics.median(r['ceiling_old']):.0f} | {cpu['ceiling_old']:.2f} | 1.00 | |
+| decode ceiling, default | {statistics.median(r['ceiling_new']):.0f} | {cpu['ceiling_new']:.2f} | {ratio_cell(r['ceiling_new'], r['ceiling_old'], 'old')} | |
+| tclf reader, uncached, old encoding | {statistics.median(r['reader_old']):.0f} | {cpu['reader_old']:.2f} | 1.00 | |
+| tclf reader, uncached, default | {statistics.median(r['reader_new']):.0f} | {cpu['reader_new']:.2f} | {ratio_cell(r['reader_new'], r['reader_old'], 'old')} | >= 2.5 x old: {benchlib.verdict(reader_ratio, 2.5)} |
+
+Reader against its ceiling on one core: old encoding
+{ratio_cell(r['reader_old'], r['ceiling_old'], 'ceiling')}, default
+{ratio_cell(r['reader_new'], r['ceiling_new'], 'ceiling')}: what is left besides the decode
+(reading twice the bytes, the TFRecord CRC32C over them, parsing, batching) is a larger share
+of a cheaper record.
+"""
+
+
 class Run(NamedTuple):
     records: int
     wall: float  # Seconds.
@@ -245,15 +398,21 @@ def ratio_cell(numerators, denominators, unit: str) -> str:
                    "so that an epoch is long enough to time.")
 @click.option("--naive-segments", default=12, help="Segments timed for the naive extractor.")
 @click.option("--write/--no-write", default=True, help="Update BENCHMARKS.md.")
-def main(tracks, copies, naive_segments, write):
+@click.option("--rounds", default=ROUNDS, help="Rounds of every measurement.")
+@click.option("--only-png", is_flag=True,
+              help="Only the PNG measurements (prints them; never writes BENCHMARKS.md).")
+def main(tracks, copies, naive_segments, write, rounds, only_png):
     """Benchmark extraction and the tf.data reader; update BENCHMARKS.md."""
-    from tclf import demo, records
+    from tclf import audio, demo, records
 
+    global ROUNDS
+    ROUNDS = rounds
     work = tempfile.mkdtemp(prefix="bench-pipeline-")
     audio_dir, data_dir, records_dir = (os.path.join(work, n) for n in ("audio", "data", "rec"))
     demo.make_demo_audio(audio_dir, tracks_per_style=tracks, duration=75.0, seed=123)
-    ex = bench_extraction(audio_dir, naive_segments)
-    print(f"extraction: {ex}")
+    if not only_png:
+        ex = bench_extraction(audio_dir, naive_segments)
+        print(f"extraction: {ex}")
     from tclf import extract
 
     extracted = os.path.join(work, "extracted")
@@ -269,6 +428,17 @@ def main(tracks, copies, naive_segments, write):
                     os.symlink(os.path.join(extracted, class_name, track, name),
                                os.path.join(target, name))
     records.pack(data_dir, records_dir, val_fraction=0.2, progress=False)
+    old_records = os.path.join(work, "rec-old")
+    records.pack(data_dir, old_records, val_fraction=0.2, progress=False,
+                 png_compression=audio.PNG_LEGACY)
+    pn = bench_png(extracted, ROUNDS)
+    print(f"png: {pn}")
+    oc = benchlib.in_subprocess(__file__, "one_core_reader", records_dir, old_records, ROUNDS)
+    print(f"one core: {oc}")
+    if only_png:
+        print(png_section(pn, oc, ROUNDS))
+        shutil.rmtree(work)
+        return
     rd = bench_reader(data_dir, records_dir)
     print(f"reader: {rd}")
     shutil.rmtree(work)
@@ -290,7 +460,8 @@ round, with its lowest and highest round in brackets (this VM's speed drifts by 
 percent within a minute, so rates taken side by side are compared, not best against best).
 Data: {3 * tracks} synthetic 75 s tracks (tclf/demo.py), 6 segments each. The reader reads the
 training split of those tracks packed {copies} times over ({rd['records']} records, PNGs of
-{rd['png_kb']:.0f} kB on average; files in the page cache).
+{rd['png_kb']:.0f} kB on average, as tclf-extract writes them by default (`--png-compression
+{audio.PNG_COMPRESSION}`); files in the page cache).
 
 | reader | records/s | ratio (range) | CPU ms/record | target |
 |---|---:|---:|---:|---|
@@ -317,7 +488,8 @@ uncached stream measured {ratio_cell(rd['uncached'], rd['threaded'], 'the loop')
 itself reached {ratio_cell(rd['threaded'], rd['ceiling'], 'ceiling')}: the cores of this VM
 do not decode {cores} times as fast together as one does alone, which bounds any reader that
 decodes with tf.io.decode_png here, and which varies from run to run.
-"""
+
+{png_section(pn, oc, ROUNDS)}"""
     print(body)
     if write:
         benchlib.write_section("pipeline", body)
