@@ -111,6 +111,25 @@ def remove_scratch(folder: str) -> None:
         storage.remove_quietly(storage.join(folder, SCRATCH_NAME.format(split=side)))
 
 
+def _batches(encoder, dataset):
+    """(backbone outputs, features, labels) as numpy arrays, one global batch at a time, in
+    the dataset's order. Each batch is split over the strategy's replicas (the training
+    devices) and gathered back in order; Keras' predict_on_batch would give every replica
+    the whole batch."""
+    import tensorflow as tf
+
+    strategy = tf.distribute.get_strategy()
+
+    @tf.function
+    def step(inputs, label):
+        return (tf.cast(encoder(inputs[schema.SPECTROGRAM_KEY], training=False), tf.float32),
+                inputs[schema.FEATURES_KEY], label)
+
+    for inputs, label in strategy.experimental_distribute_dataset(dataset):
+        parts = strategy.run(step, (inputs, label))
+        yield tuple(strategy.gather(part, axis=0).numpy() for part in parts)
+
+
 def _compute(encoder, records_dir, split, manifest, batch_size, image_size, width,
              feature_shape, path, progress) -> CachedSplit:
     import tensorflow as tf
@@ -122,33 +141,30 @@ def _compute(encoder, records_dir, split, manifest, batch_size, image_size, widt
     dataset = data.make_dataset(records_dir, split, batch_size, image_size=image_size)
     bar = tqdm(total=count, unit="record", desc=f"stage 1: backbone outputs ({split})",
                disable=not progress)
-    if path is None:
-        outputs = np.empty((count, width), np.float32)
-        features = np.empty((count, *feature_shape), np.float32)
-        labels = np.empty((count,), np.int32)
-        done = 0
-        with data.naming_corrupt_shards(records_dir, split):
-            for inputs, label in dataset:
-                n = int(label.shape[0])
-                outputs[done:done + n] = np.asarray(
-                    encoder.predict_on_batch(inputs[schema.SPECTROGRAM_KEY]), np.float32)
-                features[done:done + n] = inputs[schema.FEATURES_KEY].numpy()
-                labels[done:done + n] = label.numpy()
-                done += n
-                bar.update(n)
-        bar.close()
-        return CachedSplit(done, arrays=(outputs[:done], features[:done], labels[:done]))
     done = 0
-    with tf.io.TFRecordWriter(path) as writer, data.naming_corrupt_shards(records_dir, split):
-        for inputs, label in dataset:
-            batch_outputs = np.asarray(
-                encoder.predict_on_batch(inputs[schema.SPECTROGRAM_KEY]), np.float32)
-            batch_features = inputs[schema.FEATURES_KEY].numpy()
-            for i, value in enumerate(label.numpy()):
-                writer.write(_example(batch_outputs[i], batch_features[i], int(value)))
-            done += len(batch_outputs)
-            bar.update(len(batch_outputs))
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(data.naming_corrupt_shards(records_dir, split))
+        if path is None:
+            outputs = np.empty((count, width), np.float32)
+            features = np.empty((count, *feature_shape), np.float32)
+            labels = np.empty((count,), np.int32)
+        else:
+            writer = stack.enter_context(tf.io.TFRecordWriter(path))
+        for batch_outputs, batch_features, batch_labels in _batches(encoder, dataset):
+            n = len(batch_labels)
+            if path is None:
+                outputs[done:done + n] = batch_outputs
+                features[done:done + n] = batch_features
+                labels[done:done + n] = batch_labels
+            else:
+                for i in range(n):
+                    writer.write(_example(batch_outputs[i], batch_features[i],
+                                          int(batch_labels[i])))
+            done += n
+            bar.update(n)
     bar.close()
+    if path is None:
+        return CachedSplit(done, arrays=(outputs[:done], features[:done], labels[:done]))
     return CachedSplit(done, path=path, shape=(width, feature_shape))
 
 
