@@ -73,8 +73,9 @@ def run_stage1(records_dir: str, cached: bool, epochs: int, batch_size: int,
 @click.option("--epochs", default=10, help="Stage-1 epochs, run in full.")
 @click.option("--batch-size", default=32)
 @click.option("--image-size", default=299)
+@click.option("--section", default="stage1", help="BENCHMARKS.md section to write.")
 @click.option("--write/--no-write", default=True, help="Update BENCHMARKS.md.")
-def main(records_dir, epochs, batch_size, image_size, write):
+def main(records_dir, epochs, batch_size, image_size, section, write):
     """Time stage 1 with and without the backbone-output cache; update BENCHMARKS.md."""
     from tclf import schema
 
@@ -105,7 +106,7 @@ Speed-up: {speedup:.1f}x (target: at least 5x: {benchlib.verdict(speedup, 5.0)})
 """
     print(body)
     if write:
-        benchlib.write_section("stage1", body)
+        benchlib.write_section(section, body)
 
 
 if __name__ == "__main__":
