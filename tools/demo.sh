@@ -14,6 +14,6 @@ tclf-extract audio/ data/ --quiet
 tclf-pack data/ records/ --overwrite --quiet
 # --weights none: ImageNet weights cannot be downloaded offline. On a GPU machine drop it and
 # use --gpus all (the default) for mixed precision on every GPU.
-tclf-train --weights none --records records --models-dir models --stage1-epochs 10 --verbose 2
+tclf-train --weights none --records records --models-dir models --verbose 2
 tclf-predict audio/goa/goa_00.wav audio/dark/dark_03.wav --format table
 echo "demo finished in $(( $(date +%s) - start )) s"
