@@ -26,7 +26,6 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
-import os
 
 import numpy as np
 
@@ -60,12 +59,7 @@ def _save_arrays(path: str, arrays: dict) -> None:
 
 def _load_arrays(path: str) -> dict:
     try:
-        if storage.is_remote(path):
-            with storage._gfile().GFile(path, "rb") as f:
-                data = f.read()
-        else:
-            with open(path, "rb") as f:
-                data = f.read()
+        data = storage.read_bytes(path)
         with np.load(io.BytesIO(data), allow_pickle=False) as archive:
             return {name: archive[name] for name in archive.files}
     except (OSError, ValueError) as error:
@@ -94,7 +88,7 @@ class Checkpoint:
     def load(cls, run_folder: str) -> "Checkpoint":
         checkpoint = cls(run_folder)
         path = storage.join(checkpoint.folder, STATE_NAME)
-        if not _exists(path):
+        if not storage.exists(path):
             raise RunError(f"{run_folder} has no checkpoint ({path} is missing): it was not "
                            f"written by a tclf that can resume, or it finished")
         state = storage.read_json(path)
@@ -163,19 +157,13 @@ class Checkpoint:
         for saved in self.state["stages"].values():
             keep.update(v for k, v in saved.items()
                         if k in ("weights", "optimizer", "best_weights") and v)
-        for name in _listdir(self.folder):
+        for name in storage.listdir(self.folder):
             if name not in keep and not name.startswith("."):
                 storage.remove_quietly(self.path(name))
 
     def remove(self) -> None:
         """Delete the checkpoint folder (the run has completed)."""
-        if storage.is_remote(self.folder):
-            if storage._gfile().exists(self.folder):
-                storage._gfile().rmtree(self.folder)
-        else:
-            import shutil
-
-            shutil.rmtree(self.folder, ignore_errors=True)
+        storage.rmtree(self.folder, ignore_errors=not storage.is_remote(self.folder))
 
     # --- Restoring -----------------------------------------------------------------------------
 
@@ -205,13 +193,3 @@ class Checkpoint:
 
 def _float(value) -> float | None:
     return None if value is None else float(value)
-
-
-def _exists(path: str) -> bool:
-    return storage._gfile().exists(path) if storage.is_remote(path) else os.path.exists(path)
-
-
-def _listdir(folder: str) -> list[str]:
-    if storage.is_remote(folder):
-        return [n.rstrip("/") for n in storage._gfile().listdir(folder)]
-    return os.listdir(folder) if os.path.isdir(folder) else []

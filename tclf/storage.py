@@ -43,6 +43,38 @@ def _gfile():
     return tf.io.gfile
 
 
+def exists(path: str) -> bool:
+    return _gfile().exists(path) if is_remote(path) else os.path.exists(path)
+
+
+def listdir(path: str) -> list[str]:
+    """Names in the folder ``path`` (none if it is not a folder)."""
+    if is_remote(path):
+        return [n.rstrip("/") for n in _gfile().listdir(path)] if _gfile().isdir(path) else []
+    return os.listdir(path) if os.path.isdir(path) else []
+
+
+def rmtree(path: str, ignore_errors: bool = False) -> None:
+    """Delete the folder ``path`` and everything in it, if it exists."""
+    try:
+        if is_remote(path):
+            if _gfile().exists(path):
+                _gfile().rmtree(path)
+        elif os.path.isdir(path):
+            shutil.rmtree(path)
+    except Exception:  # noqa: BLE001
+        if not ignore_errors:
+            raise
+
+
+def read_bytes(path: str) -> bytes:
+    if is_remote(path):
+        with _gfile().GFile(path, "rb") as f:
+            return f.read()
+    with open(path, "rb") as f:
+        return f.read()
+
+
 def _staging_name(path: str) -> str:
     """``dir/.name.tmp-<random>.ext``: beside the target, hidden (a folder scan skips a
     leftover of a killed process), and with its extension (Keras picks the format from it)."""

@@ -268,19 +268,9 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _exists(path: str) -> bool:
-    if storage.is_remote(path):
-        return storage._gfile().exists(path)
-    return os.path.exists(path)
-
-
 def _versions(models_dir: str) -> list[tuple[int, str]]:
     """(N, name) of the vN folders in models_dir, newest first."""
-    if storage.is_remote(models_dir):
-        names = [n.rstrip("/") for n in storage._gfile().listdir(models_dir)] \
-            if storage._gfile().isdir(models_dir) else []
-    else:
-        names = os.listdir(models_dir) if os.path.isdir(models_dir) else []
+    names = storage.listdir(models_dir)
     return sorted(((int(m.group(1)), n) for n in names if (m := _VERSION.match(n))),
                   reverse=True)
 
@@ -303,8 +293,8 @@ def unfinished_runs(models_dir: str) -> list[str]:
     found = []
     for _, name in _versions(models_dir):
         folder = storage.join(models_dir, name)
-        if (not _exists(storage.join(folder, "model.h5"))
-                and _exists(storage.join(folder, FOLDER_NAME, STATE_NAME))
+        if (not storage.exists(storage.join(folder, "model.h5"))
+                and storage.exists(storage.join(folder, FOLDER_NAME, STATE_NAME))
                 and not _trained_now(folder)):
             found.append(folder)
     return found
@@ -322,9 +312,9 @@ def find_resumable(models_dir: str, which: str | None = None) -> str:
     folder = which
     if which.isdigit() or _VERSION.match(which):
         folder = storage.join(models_dir, which if which.startswith("v") else f"v{which}")
-    if not _exists(folder):
+    if not storage.exists(folder):
         raise RunError(f"{folder}: no such run folder to resume")
-    if _exists(storage.join(folder, "model.h5")):
+    if storage.exists(storage.join(folder, "model.h5")):
         raise RunError(f"{folder} has finished (it holds model.h5): nothing to resume")
     return folder
 
