@@ -96,8 +96,8 @@ def backbone_outputs(model, records_dir: str, batch_size: int, image_size: int, 
     remove_scratch(folder)  # A killed run's.
     try:
         started = time.time()
-        encoder = image_encoder(model)
-        splits = {side: _compute(encoder, records_dir, side, manifest, batch_size, image_size,
+        step = _encode_step(image_encoder(model))
+        splits = {side: _compute(step, records_dir, side, manifest, batch_size, image_size,
                                  width, feature_shape, None if in_memory else paths[side],
                                  progress)
                   for side in schema.SPLITS}
@@ -111,7 +111,21 @@ def remove_scratch(folder: str) -> None:
         storage.remove_quietly(storage.join(folder, SCRATCH_NAME.format(split=side)))
 
 
-def _batches(encoder, dataset):
+def _encode_step(encoder):
+    """One replica's step: (inputs, label) -> (backbone outputs, features, label). Traced
+    once for both splits; reduce_retracing makes the last, smaller batch of a split share
+    the trace of the others instead of tracing EfficientNet again."""
+    import tensorflow as tf
+
+    @tf.function(reduce_retracing=True)
+    def step(inputs, label):
+        return (tf.cast(encoder(inputs[schema.SPECTROGRAM_KEY], training=False), tf.float32),
+                inputs[schema.FEATURES_KEY], label)
+
+    return step
+
+
+def _batches(step, dataset):
     """(backbone outputs, features, labels) as numpy arrays, one global batch at a time, in
     the dataset's order. Each batch is split over the strategy's replicas (the training
     devices) and gathered back in order; Keras' predict_on_batch would give every replica
@@ -119,18 +133,12 @@ def _batches(encoder, dataset):
     import tensorflow as tf
 
     strategy = tf.distribute.get_strategy()
-
-    @tf.function
-    def step(inputs, label):
-        return (tf.cast(encoder(inputs[schema.SPECTROGRAM_KEY], training=False), tf.float32),
-                inputs[schema.FEATURES_KEY], label)
-
     for inputs, label in strategy.experimental_distribute_dataset(dataset):
         parts = strategy.run(step, (inputs, label))
         yield tuple(strategy.gather(part, axis=0).numpy() for part in parts)
 
 
-def _compute(encoder, records_dir, split, manifest, batch_size, image_size, width,
+def _compute(step, records_dir, split, manifest, batch_size, image_size, width,
              feature_shape, path, progress) -> CachedSplit:
     import tensorflow as tf
     from tqdm import tqdm
@@ -150,7 +158,7 @@ def _compute(encoder, records_dir, split, manifest, batch_size, image_size, widt
             labels = np.empty((count,), np.int32)
         else:
             writer = stack.enter_context(tf.io.TFRecordWriter(path))
-        for batch_outputs, batch_features, batch_labels in _batches(encoder, dataset):
+        for batch_outputs, batch_features, batch_labels in _batches(step, dataset):
             n = len(batch_labels)
             if path is None:
                 outputs[done:done + n] = batch_outputs
