@@ -106,3 +106,38 @@ class StageTensorBoard(keras.callbacks.TensorBoard):
 
     def on_epoch_end(self, epoch, logs=None):
         super().on_epoch_end(epoch + self.epoch_offset, {**(logs or {}), "stage": self.stage})
+
+
+class OffsetEpochs(keras.callbacks.Callback):
+    """Another callback, told epoch e + ``offset`` for epoch e: stage 2's epochs numbered
+    after stage 1's, for callbacks that span both stages (a tuner's)."""
+
+    def __init__(self, callback, offset: int):
+        super().__init__()
+        self.callback, self.offset = callback, offset
+
+    def set_model(self, model):
+        super().set_model(model)
+        self.callback.set_model(model)
+
+    def set_params(self, params):
+        super().set_params(params)
+        self.callback.set_params(params)
+
+    def on_train_begin(self, logs=None):
+        self.callback.on_train_begin(logs)
+
+    def on_train_end(self, logs=None):
+        self.callback.on_train_end(logs)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.callback.on_epoch_begin(epoch + self.offset, logs)
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.callback.on_epoch_end(epoch + self.offset, logs)
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self.callback.on_train_batch_begin(batch, logs)
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.callback.on_train_batch_end(batch, logs)

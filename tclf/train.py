@@ -5,8 +5,8 @@ Stage 1 trains the heads on a frozen backbone; stage 2 fine-tunes the last
 :func:`run_stage` with different arguments, and :func:`train` is one readable
 sequence: devices -> data -> version folder -> model -> stage 1 -> stage 2 ->
 reports -> model.h5. Devices and precision live in tclf.devices, the version
-folder in tclf.versions. A Keras Tuner search (still to come) is meant to call
-the same :func:`tclf.model.build_model`, :func:`stage1` and :func:`stage2`.
+folder in tclf.versions. A Keras Tuner search (tclf.tune) builds its trials with the
+same :func:`tclf.model.build_model` and trains them with the same :func:`two_stages`.
 
 A version folder models/vX/ is complete when it holds model.h5: that file is
 written last, after every report, and models/latest.h5 is replaced only after
@@ -108,6 +108,10 @@ class TrainConfig:
     stage2_min_epochs: int = option(3, "Stage 2: minimum epochs before early stopping may stop it.")
     stage2_max_epochs: int = option(8, "Stage 2: maximum epochs.")
     stage2_patience: int = option(2, "Stage 2: early-stopping patience on val_loss.")
+    stage2_min_delta: float = option(
+        1e-3,
+        "Stage 2: the smallest fall in val_loss that counts as an improvement for early "
+        "stopping (an epoch of stage 2 costs a full backbone pass; README: why).")
     verbose: int = option(
         1,
         "Keras progress output: 0 silent, 1 progress bar, 2 one line per epoch.")
@@ -160,8 +164,8 @@ class TrainConfig:
             (0.0 <= self.dropout < 1.0, "dropout must be in [0, 1)"),
             (self.stage1_lr > 0 and self.stage2_lr > 0, "learning rates must be > 0"),
             (min(self.stage1_warmup_epochs, self.stage2_warmup_epochs, self.stage1_patience,
-                 self.stage2_patience, self.stage2_min_epochs) >= 0,
-             "warm-up epochs, patience and stage2_min_epochs must be >= 0"),
+                 self.stage2_patience, self.stage2_min_epochs, self.stage2_min_delta) >= 0,
+             "warm-up epochs, patience, stage2_min_epochs and stage2_min_delta must be >= 0"),
         ]
         for ok, message in checks:
             if not ok:
@@ -234,13 +238,15 @@ class StageResult:
 
 def run_stage(model, train_data, val_data, *, name: str, learning_rate: float, epochs: int,
               steps_per_epoch: int, warmup_epochs: float = 1.0, patience: int = 3,
-              min_epochs: int = 0, class_weight=None, callbacks=(), verbose=1,
+              min_epochs: int = 0, min_delta: float = 0.0, class_weight=None, callbacks=(),
+              verbose=1,
               checkpoint=None, progress: list | None = None) -> StageResult:
     """Compile with Adam on a warm-up + cosine schedule and fit, with early stopping.
 
-    Early stopping watches val_loss, restores the best epoch's weights and
-    never stops before ``min_epochs``. With a ``checkpoint`` (tclf.checkpoints) every
-    epoch is recorded in it, and a stage it already holds continues after its last
+    Early stopping watches val_loss (a fall of ``min_delta`` or less is no improvement),
+    restores the best epoch's weights and never stops before ``min_epochs``. With a
+    ``checkpoint`` (tclf.checkpoints) every epoch is recorded in it, and a stage it
+    already holds continues after its last
     recorded epoch, with its weights, optimizer state (so the schedule too) and
     early-stopping state; ``progress`` is the training_progress.txt lines, saved with it.
     """
@@ -253,7 +259,7 @@ def run_stage(model, train_data, val_data, *, name: str, learning_rate: float, e
     model.compile(optimizer=keras.optimizers.Adam(schedule),
                   loss=keras.losses.SparseCategoricalCrossentropy(), metrics=["accuracy"])
     stopper = EarlyStoppingAfter(min_epochs=min_epochs, monitor="val_loss", patience=patience,
-                                 restore_best_weights=True)
+                                 min_delta=min_delta, restore_best_weights=True)
     state = (checkpoint.stage(name) if checkpoint else None) or StageState(started=time.time())
     best_weights = (checkpoint.load_best_weights(state.best_weights)
                     if state.epochs_done and state.best_weights else None)
@@ -286,7 +292,8 @@ def run_stage(model, train_data, val_data, *, name: str, learning_rate: float, e
                              "best_epoch": stopper.best_epoch}
     stopped, best = state.stopper.get("stopped_epoch", 0), state.stopper.get("best_epoch", 0)
     if stopped > 0:
-        reason = (f"early stopping: val_loss did not improve for {patience} epochs; "
+        by = f" by more than {min_delta:g}" if min_delta else ""
+        reason = (f"early stopping: val_loss did not improve{by} for {patience} epochs; "
                   f"restored the best epoch, {best + 1}")
     else:
         restored = f"; restored the best epoch, {best + 1}" if state.epochs_done else ""
@@ -315,17 +322,18 @@ def stage1(model, train_data, val_data, *, steps_per_epoch: int, learning_rate: 
 
 def stage2(model, train_data, val_data, *, steps_per_epoch: int, num_layers: int = 20,
            learning_rate: float = 1e-5, min_epochs: int = 3, max_epochs: int = 8,
-           warmup_epochs: float = 1.0, patience: int = 2, class_weight=None, callbacks=(),
-           verbose=1, checkpoint=None, progress=None) -> StageResult:
+           warmup_epochs: float = 1.0, patience: int = 2, min_delta: float = 1e-3,
+           class_weight=None, callbacks=(), verbose=1, checkpoint=None,
+           progress=None) -> StageResult:
     """Stage 2: the last ``num_layers`` backbone layers trainable (BatchNorm frozen)."""
     from tclf.model import unfreeze_top
 
     unfreeze_top(model, num_layers)
     return run_stage(model, train_data, val_data, name="stage2", learning_rate=learning_rate,
                      epochs=max_epochs, min_epochs=min_epochs, steps_per_epoch=steps_per_epoch,
-                     warmup_epochs=warmup_epochs, patience=patience, class_weight=class_weight,
-                     callbacks=callbacks, verbose=verbose, checkpoint=checkpoint,
-                     progress=progress)
+                     warmup_epochs=warmup_epochs, patience=patience, min_delta=min_delta,
+                     class_weight=class_weight, callbacks=callbacks, verbose=verbose,
+                     checkpoint=checkpoint, progress=progress)
 
 
 # ---------------------------------------------------------------------------
@@ -482,54 +490,77 @@ def _training_manifest(records_dir: str) -> dict:
 
 
 def run_schedule(model, train_data, val_data, config: TrainConfig, run: RunFolder) -> None:
-    """Stage 1 then stage 2 on ``model``, each epoch logged to training_progress.txt and to
-    TensorBoard on one epoch axis (stage 2's epochs follow stage 1's)."""
-    from tclf.callbacks import StageTensorBoard
+    """tclf-train's :func:`two_stages`: progress in the run's training_progress.txt, logs in
+    its logs/, the checkpoint after every epoch, and the log rewritten after stage 1."""
+    two_stages(model, train_data, val_data, config, class_weight=run.class_weights,
+               steps_per_epoch=math.ceil(run.manifest["splits"]["train"]["records"]
+                                         / config.batch_size),
+               logs_dir=run.path("logs"), progress_path=run.path("training_progress.txt"),
+               checkpoint=run.checkpoint, scratch=run.folder, stages=run.stages,
+               after_stage1=run.write_log)
 
-    lines = run.checkpoint.progress if run.checkpoint else []
-    common = dict(steps_per_epoch=math.ceil(run.manifest["splits"]["train"]["records"]
-                                            / config.batch_size),
-                  class_weight=run.class_weights, verbose=config.verbose,
-                  checkpoint=run.checkpoint, progress=lines)
+
+def two_stages(model, train_data, val_data, config: TrainConfig, *, class_weight: dict,
+               steps_per_epoch: int, logs_dir: str, progress_path: str | None = None,
+               callbacks=(), checkpoint=None, outputs=None, scratch: str | None = None,
+               stages: list | None = None, after_stage1=None) -> list[StageResult]:
+    """The fixed schedule, as tclf-train and every tclf-tune trial run it: stage 1 (on the
+    backbone's outputs with config.stage1_cache: ``outputs``, computed beforehand, or
+    computed here with their scratch file in ``scratch``), then stage 2, each epoch logged to
+    TensorBoard in ``logs_dir`` on one epoch axis (stage 2's epochs follow stage 1's) and
+    to ``progress_path``. ``callbacks`` go to both stages, stage 2's with its epochs
+    numbered after stage 1's. Returns ``stages`` with the two StageResults appended."""
+    from tclf.callbacks import OffsetEpochs, ProgressFile, StageTensorBoard
+
+    stages = [] if stages is None else stages
+    lines = checkpoint.progress if checkpoint else []
+
+    def stage_callbacks(stage: int, offset: int) -> list:
+        own = [StageTensorBoard(logs_dir, stage=stage, epoch_offset=offset)]
+        if progress_path:
+            own.insert(0, ProgressFile(progress_path, f"stage{stage}", lines))
+        return [*own, *(OffsetEpochs(c, offset) if offset else c for c in callbacks)]
+
+    common = dict(steps_per_epoch=steps_per_epoch, class_weight=class_weight,
+                  verbose=config.verbose, checkpoint=checkpoint, progress=lines)
     stage1_options = dict(learning_rate=config.stage1_lr, epochs=config.stage1_epochs,
                           warmup_epochs=config.stage1_warmup_epochs,
-                          patience=config.stage1_patience,
-                          callbacks=[_progress(run, "stage1", lines),
-                                     StageTensorBoard(run.path("logs"), stage=1)], **common)
+                          patience=config.stage1_patience, callbacks=stage_callbacks(1, 0),
+                          **common)
     if config.stage1_cache:
-        run.stages.append(_cached_stage1(model, config, run, stage1_options))
+        stages.append(_cached_stage1(model, config, stage1_options, checkpoint, outputs,
+                                     scratch))
     else:
-        run.stages.append(stage1(model, train_data, val_data, **stage1_options))
-    run.write_log()
-    run.stages.append(stage2(
+        stages.append(stage1(model, train_data, val_data, **stage1_options))
+    if after_stage1:
+        after_stage1()
+    stages.append(stage2(
         model, train_data, val_data, num_layers=config.stage2_layers,
         learning_rate=config.stage2_lr, min_epochs=config.stage2_min_epochs,
         max_epochs=config.stage2_max_epochs, warmup_epochs=config.stage2_warmup_epochs,
-        patience=config.stage2_patience,
-        callbacks=[_progress(run, "stage2", lines),
-                   StageTensorBoard(run.path("logs"), stage=2,
-                                    epoch_offset=run.stages[0].epochs_run)], **common))
+        patience=config.stage2_patience, min_delta=config.stage2_min_delta,
+        callbacks=stage_callbacks(2, stages[-1].epochs_run), **common))
+    return stages
 
 
-def _progress(run: RunFolder, stage: str, lines: list):
-    from tclf.callbacks import ProgressFile
-
-    return ProgressFile(run.path("training_progress.txt"), stage, lines)
-
-
-def _cached_stage1(model, config: TrainConfig, run: RunFolder, options: dict) -> StageResult:
-    """Stage 1 on backbone outputs computed once (tclf.backbone_cache): its time includes
-    the pass. A resumed run whose stage 1 had finished skips the pass."""
+def _cached_stage1(model, config: TrainConfig, options: dict, checkpoint, outputs,
+                   scratch: str | None) -> StageResult:
+    """Stage 1 on the backbone's outputs (tclf.backbone_cache): ``outputs`` if given (a
+    search computes them once for all its trials), else computed here, and then stage 1's
+    time includes the pass. A resumed run whose stage 1 had finished skips the pass."""
     from tclf.backbone_cache import backbone_outputs
     from tclf.model import freeze_backbone, heads_model
 
     freeze_backbone(model)
     heads = heads_model(model)
-    saved = run.checkpoint.stage("stage1") if run.checkpoint else None
+    saved = checkpoint.stage("stage1") if checkpoint else None
     if saved and saved.finished:
         return stage1(heads, None, None, **options)
+    if outputs is not None:
+        return stage1(heads, outputs.train.dataset(config.batch_size, True, config.seed),
+                      outputs.val.dataset(config.batch_size), **options)
     with backbone_outputs(model, config.records, config.batch_size, config.image_size,
-                          run.folder, config.stage1_cache_mb,
+                          scratch, config.stage1_cache_mb,
                           progress=config.verbose > 0) as cached:
         result = stage1(heads, cached.train.dataset(config.batch_size, True, config.seed),
                         cached.val.dataset(config.batch_size), **options)
@@ -545,5 +576,3 @@ def _evaluate(model, config: TrainConfig):
                                                        config.batch_size, config.image_size)
     return evaluate_predictions(probabilities, labels, track_ids,
                                 schema.load_manifest(config.records)["classes"])
-
-

@@ -108,6 +108,28 @@ def test_early_stopping_respects_minimum_epochs():
     assert result.epochs_run == 2
 
 
+def test_early_stopping_ignores_falls_below_min_delta():
+    inputs = keras.Input((4,))
+    x = np.random.default_rng(0).standard_normal((16, 4)).astype(np.float32)
+    y = (x[:, 0] > 0).astype(np.int64)
+    dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(8)
+    runs = {}
+    for min_delta in (0.0, 10.0):
+        keras.utils.set_random_seed(0)
+        model = keras.Model(inputs, keras.layers.Dense(2, activation="softmax")(inputs))
+        runs[min_delta] = train.run_stage(
+            model, dataset.repeat(), dataset, name="s", learning_rate=0.05, epochs=5,
+            steps_per_epoch=2, warmup_epochs=0, patience=2, min_epochs=0, min_delta=min_delta,
+            verbose=0)
+    losses = runs[0.0].history["val_loss"]
+    assert all(b < a for a, b in zip(losses, losses[1:]))  # Every epoch improves...
+    assert runs[0.0].epochs_run == 5
+    # ...but by less than 10: only the first epoch counts, and patience 2 ends it after 3.
+    assert runs[10.0].epochs_run == 3
+    assert "did not improve by more than 10 for 2 epochs" in runs[10.0].stop_reason
+    assert "best epoch, 1" in runs[10.0].stop_reason
+
+
 def test_version_numbering(tmp_path):
     models = str(tmp_path / "models")
     assert versions.claim_version_dir(models) == (os.path.join(models, "v1"), 1)
