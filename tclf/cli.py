@@ -186,13 +186,17 @@ def pack_command(data_dir, records_dir, val_fraction, seed, groups_file, shard_m
                f"{records_dir} in {manifest['seconds']:.1f} s")
 
 
-def _train_options(function):
+def _train_options(function=None, *, exclude=()):
     import dataclasses
 
     from tclf.devices import PRECISIONS
     from tclf.train import TrainConfig
 
+    if function is None:
+        return functools.partial(_train_options, exclude=exclude)
     for field in reversed(dataclasses.fields(TrainConfig)):
+        if field.name in exclude:
+            continue
         flag = field.metadata.get("flag") or "--" + field.name.replace("_", "-")
         kind = type(field.default)
         if kind is bool:
@@ -255,6 +259,71 @@ def train_command(hparams_file, quiet, resume, **options):
                f"{result.devices} ({result.precision}): validation accuracy "
                f"{result.evaluation.segment_accuracy:.3f} (segments), "
                f"{result.evaluation.track_accuracy:.3f} (tracks)")
+
+
+@click.command(context_settings={"show_default": True, "help_option_names": ["-h", "--help"]})
+@click.option("--out", "out_dir", default="tuning", type=click.Path(),
+              help="Folder of the search: Keras Tuner's state (search/), trials.csv, "
+                   "best_hparams.json, TensorBoard logs (logs/<trial>/).")
+@click.option("--tuner", "kind", default="random",
+              type=click.Choice(["random", "bayesian", "hyperband"]),
+              help="Search algorithm (hyperband is refused: see the README).")
+@click.option("--max-trials", default=10, type=click.IntRange(min=1),
+              help="Trials in all, those already on record included (raise it to go on).")
+@click.option("--objective", default="val_track_accuracy",
+              type=click.Choice(["val_track_accuracy", "val_track_macro_f1", "val_accuracy",
+                                 "val_loss"]),
+              help="What a trial is scored by, on the validation split after stage 2: "
+                   "accuracy over tracks (default), macro F1 over tracks, accuracy over "
+                   "segments, or the best stage-2 val_loss.")
+@click.option("--space", "space_file", default=None, type=click.Path(dir_okay=False),
+              help="JSON object narrowing the search space: name: value (fixed), name: [values] "
+                   "or name: {\"min\", \"max\", \"step\", \"log\"} (README: the space).")
+@click.option("--hparams", "hparams_file", default=None, type=click.Path(dir_okay=False),
+              help="JSON object of training options every trial uses (as tclf-train's "
+                   "--hparams). Options given here or on the command line are not searched.")
+@click.option("--overwrite", is_flag=True,
+              help="Start the search in --out over (its trials are deleted); without it, the "
+                   "same command resumes the search.")
+@click.option("--worker-timeout", default=1800.0, type=click.FloatRange(min=1.0),
+              help="Distributed search, chief: seconds without a worker's heartbeat (written "
+                   "every 15 s) after which its trial goes back to the queue.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar for the backbone pass.")
+@_train_options(exclude=("models",))
+@command
+def tune_command(out_dir, kind, max_trials, objective, space_file, hparams_file, overwrite,
+                 worker_timeout, quiet, **options):
+    """Search hyperparameters around the two-stage schedule with Keras Tuner.
+
+    Every trial is a tclf-train run (the same model builder and stages) without a
+    version folder, scored on the validation split after stage 2. The first trial
+    is the baseline (tclf-train's defaults). Prints a line per finished trial and
+    the trials, best first; writes OUT/trials.csv and OUT/best_hparams.json, which
+    `tclf-train --hparams` takes as it is. Run the same command again to resume.
+    Distributed: set KERASTUNER_TUNER_ID (chief, tuner1, ...), KERASTUNER_ORACLE_IP
+    and KERASTUNER_ORACLE_PORT (README: distributed search).
+    """
+    from click.core import ParameterSource
+
+    from tclf import train, tune
+
+    context = click.get_current_context()
+    given = {k: v for k, v in options.items()
+             if context.get_parameter_source(k) != ParameterSource.DEFAULT}
+    values = train.load_hparams(hparams_file) if hparams_file else {}
+    values.update(given)
+    # Keras' per-epoch output off unless asked for: a line per trial is the progress.
+    base = train.TrainConfig().replace(**{**options, "verbose": 0, **values})
+    space = tune.search_space(train.load_hparams(space_file) if space_file else None,
+                              fixed={name.replace("-", "_") for name in values})
+    result = tune.tune(base, out_dir, kind=kind, max_trials=max_trials, objective=objective,
+                       space=space, overwrite=overwrite, worker_timeout=worker_timeout,
+                       progress=not quiet, echo=click.echo)
+    if result.role != "worker":
+        click.echo(f"search in {out_dir}: {len(result.rows)} trial(s) on record "
+                   f"({result.ran} run now), {tune._duration(result.seconds)}; "
+                   f"{os.path.join(out_dir, 'trials.csv')}, "
+                   f"{os.path.join(out_dir, 'best_hparams.json')}")
 
 
 @click.command(context_settings={"show_default": True, "help_option_names": ["-h", "--help"]})

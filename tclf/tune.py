@@ -1,0 +1,818 @@
+"""`tclf-tune`: a Keras Tuner search around the fixed two-stage schedule.
+
+Each trial is a tclf-train run without a version folder: :class:`TclfHyperModel` maps the
+trial's hyperparameters onto :class:`tclf.train.TrainConfig` (so onto the same
+:func:`tclf.model.build_model`), and its ``fit`` runs :func:`tclf.train.two_stages`, the
+schedule tclf-train runs, then scores the model on the validation split at segment and at
+track level. The hyperparameters have TrainConfig's names, so DIR/best_hparams.json is a
+`tclf-train --hparams` file as it is.
+
+The frozen backbone's outputs depend on none of the searched hyperparameters (only on the
+image size, the backbone's weights, and with ``--weights none`` the seed, all fixed for a
+search): each search process computes them once, before its first trial, and every trial's
+stage 1 trains on them. Stage 2 reads the records, so the number of unfrozen layers is
+searchable too.
+
+Search state is Keras Tuner's own, in DIR/search/ (trial_*/trial.json, oracle.json): the
+same command run again resumes; a trial that was running when the process died runs again.
+Distributed search uses Keras Tuner's chief/worker mechanism (KERASTUNER_TUNER_ID,
+KERASTUNER_ORACLE_IP, KERASTUNER_ORACLE_PORT); tclf adds heartbeats, so that a chief
+notices a dead worker (:func:`_serve`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import io
+import json
+import math
+import os
+import socket
+import tempfile
+import threading
+import time
+import traceback
+
+from tclf import InputError, RunError, faults, storage
+from tclf.train import TrainConfig
+
+PROJECT = "search"  # Keras Tuner's project folder inside DIR.
+TUNERS = ("random", "bayesian", "hyperband")
+OBJECTIVES = {  # name: direction. Every trial reports all of them.
+    "val_track_accuracy": "max",
+    "val_track_macro_f1": "max",
+    "val_accuracy": "max",
+    "val_loss": "min",
+}
+
+# The search space: TrainConfig fields. The defaults are TrainConfig's (the spec's values),
+# so the first trial is the baseline.
+SPACE = {
+    "image_units": {"values": [64, 128, 256]},
+    "feature_units": {"values": [32, 64, 128]},
+    "fusion_units": {"values": [64, 128, 256]},
+    "head_units": {"values": [32, 64, 128]},
+    "gru_units": {"values": [64, 128, 256]},
+    "gru2_units": {"values": [32, 64, 128]},
+    "attention_heads": {"values": [1, 2, 4, 8]},
+    "dropout": {"min": 0.1, "max": 0.6, "step": 0.05},
+    "stage1_lr": {"min": 1e-5, "max": 1e-3, "log": True},
+    "stage2_lr": {"min": 1e-6, "max": 1e-4, "log": True},
+    "stage1_warmup_epochs": {"min": 0.0, "max": 3.0, "step": 0.5},
+    "stage2_warmup_epochs": {"min": 0.0, "max": 2.0, "step": 0.5},
+    "stage2_layers": {"min": 0, "max": 80, "step": 10},
+}
+
+# Options a search never passes on to best_hparams.json: where and how a run goes, not what
+# it computes.
+PLACE_OPTIONS = ("records", "models", "gpus", "cpu_devices", "verbose")
+# Worker heartbeats (distributed search): written every HEARTBEAT_SECONDS; the chief gives
+# a worker up after --worker-timeout seconds without one.
+HEARTBEAT_SECONDS = float(os.environ.get("TCLF_TUNE_HEARTBEAT_SECONDS", 15))
+CONSECUTIVE_FAILURES = 3  # Failed trials in a row that stop a search (a systematic error).
+TRIAL_FILE = "tclf_trial.json"  # Our record of a trial, beside Keras Tuner's trial.json.
+
+
+# ---------------------------------------------------------------------------
+# The space.
+# ---------------------------------------------------------------------------
+
+
+def search_space(overrides: dict | None = None, fixed: dict | None = None) -> dict:
+    """SPACE narrowed by ``overrides`` (a --space file: name -> value to fix, list of choices,
+    or {"min", "max", "step", "log"} / {"values"}), minus the names in ``fixed`` (options the
+    user gave, which every trial uses). Returns name -> spec with a "default"."""
+    defaults = TrainConfig()
+    space = {name: dict(spec) for name, spec in SPACE.items()}
+    for name, value in (overrides or {}).items():
+        if name not in SPACE:
+            raise InputError(f"--space: {name!r} is not searched; searched: "
+                             f"{', '.join(SPACE)}")
+        kind = type(getattr(defaults, name))
+        if isinstance(value, list):
+            value = {"values": value}
+        if isinstance(value, dict):
+            unknown = set(value) - {"values", "min", "max", "step", "log"}
+            if unknown or not value or ("values" in value and len(value) > 1):
+                raise InputError(f"--space: {name}: expected a value, a list of values, "
+                                 f"{{\"values\": [...]}} or {{\"min\", \"max\", \"step\", "
+                                 f"\"log\"}}, got {value!r}")
+            spec = dict(value) if "values" in value else {**space[name], **value}
+            spec.pop("values" if "min" in spec else "min", None)
+        else:
+            spec = {"values": [value]}
+        space[name] = _checked(name, spec, kind)
+    for name in fixed or {}:
+        space.pop(name, None)
+    for name, spec in space.items():
+        spec["default"] = _nearest(spec, getattr(defaults, name))
+    return space
+
+
+def _checked(name: str, spec: dict, kind: type) -> dict:
+    def number(value):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise InputError(f"--space: {name}: {value!r} is not a number")
+        if kind is int and value != int(value):
+            raise InputError(f"--space: {name}: {value!r} is not an integer")
+        return kind(value)
+
+    if "values" in spec:
+        values = [number(v) for v in spec["values"]]
+        if not values:
+            raise InputError(f"--space: {name}: no values")
+        return {"values": sorted(set(values))}
+    low, high = number(spec["min"]), number(spec["max"])
+    if low > high:
+        raise InputError(f"--space: {name}: min {low} > max {high}")
+    out = {"min": low, "max": high}
+    if spec.get("log"):
+        if low <= 0:
+            raise InputError(f"--space: {name}: a log range needs min > 0")
+        out["log"] = True
+    elif spec.get("step") is not None:
+        out["step"] = number(spec["step"])
+        if out["step"] <= 0:
+            raise InputError(f"--space: {name}: step must be > 0")
+    return out
+
+
+def _nearest(spec: dict, value):
+    """The spec's value nearest ``value`` (the baseline, where the space allows it)."""
+    if "values" in spec:
+        return min(spec["values"], key=lambda v: (abs(v - value), v))
+    low, high = spec["min"], spec["max"]
+    clipped = min(max(value, low), high)
+    if "step" in spec:
+        steps = round((clipped - low) / spec["step"])
+        clipped = min(high, low + steps * spec["step"])
+        if isinstance(low, float):
+            clipped = round(clipped, 10)
+    return type(low)(clipped)
+
+
+def declare(hp, space: dict) -> None:
+    """Declare ``space`` in a keras_tuner HyperParameters."""
+    for name, spec in space.items():
+        if "values" in spec:
+            hp.Choice(name, spec["values"], default=spec["default"])
+        elif isinstance(spec["min"], int):
+            hp.Int(name, spec["min"], spec["max"], step=spec.get("step", 1),
+                   default=spec["default"])
+        else:
+            hp.Float(name, spec["min"], spec["max"], step=spec.get("step"),
+                     sampling="log" if spec.get("log") else "linear", default=spec["default"])
+
+
+def describe_space(space: dict) -> list[str]:
+    lines = []
+    for name, spec in space.items():
+        if "values" in spec:
+            what = ", ".join(f"{v:g}" for v in spec["values"])
+        else:
+            what = f"{spec['min']:g} to {spec['max']:g}" + (
+                " (log)" if spec.get("log") else
+                f" step {spec['step']:g}" if spec.get("step") else "")
+        lines.append(f"{name}: {what} (default {spec['default']:g})")
+    return lines
+
+
+# ---------------------------------------------------------------------------
+# The hypermodel: tclf-train's model and schedule.
+# ---------------------------------------------------------------------------
+
+
+def _keras_tuner():
+    import keras_tuner
+
+    from keras_tuner.src import config as kt_config
+
+    kt_config.DEBUG = False  # Keras Tuner prints every failed trial's traceback otherwise.
+    return keras_tuner
+
+
+class _Shared:
+    """What every trial of this process shares: the manifest, the datasets, the backbone's
+    weights and, with the stage-1 cache, its outputs."""
+
+    def __init__(self, config: TrainConfig, strategy):
+        self.config, self.strategy = config, strategy
+        self.manifest = None
+        self.outputs = None
+        self.backbone_weights = None
+        self.stack = contextlib.ExitStack()
+
+
+def make_hypermodel(base: TrainConfig, space: dict, shared: _Shared, logs_dir: str):
+    keras_tuner = _keras_tuner()
+
+    class TclfHyperModel(keras_tuner.HyperModel):
+        """build: tclf.model.build_model with the trial's TrainConfig; fit: the two stages."""
+
+        def trial_config(self, hp) -> TrainConfig:
+            return base.replace(**{name: hp.get(name) for name in space})
+
+        def build(self, hp):
+            import keras
+
+            from tclf.model import backbone_of, build_model
+
+            declare(hp, space)
+            config = self.trial_config(hp)
+            config.validate()
+            keras.mixed_precision.set_global_policy(shared.precision)
+            keras.utils.set_random_seed(config.seed)
+            manifest = shared.manifest
+            with shared.strategy.scope():
+                model = build_model(len(manifest["classes"]), manifest["feature_mean"],
+                                    manifest["feature_std"],
+                                    feature_shape=manifest["feature_shape"],
+                                    **config.model_options())
+            if shared.backbone_weights is not None:  # The backbone the outputs came from.
+                backbone_of(model).set_weights(shared.backbone_weights)
+            return model
+
+        def fit(self, hp, model, *args, callbacks=(), trial_id="", **kwargs):
+            return _fit_trial(self.trial_config(hp), model, shared, list(callbacks),
+                              storage.join(logs_dir, trial_id))
+
+    return TclfHyperModel()
+
+
+def _fit_trial(config: TrainConfig, model, shared: _Shared, callbacks: list,
+               logs_dir: str) -> dict:
+    """The two stages on ``model`` (as tclf-train runs them), then the validation scores."""
+    import keras
+    import tensorflow as tf
+
+    from tclf import data, train
+    from tclf.evaluate import evaluate_predictions, predict_records
+
+    keras_tuner = _keras_tuner()
+    train_data = data.make_dataset(config.records, "train", config.batch_size, training=True,
+                                   image_size=config.image_size, cache=config.cache,
+                                   seed=config.seed, repeat=True)
+    val_data = data.make_dataset(config.records, "val", config.batch_size,
+                                 image_size=config.image_size, cache=config.cache)
+    counts = shared.manifest["splits"]["train"]
+    try:
+        with shared.strategy.scope(), data.naming_corrupt_shards(config.records):
+            stages = train.two_stages(
+                model, train_data, val_data, config,
+                class_weight=train.class_weights(counts["counts"], shared.manifest["classes"]),
+                steps_per_epoch=math.ceil(counts["records"] / config.batch_size),
+                logs_dir=logs_dir, callbacks=[keras.callbacks.TerminateOnNaN(), *callbacks],
+                outputs=shared.outputs, scratch=shared.scratch,
+                after_stage1=lambda: faults.point("tune.stage1_done"))
+            for stage in stages:
+                losses = stage.history.get("loss", []) + stage.history.get("val_loss", [])
+                if not all(math.isfinite(v) for v in losses):
+                    raise keras_tuner.errors.FailedTrialError(
+                        f"the loss became NaN or infinite in {stage.name}")
+            probabilities, labels, track_ids = predict_records(
+                model, config.records, "val", config.batch_size, config.image_size)
+    except tf.errors.ResourceExhaustedError as error:
+        raise keras_tuner.errors.FailedTrialError(
+            f"out of memory: {error.message.strip().splitlines()[0]}") from None
+    evaluation = evaluate_predictions(probabilities, labels, track_ids,
+                                      shared.manifest["classes"])
+    best = stages[-1].history["val_loss"]
+    return {"val_track_accuracy": evaluation.track_accuracy,
+            "val_track_macro_f1": evaluation.track_macro_f1,
+            "val_accuracy": evaluation.segment_accuracy,
+            "val_loss": float(min(best)) if best else float("nan"),
+            "epochs": float(sum(s.epochs_run for s in stages))}
+
+
+def _write_hparams(logs_dir: str, trial) -> None:
+    """The trial's hyperparameters for TensorBoard's HParams view (at the root of the trial's
+    logs; its train/ and validation/ runs hold the metrics)."""
+    import tensorflow as tf
+    from keras_tuner.src.engine import tuner_utils
+    from tensorboard.plugins.hparams import api as hparams_api
+
+    writer = tf.summary.create_file_writer(logs_dir)
+    with writer.as_default():
+        hparams_api.hparams(tuner_utils.convert_hyperparams_to_hparams(trial.hyperparameters,
+                                                                       hparams_api),
+                            trial_id=trial.trial_id)
+    writer.close()
+
+
+def make_tuner(kind: str, hypermodel, objective: str, max_trials: int, seed: int, out_dir: str,
+               overwrite: bool, echo):
+    keras_tuner = _keras_tuner()
+    from keras_tuner.src.engine import tuner_utils
+
+    logs_dir = storage.join(out_dir, "logs")
+    oracles = {"random": keras_tuner.oracles.RandomSearchOracle,
+               "bayesian": keras_tuner.oracles.BayesianOptimizationOracle}
+
+    class Oracle(oracles[kind]):
+        """The first trial is the baseline: every hyperparameter at its default."""
+
+        def populate_space(self, trial_id):
+            if not self.trials:
+                return {"status": "RUNNING",
+                        "values": {hp.name: hp.default for hp in self.hyperparameters.space}}
+            return super().populate_space(trial_id)
+
+    class Tuner(keras_tuner.Tuner):
+        def run_trial(self, trial, *args, **kwargs):
+            # Keras Tuner's own callback (it forwards each epoch to the tuner) on one epoch
+            # axis over both stages; no SaveBestEpoch: no weights checkpoint per trial
+            # (tclf-train trains the best hyperparameters again, with its version folder).
+            started = time.time()
+            self._started[trial.trial_id] = started
+            _write_trial(self.get_trial_dir(trial.trial_id), {
+                "status": "RUNNING", "tuner_id": self.tuner_id, "started": started})
+            # A trial that runs again (its process died) starts over, its logs too.
+            storage.rmtree(storage.join(logs_dir, trial.trial_id))
+            _write_hparams(storage.join(logs_dir, trial.trial_id), trial)
+            try:
+                metrics = self._build_and_fit_model(
+                    trial, callbacks=[tuner_utils.TunerCallback(self, trial)],
+                    trial_id=trial.trial_id)
+            except keras_tuner.errors.FailedTrialError as error:
+                self._record(trial, "FAILED", reason=str(error))
+                raise
+            except (KeyboardInterrupt, keras_tuner.errors.FatalError):
+                raise
+            except Exception as error:  # Recorded as failed; the search goes on.
+                first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+                reason = f"{type(error).__name__}: {first}"
+                self._record(trial, "FAILED", reason=reason, traceback=traceback.format_exc())
+                raise keras_tuner.errors.FailedTrialError(reason) from error
+            self._record(trial, "COMPLETED", metrics=metrics)
+            return metrics
+
+        def _record(self, trial, status: str, **fields) -> None:
+            record = {"status": status, "tuner_id": self.tuner_id,
+                      "seconds": time.time() - self._started[trial.trial_id], **fields}
+            self._records[trial.trial_id] = record
+            _write_trial(self.get_trial_dir(trial.trial_id), record)
+
+        def on_trial_end(self, trial):
+            super().on_trial_end(trial)
+            record = self._records.get(trial.trial_id, {})
+            score = record.get("metrics", {}).get(objective)
+            echo(_trial_line(trial.trial_id, trial.status, score, record, _best(self.oracle),
+                             objective))
+            if self._results:
+                self._results()
+
+    tuner = Tuner(
+        oracle=Oracle(objective=keras_tuner.Objective(objective, OBJECTIVES[objective]),
+                      max_trials=max_trials, seed=seed + 1,  # (Keras Tuner takes 0 as "none".)
+                      max_consecutive_failed_trials=CONSECUTIVE_FAILURES),
+        hypermodel=hypermodel, directory=out_dir, project_name=PROJECT, overwrite=overwrite)
+    tuner._started, tuner._records, tuner._results = {}, {}, None
+    return tuner
+
+
+def _best(oracle):
+    try:
+        best = oracle.get_best_trials(1)
+    except Exception:  # A worker's client may not reach the chief right now.
+        return None
+    return best[0] if best else None
+
+
+# ---------------------------------------------------------------------------
+# Records of trials and results.
+# ---------------------------------------------------------------------------
+
+
+def _write_trial(trial_dir: str, record: dict) -> None:
+    storage.makedirs(trial_dir)
+    storage.write_atomic(storage.join(trial_dir, TRIAL_FILE), json.dumps(record, indent=1))
+
+
+def _read_trial(trial_dir: str) -> dict:
+    path = storage.join(trial_dir, TRIAL_FILE)
+    try:
+        return storage.read_json(path) if storage.exists(path) else {}
+    except InputError:
+        return {}
+
+
+def _duration(seconds: float) -> str:
+    minutes, seconds = divmod(int(round(seconds)), 60)
+    return f"{minutes} min {seconds} s" if minutes else f"{seconds} s"
+
+
+def _trial_line(trial_id, status, score, record: dict, best, objective: str) -> str:
+    if status == "COMPLETED" and score is not None:
+        what = f"completed  {objective} {score:.4f}"
+    else:
+        what = f"{status.lower()}: {record.get('reason') or 'see its trial.json'}"
+    best_text = (f"  best {best.score:.4f} (trial {best.trial_id})"
+                 if best is not None and best.score is not None else "")
+    seconds = record.get("seconds")
+    took = f"  {_duration(seconds)}" if seconds is not None else ""
+    return f"trial {trial_id}  {what}{best_text}{took}"
+
+
+def trial_rows(out_dir: str, oracle, space: dict, objective: str) -> list[dict]:
+    """One row per trial, best first (failed and unfinished trials last)."""
+    rows = []
+    for trial_id, trial in oracle.trials.items():
+        record = _read_trial(storage.join(out_dir, PROJECT, f"trial_{trial_id}"))
+        status = trial.status
+        row = {"trial": trial_id, "status": status,
+               "score": trial.score if status == "COMPLETED" else None}
+        for name in OBJECTIVES:
+            row[name] = (trial.metrics.get_last_value(name)
+                         if trial.metrics.exists(name) else None)
+        row.update({name: trial.hyperparameters.values.get(name) for name in space})
+        row["seconds"] = record.get("seconds")
+        row["reason"] = record.get("reason", "") if status != "COMPLETED" else ""
+        rows.append(row)
+    sign = -1 if OBJECTIVES[objective] == "max" else 1
+    rows.sort(key=lambda r: (r["score"] is None, sign * (r["score"] or 0), r["trial"]))
+    return rows
+
+
+def write_results(out_dir: str, oracle, space: dict, base: TrainConfig, objective: str,
+                  echo=None) -> list[dict]:
+    """DIR/trials.csv and DIR/best_hparams.json from the oracle's trials; the table on the
+    console if ``echo``."""
+    rows = trial_rows(out_dir, oracle, space, objective)
+    buffer = io.StringIO()
+    if rows:
+        writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+    storage.write_atomic(storage.join(out_dir, "trials.csv"), buffer.getvalue())
+    best = next((r for r in rows if r["score"] is not None), None)
+    if best:
+        values = {k: v for k, v in dataclasses.asdict(base).items() if k not in PLACE_OPTIONS}
+        values.update({name: best[name] for name in space})
+        storage.write_atomic(storage.join(out_dir, "best_hparams.json"),
+                             json.dumps(values, indent=1) + "\n")
+    if echo and rows:
+        echo(_table(rows, space, objective))
+    return rows
+
+
+def _table(rows: list[dict], space: dict, objective: str) -> str:
+    columns = ["trial", "status", objective, *space, "seconds"]
+
+    def cell(row, name):
+        value = row.get(name)
+        if value is None:
+            return "-"
+        if name == "seconds":
+            return f"{value:.0f}"
+        return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+    cells = [[cell(r, c) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in cells]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------
+# The search.
+# ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class TuneResult:
+    out_dir: str
+    role: str  # local, chief or worker
+    rows: list
+    ran: int  # Trials this process finished.
+    seconds: float
+
+
+def role() -> tuple[str, str]:
+    """(local | chief | worker, tuner id) from Keras Tuner's environment variables."""
+    if not os.environ.get("KERASTUNER_ORACLE_IP"):
+        return "local", "tuner0"
+    missing = [n for n in ("KERASTUNER_ORACLE_PORT", "KERASTUNER_TUNER_ID")
+               if not os.environ.get(n)]
+    if missing:
+        raise InputError(f"distributed search: KERASTUNER_ORACLE_IP is set but "
+                         f"{' and '.join(missing)} not")
+    tuner_id = os.environ["KERASTUNER_TUNER_ID"]
+    return ("chief" if "chief" in tuner_id else "worker"), tuner_id
+
+
+def _settings(base: TrainConfig, space: dict, kind: str, objective: str) -> dict:
+    return {"tuner": kind, "objective": objective, "space": space,
+            "options": {k: v for k, v in dataclasses.asdict(base).items()
+                        if k not in PLACE_OPTIONS}}
+
+
+def _check_settings(out_dir: str, settings: dict, overwrite: bool) -> None:
+    """DIR/settings.json: a search resumed with other settings would mix two searches."""
+    path = storage.join(out_dir, "settings.json")
+    if not overwrite and storage.exists(path):
+        old = storage.read_json(path)
+        differ = [k for k in settings if json.dumps(old.get(k), sort_keys=True)
+                  != json.dumps(json.loads(json.dumps(settings[k])), sort_keys=True)]
+        if differ:
+            detail = []
+            for key in differ:
+                if isinstance(settings[key], dict) and isinstance(old.get(key), dict):
+                    names = sorted(n for n in set(settings[key]) | set(old[key])
+                                   if json.dumps(settings[key].get(n), sort_keys=True)
+                                   != json.dumps(old[key].get(n), sort_keys=True))
+                    detail.append(f"{key} ({', '.join(names)})")
+                else:
+                    detail.append(key)
+            raise InputError(f"{out_dir} holds a search with other settings: "
+                             f"{'; '.join(detail)} differ. Run the same command to resume "
+                             f"it, or use --overwrite to start over (or another --out)")
+    storage.makedirs(out_dir)
+    storage.write_atomic(path, json.dumps(settings, indent=1, sort_keys=True) + "\n")
+
+
+def tune(base: TrainConfig, out_dir: str, *, kind: str = "random", max_trials: int = 10,
+         objective: str = "val_track_accuracy", space: dict | None = None,
+         overwrite: bool = False, worker_timeout: float = 1800.0, progress: bool = True,
+         echo=print) -> TuneResult:
+    """Search ``space`` (see :func:`search_space`) around ``base``; results in ``out_dir``."""
+    import keras
+
+    started = time.time()
+    if kind == "hyperband":
+        raise InputError(
+            "--tuner hyperband is refused: Hyperband gives a trial one epoch budget "
+            "(tuner/epochs, tuner/initial_epoch) and continues it from an earlier trial's "
+            "checkpoint, which does not map onto tclf's two stages (stage 1 is ended by early "
+            "stopping, then stage 2 fine-tunes the backbone from stage 1's weights); use "
+            "--tuner random or bayesian")
+    if kind not in TUNERS:
+        raise InputError(f"--tuner must be one of {', '.join(TUNERS)}, got {kind!r}")
+    if objective not in OBJECTIVES:
+        raise InputError(f"--objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
+    if max_trials < 1:
+        raise InputError(f"--max-trials must be >= 1, got {max_trials}")
+    space = search_space() if space is None else space
+    base.validate()
+    where, tuner_id = role()
+    if where != "worker":
+        _check_settings(out_dir, _settings(base, space, kind, objective), overwrite)
+    if overwrite and where != "worker":
+        for name in (PROJECT, "logs", ".workers"):
+            storage.rmtree(storage.join(out_dir, name))
+        for name in ("trials.csv", "best_hparams.json"):
+            storage.remove_quietly(storage.join(out_dir, name))
+
+    previous_policy = keras.mixed_precision.global_policy()
+    try:
+        if where == "chief":
+            return _chief(base, out_dir, space, kind, objective, max_trials, worker_timeout,
+                          echo, started)
+        return _run_trials(base, out_dir, space, kind, objective, max_trials, where, tuner_id,
+                           progress, echo, started)
+    finally:
+        keras.mixed_precision.set_global_policy(previous_policy)
+
+
+def _prepare(base: TrainConfig, progress: bool) -> _Shared:
+    """Devices, precision, the manifest and, with the stage-1 cache, the backbone's outputs."""
+    import keras
+
+    from tclf.backbone_cache import backbone_outputs
+    from tclf.devices import configure_devices, resolve_precision
+    from tclf.model import backbone_of, build_model, freeze_backbone
+    from tclf.train import _training_manifest
+
+    strategy, devices, on_gpu = configure_devices(base.gpus, base.cpu_devices)
+    base.validate_model_options()
+    shared = _Shared(base, strategy)
+    shared.devices = devices
+    shared.precision = resolve_precision(base.precision, on_gpu)
+    keras.mixed_precision.set_global_policy(shared.precision)
+    shared.manifest = _training_manifest(base.records)
+    shared.scratch = tempfile.mkdtemp(prefix="tclf-tune-")
+    shared.stack.callback(storage.rmtree, shared.scratch)
+    if base.stage1_cache:
+        keras.utils.set_random_seed(base.seed)
+        manifest = shared.manifest
+        with strategy.scope():
+            model = build_model(len(manifest["classes"]), manifest["feature_mean"],
+                                manifest["feature_std"], feature_shape=manifest["feature_shape"],
+                                **base.model_options())
+        freeze_backbone(model)
+        shared.backbone_weights = backbone_of(model).get_weights()
+        with strategy.scope():
+            shared.outputs = shared.stack.enter_context(backbone_outputs(
+                model, base.records, base.batch_size, base.image_size, shared.scratch,
+                base.stage1_cache_mb, progress=progress))
+        del model
+    return shared
+
+
+def _run_trials(base, out_dir, space, kind, objective, max_trials, where, tuner_id, progress,
+                echo, started) -> TuneResult:
+    shared = _prepare(base, progress)
+    with shared.stack:
+        hypermodel = make_hypermodel(base, space, shared, storage.join(out_dir, "logs"))
+        quiet = io.StringIO()
+        with contextlib.redirect_stdout(quiet):  # "Reloading Tuner from ...", summaries.
+            tuner = make_tuner(kind, hypermodel, objective, max_trials, base.seed, out_dir,
+                               overwrite=False, echo=echo)
+        if where == "local":
+            done = len(tuner.oracle.trials)
+            tuner._results = lambda: write_results(out_dir, tuner.oracle, space, base, objective)
+            running = [t for t in tuner.oracle.trials.values() if t.status == "RUNNING"]
+            echo(f"search in {out_dir}: {kind}, {max_trials} trials, objective {objective}; "
+                 f"{done} trial(s) on record" + (
+                     f", {len(running)} to run again ({', '.join(t.trial_id for t in running)})"
+                     if running else "") + f"; {shared.devices}, {shared.precision}")
+        else:
+            settings = storage.join(out_dir, "settings.json")
+            if storage.exists(settings) and (json.loads(json.dumps(
+                    _settings(base, space, kind, objective), sort_keys=True))
+                    != storage.read_json(settings)):
+                raise InputError(f"worker {tuner_id}: its options differ from the chief's "
+                                 f"({settings}); start every worker with the chief's options")
+            echo(f"worker {tuner_id}: searching with the chief at "
+                 f"{os.environ['KERASTUNER_ORACLE_IP']}:{os.environ['KERASTUNER_ORACLE_PORT']}")
+        ran_before = dict(tuner._started)
+        with _heartbeat(out_dir, tuner_id) if where == "worker" else contextlib.nullcontext():
+            try:
+                tuner.search(verbose=0)
+            except RuntimeError as error:  # Keras Tuner's max_consecutive_failed_trials.
+                if "consecutive failures" not in str(error):
+                    raise
+                failed = [r for r in tuner._records.values() if r["status"] == "FAILED"]
+                raise RunError(
+                    f"{CONSECUTIVE_FAILURES} trials in a row failed, the last with "
+                    f"{failed[-1]['reason'] if failed else 'an error'}; the search stops (run "
+                    f"the same command again once the cause is fixed: the last trial runs "
+                    f"again)") from None
+        ran = len(tuner._started) - len(ran_before)
+        rows = []
+        if where == "local":
+            rows = write_results(out_dir, tuner.oracle, space, base, objective, echo=echo)
+    return TuneResult(out_dir, where, rows, ran, time.time() - started)
+
+
+# ---------------------------------------------------------------------------
+# Distributed search: the chief.
+# ---------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _heartbeat(out_dir: str, tuner_id: str):
+    """A worker's sign of life: DIR/.workers/<tuner id>.json rewritten every
+    HEARTBEAT_SECONDS with a counter (the chief compares contents, not clocks)."""
+    path = storage.join(out_dir, ".workers", f"{tuner_id}.json")
+    storage.makedirs(storage.join(out_dir, ".workers"))
+    stop = threading.Event()
+
+    def beat():
+        count = 0
+        while True:
+            count += 1
+            storage.write_atomic(path, json.dumps({"beat": count, "pid": os.getpid(),
+                                                   "host": socket.gethostname()}))
+            if stop.wait(HEARTBEAT_SECONDS):
+                break
+
+    thread = threading.Thread(target=beat, daemon=True, name="tclf-heartbeat")
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+        storage.remove_quietly(path)
+
+
+def _chief(base, out_dir, space, kind, objective, max_trials, worker_timeout, echo,
+           started) -> TuneResult:
+    """Serve the oracle to the workers until the search is over.
+
+    Keras Tuner's own chief (keras_tuner.src.distribute.oracle_chief.start_server) waits
+    for every worker that ever asked for a trial, forever. This one hands a worker's trial
+    back to the queue (another worker runs it) when the worker has not written a heartbeat
+    for ``worker_timeout`` seconds, and ends the search with an error when no worker is left.
+    """
+    import grpc
+    from concurrent import futures
+
+    from keras_tuner.src import protos
+    from keras_tuner.src.distribute import oracle_chief
+
+    with contextlib.redirect_stdout(io.StringIO()):  # "Reloading Tuner from ...".
+        oracle = make_tuner(kind, _space_only(space), objective, max_trials, base.seed,
+                            out_dir, overwrite=False, echo=echo).oracle
+    address = f"{os.environ['KERASTUNER_ORACLE_IP']}:{os.environ['KERASTUNER_ORACLE_PORT']}"
+    servicer = oracle_chief.OracleServicer(oracle)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=1))
+    protos.get_service_grpc().add_OracleServicer_to_server(servicer, server)
+    try:
+        port = server.add_insecure_port(address)
+    except RuntimeError as error:
+        raise RunError(f"cannot listen on {address}: {error}") from None
+    if not port:
+        raise RunError(f"cannot listen on {address} (in use, or not an address of this "
+                       f"machine)")
+    server.start()
+    echo(f"chief: serving the search in {out_dir} on {address} ({kind}, {max_trials} trials, "
+         f"objective {objective}); waiting for workers, giving one up after "
+         f"{worker_timeout:.0f} s without a heartbeat")
+    seen: dict[str, tuple[str, float]] = {}  # tuner id -> (last heartbeat, chief time seen)
+    finished = {t for t, trial in oracle.trials.items()
+                if trial.status in ("COMPLETED", "FAILED", "INVALID")}
+    lost: set[str] = set()
+    idle_since = time.time()
+    try:
+        while True:
+            time.sleep(1)
+            now = time.time()
+            # Trials that ended since the last look: a line each, and the results files.
+            ended = {t for t, trial in oracle.trials.items()
+                     if trial.status in ("COMPLETED", "FAILED", "INVALID")} - finished
+            for trial_id in sorted(ended):
+                trial = oracle.trials[trial_id]
+                record = _read_trial(storage.join(out_dir, PROJECT, f"trial_{trial_id}"))
+                echo(_trial_line(trial_id, trial.status, trial.score, record, _best(oracle),
+                                 objective))
+            if ended:
+                finished |= ended
+                write_results(out_dir, oracle, space, base, objective)
+            with _oracle_lock(oracle):
+                workers = set(oracle.tuner_ids) - lost
+            for tuner_id in workers:
+                beat = _read_beat(out_dir, tuner_id)
+                if tuner_id not in seen or seen[tuner_id][0] != beat:
+                    seen[tuner_id] = (beat, now)
+                elif now - seen[tuner_id][1] > worker_timeout:
+                    trial = _give_up(oracle, tuner_id)
+                    lost.add(tuner_id)
+                    echo(f"chief: worker {tuner_id} gave no heartbeat for "
+                         f"{worker_timeout:.0f} s; given up" + (
+                             f"; its trial {trial} goes back to the queue" if trial else ""))
+            if workers - lost:
+                idle_since = now
+            if servicer.stop_triggered and _search_over(oracle, lost):
+                break
+            if not (workers - lost) and lost and now - idle_since > worker_timeout:
+                raise RunError(
+                    f"no worker left (given up: {', '.join(sorted(lost))}); the finished "
+                    f"trials are in {out_dir}; start the chief and the workers again to "
+                    f"finish the search")
+    finally:
+        server.stop(grace=5)
+    rows = write_results(out_dir, oracle, space, base, objective, echo=echo)
+    return TuneResult(out_dir, "chief", rows, 0, time.time() - started)
+
+
+def _space_only(space: dict):
+    """The chief's hypermodel: it declares the space (Keras Tuner builds it once at the
+    start); the chief runs no trial, so it needs no data, devices or backbone."""
+    keras_tuner = _keras_tuner()
+
+    class Declare(keras_tuner.HyperModel):
+        def build(self, hp):
+            import keras
+
+            declare(hp, space)
+            return keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)])
+
+    return Declare()
+
+
+@contextlib.contextmanager
+def _oracle_lock(oracle):
+    from keras_tuner.src.engine import oracle as oracle_module
+
+    lock = oracle_module.LOCKS[oracle]
+    with lock:
+        yield
+
+
+def _read_beat(out_dir: str, tuner_id: str) -> str:
+    try:
+        with open(storage.join(out_dir, ".workers", f"{tuner_id}.json")) as file:
+            return file.read()
+    except OSError:
+        return ""
+
+
+def _give_up(oracle, tuner_id: str) -> str | None:
+    """Forget a dead worker; its running trial goes back to the retry queue."""
+    with _oracle_lock(oracle):
+        oracle.tuner_ids.discard(tuner_id)
+        trial = oracle.ongoing_trials.pop(tuner_id, None)
+        if trial is None:
+            return None
+        oracle._retry_queue.append(trial.trial_id)
+        oracle.save()
+        return trial.trial_id
+
+
+def _search_over(oracle, lost: set) -> bool:
+    with _oracle_lock(oracle):
+        return not oracle.ongoing_trials and not (set(oracle.tuner_ids) - lost) \
+            and not oracle._retry_queue

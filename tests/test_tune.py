@@ -1,0 +1,258 @@
+"""tclf-tune: the search space, a local search (resume, SIGKILL, failed trials), tclf-train on
+its result, Hyperband refused, and a distributed search (a chief and two workers on loopback)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tclf import InputError, tune
+from tests.conftest import TINY_TRAINING
+
+# Every trial tiny (TINY_TRAINING's sizes are options, so they are fixed, not searched); the
+# search varies the learning rates and the dropout only. The first trial is the baseline.
+TRIAL_OPTIONS = {k: v for k, v in TINY_TRAINING.items() if k not in ("gpus", "verbose")}
+SPACE = {"stage1_warmup_epochs": 1.0, "stage2_warmup_epochs": 1.0, "stage2_layers": 20}
+
+
+def _tclf(command: str, *args, env=None, timeout=600, popen=False):
+    """A tclf command in a fresh process (TCLF_KILL_AT only if ``env`` sets it)."""
+    environment = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    environment.pop("TCLF_KILL_AT", None)
+    environment.update(env or {})
+    argv = [sys.executable, "-c", f"from tclf.cli import {command}; {command}()", *args]
+    if popen:
+        return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, env=environment)
+    return subprocess.run(argv, capture_output=True, text=True, env=environment,
+                          timeout=timeout)
+
+
+def _files(tmp_path):
+    hparams, space = tmp_path / "trial.json", tmp_path / "space.json"
+    hparams.write_text(json.dumps(TRIAL_OPTIONS))
+    space.write_text(json.dumps(SPACE))
+    return str(hparams), str(space)
+
+
+def _search_args(records_dir, out, hparams, space, trials=2):
+    return ["--records", records_dir, "--out", out, "--hparams", hparams, "--space", space,
+            "--gpus", "none", "--max-trials", str(trials), "-q"]
+
+
+def _rows(out) -> list[dict]:
+    with open(os.path.join(out, "trials.csv")) as file:
+        return list(csv.DictReader(file))
+
+
+def _trial_record(out, trial_id) -> dict:
+    with open(os.path.join(out, tune.PROJECT, f"trial_{trial_id}", tune.TRIAL_FILE)) as file:
+        return json.load(file)
+
+
+# --- The space (no TensorFlow) --------------------------------------------------------------
+
+
+def test_space_defaults_are_the_training_defaults():
+    from tclf.train import TrainConfig
+
+    space = tune.search_space()
+    assert set(space) == set(tune.SPACE)
+    for name, spec in space.items():
+        assert spec["default"] == getattr(TrainConfig(), name), name
+
+
+def test_space_file_narrows_fixes_and_drops_given_options():
+    space = tune.search_space({"dropout": 0.25, "gru_units": [64, 32],
+                               "stage1_lr": {"min": 2e-4, "max": 5e-4}},
+                              fixed={"image_units", "stage2_lr"})
+    assert space["dropout"] == {"values": [0.25], "default": 0.25}
+    assert space["gru_units"] == {"values": [32, 64], "default": 64}  # Nearest to 128.
+    assert space["stage1_lr"] == {"min": 2e-4, "max": 5e-4, "log": True, "default": 2e-4}
+    assert "image_units" not in space and "stage2_lr" not in space
+
+
+@pytest.mark.parametrize("bad, words", [
+    ({"batch_size": 8}, "not searched"),
+    ({"gru_units": [64.5]}, "not an integer"),
+    ({"dropout": {"min": 0.5, "max": 0.1}}, "min 0.5 > max 0.1"),
+    ({"stage1_lr": {"min": 0.0, "max": 1e-3}}, "log range needs min > 0"),
+    ({"dropout": {"low": 0.1}}, "expected a value"),
+    ({"dropout": "high"}, "not a number"),
+])
+def test_bad_space_files_are_refused_by_name(bad, words):
+    with pytest.raises(InputError, match=words):
+        tune.search_space(bad)
+
+
+# --- Refusals (in process) ------------------------------------------------------------------
+
+
+def test_hyperband_is_refused_with_a_reason(records_dir, tmp_path):
+    from click.testing import CliRunner
+
+    from tclf import cli
+
+    result = CliRunner().invoke(cli.tune_command, ["--records", records_dir, "--out",
+                                                   str(tmp_path / "t"), "--tuner", "hyperband"])
+    assert result.exit_code == 1
+    assert "--tuner hyperband is refused" in result.output and "two stages" in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "t").exists()
+
+
+# --- A local search --------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_search_killed_mid_trial_resumes_repeats_nothing_and_trains_with_the_best(
+        records_dir, tmp_path):
+    hparams, space = _files(tmp_path)
+    out = str(tmp_path / "search")
+    args = _search_args(records_dir, out, hparams, space)
+
+    # Killed in the second trial, after its stage 1.
+    killed = _tclf("tune_command", *args, env={"TCLF_KILL_AT": "tune.stage1_done:2"})
+    assert killed.returncode == -9, killed.stdout + killed.stderr
+    assert "trial 0  completed" in killed.stdout
+    first = _trial_record(out, "0")
+    assert first["status"] == "COMPLETED"
+    assert _trial_record(out, "1")["status"] == "RUNNING"
+
+    # The same command: trial 1 runs again, trial 0 does not.
+    resumed = _tclf("tune_command", *args)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "1 to run again (1)" in resumed.stdout
+    assert "trial 1  completed" in resumed.stdout and "trial 0  completed" not in resumed.stdout
+    assert _trial_record(out, "0") == first
+    rows = _rows(out)
+    assert sorted(r["trial"] for r in rows) == ["0", "1"]
+    assert all(r["status"] == "COMPLETED" for r in rows)
+    # Best first; the first trial is the baseline (tclf-train's defaults).
+    assert float(rows[0]["score"]) >= float(rows[1]["score"])
+    baseline = next(r for r in rows if r["trial"] == "0")
+    assert float(baseline["dropout"]) == 0.4 and float(baseline["stage1_lr"]) == 1e-4
+    other = next(r for r in rows if r["trial"] == "1")
+    assert (other["dropout"], other["stage1_lr"]) != (baseline["dropout"], baseline["stage1_lr"])
+    # TensorBoard: each trial's runs, and its hyperparameters for the HParams view.
+    import tensorflow as tf
+
+    assert set(os.listdir(os.path.join(out, "logs"))) == {"0", "1"}
+    root = os.path.join(out, "logs", "1")
+    assert {"train", "validation"} <= set(os.listdir(root))
+    plugins = {value.metadata.plugin_data.plugin_name
+               for name in os.listdir(root) if name.startswith("events")
+               for event in tf.compat.v1.train.summary_iterator(os.path.join(root, name))
+               for value in event.summary.value}
+    assert "hparams" in plugins
+
+    # Once more: nothing left to run.
+    again = _tclf("tune_command", *args)
+    assert again.returncode == 0 and "completed" not in again.stdout
+    assert "2 trial(s) on record (0 run now)" in again.stdout
+    assert _trial_record(out, "0") == first
+
+    # tclf-train takes best_hparams.json as it is, and records its values.
+    with open(os.path.join(out, "best_hparams.json")) as file:
+        best = json.load(file)
+    assert best["dropout"] == float(rows[0]["dropout"])
+    assert best["image_size"] == TRIAL_OPTIONS["image_size"] and "records" not in best
+    models = str(tmp_path / "models")
+    trained = _tclf("train_command", "--hparams", os.path.join(out, "best_hparams.json"),
+                    "--records", records_dir, "--models-dir", models, "--gpus", "none")
+    assert trained.returncode == 0, trained.stdout + trained.stderr
+    with open(os.path.join(models, "v1", "training_log.txt")) as file:
+        log = file.read()
+    assert f"  dropout: {best['dropout']}\n" in log
+    assert f"  stage1_lr: {best['stage1_lr']}\n" in log
+
+
+@pytest.mark.slow
+def test_a_failing_trial_is_recorded_and_the_search_goes_on(records_dir, tmp_path):
+    from tclf.train import TrainConfig
+
+    # gru_units 1 < attention_heads 2 fails TrainConfig.validate in the second trial.
+    base = TrainConfig(records=records_dir, **{**TINY_TRAINING, "gru_units": 16})
+    space = tune.search_space({"gru_units": [1, 16], **SPACE, "dropout": 0.4,
+                               "stage1_lr": 1e-4, "stage2_lr": 1e-5},
+                              fixed=set(TRIAL_OPTIONS) - {"gru_units"})
+    lines = []
+    result = tune.tune(base, str(tmp_path / "s"), max_trials=2, space=space, progress=False,
+                       echo=lines.append)
+    statuses = {r["trial"]: r["status"] for r in result.rows}
+    assert statuses == {"0": "COMPLETED", "1": "FAILED"}
+    failed = next(r for r in result.rows if r["trial"] == "1")
+    assert "attention_heads must be <= gru_units" in failed["reason"]
+    assert any(line.startswith("trial 1  failed: InputError: attention_heads") for line in lines)
+    assert result.rows[0]["trial"] == "0"  # Completed trials first.
+
+
+# --- Distributed ------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _distributed(records_dir, tmp_path, trials, worker_env=None, chief_args=()):
+    hparams, space = _files(tmp_path)
+    out = str(tmp_path / "search")
+    args = _search_args(records_dir, out, hparams, space, trials=trials)
+    port = str(_free_port())
+    base = {"KERASTUNER_ORACLE_IP": "127.0.0.1", "KERASTUNER_ORACLE_PORT": port,
+            "TCLF_TUNE_HEARTBEAT_SECONDS": "1"}
+    chief = _tclf("tune_command", *args, *chief_args, env={**base, "KERASTUNER_TUNER_ID": "chief"},
+                  popen=True)
+    workers = [_tclf("tune_command", *args,
+                     env={**base, "KERASTUNER_TUNER_ID": name, **(worker_env or {}).get(name, {})},
+                     popen=True)
+               for name in ("tuner1", "tuner2")]
+    outputs = {}
+    for name, process in (("tuner1", workers[0]), ("tuner2", workers[1]), ("chief", chief)):
+        try:
+            outputs[name] = process.communicate(timeout=600)[0]
+        except subprocess.TimeoutExpired:
+            for p in (chief, *workers):
+                p.kill()
+            raise
+        outputs[name + " rc"] = process.returncode
+    return out, outputs
+
+
+@pytest.mark.slow
+def test_a_chief_and_two_workers_run_each_trial_once(records_dir, tmp_path):
+    out, outputs = _distributed(records_dir, tmp_path, trials=3)
+    assert outputs["chief rc"] == 0, outputs
+    assert outputs["tuner1 rc"] == 0 and outputs["tuner2 rc"] == 0, outputs
+    rows = _rows(out)
+    assert sorted(r["trial"] for r in rows) == ["0", "1", "2"]
+    assert all(r["status"] == "COMPLETED" for r in rows)
+    # Each trial ran exactly once: one "completed" line among the workers' outputs.
+    ran = [line.split()[1] for name in ("tuner1", "tuner2")
+           for line in outputs[name].splitlines() if line.startswith("trial ")]
+    assert sorted(ran) == ["0", "1", "2"], outputs
+    assert {_trial_record(out, t)["tuner_id"] for t in ran} <= {"tuner1", "tuner2"}
+    assert "on 127.0.0.1:" in outputs["chief"]
+    assert os.path.exists(os.path.join(out, "best_hparams.json"))
+
+
+@pytest.mark.slow
+def test_the_chief_gives_a_dead_workers_trial_to_another(records_dir, tmp_path):
+    out, outputs = _distributed(
+        records_dir, tmp_path, trials=3, chief_args=("--worker-timeout", "5"),
+        worker_env={"tuner1": {"TCLF_KILL_AT": "tune.stage1_done:1"}})
+    assert outputs["tuner1 rc"] == -9
+    assert outputs["chief rc"] == 0 and outputs["tuner2 rc"] == 0, outputs
+    assert "worker tuner1 gave no heartbeat for 5 s; given up; its trial" in outputs["chief"]
+    rows = _rows(out)
+    assert sorted(r["trial"] for r in rows) == ["0", "1", "2"]
+    assert all(r["status"] == "COMPLETED" for r in rows)
+    assert {_trial_record(out, r["trial"])["tuner_id"] for r in rows} == {"tuner2"}
