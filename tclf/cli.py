@@ -315,7 +315,7 @@ def tune_command(out_dir, kind, max_trials, objective, space_file, hparams_file,
     # Keras' per-epoch output off unless asked for: a line per trial is the progress.
     base = train.TrainConfig().replace(**{**options, "verbose": 0, **values})
     space = tune.search_space(train.load_hparams(space_file) if space_file else None,
-                              fixed={name.replace("-", "_") for name in values})
+                              fixed={name.replace("-", "_") for name in values}, base=base)
     result = tune.tune(base, out_dir, kind=kind, max_trials=max_trials, objective=objective,
                        space=space, overwrite=overwrite, worker_timeout=worker_timeout,
                        progress=not quiet, echo=click.echo)

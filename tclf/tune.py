@@ -80,11 +80,14 @@ TRIAL_FILE = "tclf_trial.json"  # Our record of a trial, beside Keras Tuner's tr
 # ---------------------------------------------------------------------------
 
 
-def search_space(overrides: dict | None = None, fixed: dict | None = None) -> dict:
+def search_space(overrides: dict | None = None, fixed=None,
+                 base: TrainConfig | None = None) -> dict:
     """SPACE narrowed by ``overrides`` (a --space file: name -> value to fix, list of choices,
-    or {"min", "max", "step", "log"} / {"values"}), minus the names in ``fixed`` (options the
-    user gave, which every trial uses). Returns name -> spec with a "default"."""
+    or {"min", "max", "step" | "log"} / {"values"}), minus the names in ``fixed`` (options the
+    user gave, which every trial uses). Each value is checked as an option of ``base`` (the
+    search's other options). Returns name -> spec with a "default" (TrainConfig's)."""
     defaults = TrainConfig()
+    base = base or defaults
     space = {name: dict(spec) for name, spec in SPACE.items()}
     for name, value in (overrides or {}).items():
         if name not in SPACE:
@@ -97,27 +100,45 @@ def search_space(overrides: dict | None = None, fixed: dict | None = None) -> di
             unknown = set(value) - {"values", "min", "max", "step", "log"}
             if unknown or not value or ("values" in value and len(value) > 1):
                 raise InputError(f"--space: {name}: expected a value, a list of values, "
-                                 f"{{\"values\": [...]}} or {{\"min\", \"max\", \"step\", "
+                                 f"{{\"values\": [...]}} or {{\"min\", \"max\", \"step\" or "
                                  f"\"log\"}}, got {value!r}")
-            spec = dict(value) if "values" in value else {**space[name], **value}
-            spec.pop("values" if "min" in spec else "min", None)
+            if "values" in value:
+                spec = {"values": value["values"]}
+            else:
+                if "values" in SPACE[name] and not {"min", "max"} <= set(value):
+                    raise InputError(f"--space: {name} is searched over a list of values; a "
+                                     f"range for it needs both min and max")
+                if value.get("log") and value.get("step") is not None:
+                    raise InputError(f"--space: {name}: step and log exclude each other")
+                spec = {**{k: v for k, v in SPACE[name].items() if k != "values"}, **value}
+                if value.get("step") is not None:
+                    spec.pop("log", None)
+                if spec.get("log"):
+                    spec.pop("step", None)
         else:
             spec = {"values": [value]}
-        space[name] = _checked(name, spec, kind)
-    for name in fixed or {}:
+        space[name] = _checked(name, spec, kind, base)
+    for name in fixed or ():
         space.pop(name, None)
     for name, spec in space.items():
         spec["default"] = _nearest(spec, getattr(defaults, name))
     return space
 
 
-def _checked(name: str, spec: dict, kind: type) -> dict:
+def _checked(name: str, spec: dict, kind: type, base: TrainConfig) -> dict:
     def number(value):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise InputError(f"--space: {name}: {value!r} is not a number")
         if kind is int and value != int(value):
             raise InputError(f"--space: {name}: {value!r} is not an integer")
-        return kind(value)
+        value = kind(value)
+        try:  # The option's own checks: a value no trial could use is refused now.
+            base.replace(**{name: value}).validate()
+        except InputError as error:
+            raise InputError(f"--space: {name}: {value!r}: {error}") from None
+        if name == "stage2_layers" and value < 0:
+            raise InputError(f"--space: {name}: {value!r}: must be >= 0")
+        return value
 
     if "values" in spec:
         values = [number(v) for v in spec["values"]]
@@ -133,10 +154,18 @@ def _checked(name: str, spec: dict, kind: type) -> dict:
             raise InputError(f"--space: {name}: a log range needs min > 0")
         out["log"] = True
     elif spec.get("step") is not None:
-        out["step"] = number(spec["step"])
-        if out["step"] <= 0:
-            raise InputError(f"--space: {name}: step must be > 0")
+        step = spec["step"]
+        if isinstance(step, bool) or not isinstance(step, (int, float)) or step <= 0 or (
+                kind is int and step != int(step)):
+            raise InputError(f"--space: {name}: step must be a positive "
+                             f"{'integer' if kind is int else 'number'}, got {step!r}")
+        out["step"] = kind(step)
     return out
+
+
+def _grid(spec: dict) -> int:
+    """The index of the last step of a stepped range that is not above its max."""
+    return math.floor((spec["max"] - spec["min"]) / spec["step"] + 1e-9)
 
 
 def _nearest(spec: dict, value):
@@ -145,12 +174,14 @@ def _nearest(spec: dict, value):
         return min(spec["values"], key=lambda v: (abs(v - value), v))
     low, high = spec["min"], spec["max"]
     clipped = min(max(value, low), high)
-    if "step" in spec:
-        steps = round((clipped - low) / spec["step"])
-        clipped = min(high, low + steps * spec["step"])
-        if isinstance(low, float):
-            clipped = round(clipped, 10)
-    return type(low)(clipped)
+    if spec.get("step"):
+        clipped = low + min(round((clipped - low) / spec["step"]), _grid(spec)) * spec["step"]
+    return _tidy(type(low)(clipped))
+
+
+def _tidy(value):
+    """Floats on a step grid without binary noise (0.15, not 0.15000000000000002)."""
+    return round(value, 10) if isinstance(value, float) else value
 
 
 def declare(hp, space: dict) -> None:
@@ -159,24 +190,18 @@ def declare(hp, space: dict) -> None:
         if "values" in spec:
             hp.Choice(name, spec["values"], default=spec["default"])
         elif isinstance(spec["min"], int):
-            hp.Int(name, spec["min"], spec["max"], step=spec.get("step", 1),
-                   default=spec["default"])
+            hp.Int(name, spec["min"], spec["max"],
+                   step=None if spec.get("log") else spec.get("step", 1),
+                   sampling="log" if spec.get("log") else "linear", default=spec["default"])
+        elif spec.get("step"):
+            # Keras Tuner counts a float grid's values with a floor that can drop the max
+            # (0.1 to 0.6 step 0.05 gave 0.1 ... 0.55): the max is nudged up, and the values
+            # rounded where they are read (_tidy).
+            hp.Float(name, spec["min"], spec["min"] + _grid(spec) * spec["step"] + 1e-9,
+                     step=spec["step"], default=spec["default"])
         else:
-            hp.Float(name, spec["min"], spec["max"], step=spec.get("step"),
+            hp.Float(name, spec["min"], spec["max"],
                      sampling="log" if spec.get("log") else "linear", default=spec["default"])
-
-
-def describe_space(space: dict) -> list[str]:
-    lines = []
-    for name, spec in space.items():
-        if "values" in spec:
-            what = ", ".join(f"{v:g}" for v in spec["values"])
-        else:
-            what = f"{spec['min']:g} to {spec['max']:g}" + (
-                " (log)" if spec.get("log") else
-                f" step {spec['step']:g}" if spec.get("step") else "")
-        lines.append(f"{name}: {what} (default {spec['default']:g})")
-    return lines
 
 
 # ---------------------------------------------------------------------------
@@ -212,7 +237,7 @@ def make_hypermodel(base: TrainConfig, space: dict, shared: _Shared, logs_dir: s
         """build: tclf.model.build_model with the trial's TrainConfig; fit: the two stages."""
 
         def trial_config(self, hp) -> TrainConfig:
-            return base.replace(**{name: hp.get(name) for name in space})
+            return base.replace(**{name: _tidy(hp.get(name)) for name in space})
 
         def build(self, hp):
             import keras
@@ -251,6 +276,7 @@ def _fit_trial(config: TrainConfig, model, shared: _Shared, callbacks: list,
     from tclf.evaluate import evaluate_predictions, predict_records
 
     keras_tuner = _keras_tuner()
+    stages = []
     train_data = data.make_dataset(config.records, "train", config.batch_size, training=True,
                                    image_size=config.image_size, cache=config.cache,
                                    seed=config.seed, repeat=True)
@@ -264,13 +290,10 @@ def _fit_trial(config: TrainConfig, model, shared: _Shared, callbacks: list,
                 class_weight=train.class_weights(counts["counts"], shared.manifest["classes"]),
                 steps_per_epoch=math.ceil(counts["records"] / config.batch_size),
                 logs_dir=logs_dir, callbacks=[keras.callbacks.TerminateOnNaN(), *callbacks],
-                outputs=shared.outputs, scratch=shared.scratch,
-                after_stage1=lambda: faults.point("tune.stage1_done"))
-            for stage in stages:
-                losses = stage.history.get("loss", []) + stage.history.get("val_loss", [])
-                if not all(math.isfinite(v) for v in losses):
-                    raise keras_tuner.errors.FailedTrialError(
-                        f"the loss became NaN or infinite in {stage.name}")
+                outputs=shared.outputs, scratch=shared.scratch, stages=stages,
+                after_stage1=lambda: (_check_finite(stages[-1], keras_tuner),
+                                      faults.point("tune.stage1_done")))
+            _check_finite(stages[-1], keras_tuner)
             probabilities, labels, track_ids = predict_records(
                 model, config.records, "val", config.batch_size, config.image_size)
     except tf.errors.ResourceExhaustedError as error:
@@ -301,23 +324,81 @@ def _write_hparams(logs_dir: str, trial) -> None:
     writer.close()
 
 
+def _check_finite(stage, keras_tuner) -> None:
+    """A stage whose loss became NaN or infinite fails the trial (TerminateOnNaN stopped it)."""
+    losses = stage.history.get("loss", []) + stage.history.get("val_loss", [])
+    if not all(math.isfinite(v) for v in losses):
+        raise keras_tuner.errors.FailedTrialError(
+            f"the loss became NaN or infinite in {stage.name}")
+
+
+def _write_scores(logs_dir: str, metrics: dict) -> None:
+    """The trial's scores as scalars at the root of its logs, for the HParams view."""
+    import tensorflow as tf
+
+    writer = tf.summary.create_file_writer(logs_dir)
+    with writer.as_default():
+        for name in OBJECTIVES:
+            tf.summary.scalar(name, metrics[name], step=0)
+    writer.close()
+
+
 def make_tuner(kind: str, hypermodel, objective: str, max_trials: int, seed: int, out_dir: str,
                overwrite: bool, echo):
     keras_tuner = _keras_tuner()
+    from keras_tuner.src.engine import trial as trial_module
     from keras_tuner.src.engine import tuner_utils
+    from keras_tuner.src.engine.oracle import synchronized
 
     logs_dir = storage.join(out_dir, "logs")
     oracles = {"random": keras_tuner.oracles.RandomSearchOracle,
                "bayesian": keras_tuner.oracles.BayesianOptimizationOracle}
 
     class Oracle(oracles[kind]):
-        """The first trial is the baseline: every hyperparameter at its default."""
+        """Keras Tuner's oracle, with four changes:
+
+        - the first trial is the baseline: every hyperparameter at its default;
+        - CONSECUTIVE_FAILURES failed trials in a row stop the search through ``failed_run``
+          (Keras Tuner raises inside end_trial, which on a chief leaves the oracle's lock
+          held and the trial RUNNING);
+        - on a chief (``distributed``), a worker that asks for a trial when none is left
+          while others still run one, or one is queued, is told to wait (IDLE), not to stop:
+          a dead worker's trial comes back to the queue and needs someone to run it;
+        - a trial that ends after it was given up and queued again leaves the queue.
+        """
+
+        failed_run = None  # The last trial id, once the search stopped for failures.
+        distributed = False
 
         def populate_space(self, trial_id):
+            if self.failed_run:
+                return {"status": "STOPPED", "values": None}
             if not self.trials:
                 return {"status": "RUNNING",
                         "values": {hp.name: hp.default for hp in self.hyperparameters.space}}
             return super().populate_space(trial_id)
+
+        def _check_consecutive_failures(self):
+            try:
+                super()._check_consecutive_failures()
+            except RuntimeError:
+                self.failed_run = self.end_order[-1]
+
+        @synchronized
+        def create_trial(self, tuner_id):
+            if (self.distributed and tuner_id not in self.ongoing_trials and not self.failed_run
+                    and not self._retry_queue and self.max_trials
+                    and len(self.trials) >= self.max_trials and self.ongoing_trials):
+                self.tuner_ids.add(tuner_id)
+                return trial_module.Trial(self.hyperparameters.copy(), trial_id="",
+                                          status=trial_module.TrialStatus.IDLE)
+            return super().create_trial(tuner_id)
+
+        @synchronized
+        def end_trial(self, trial):
+            if trial.trial_id in self._retry_queue:
+                self._retry_queue.remove(trial.trial_id)
+            super().end_trial(trial)
 
     class Tuner(keras_tuner.Tuner):
         def run_trial(self, trial, *args, **kwargs):
@@ -346,6 +427,7 @@ def make_tuner(kind: str, hypermodel, objective: str, max_trials: int, seed: int
                 self._record(trial, "FAILED", reason=reason, traceback=traceback.format_exc())
                 raise keras_tuner.errors.FailedTrialError(reason) from error
             self._record(trial, "COMPLETED", metrics=metrics)
+            _write_scores(storage.join(logs_dir, trial.trial_id), metrics)
             return metrics
 
         def _record(self, trial, status: str, **fields) -> None:
@@ -359,7 +441,7 @@ def make_tuner(kind: str, hypermodel, objective: str, max_trials: int, seed: int
             record = self._records.get(trial.trial_id, {})
             score = record.get("metrics", {}).get(objective)
             echo(_trial_line(trial.trial_id, trial.status, score, record, _best(self.oracle),
-                             objective))
+                             objective, time.time() - self._search_started))
             if self._results:
                 self._results()
 
@@ -369,6 +451,7 @@ def make_tuner(kind: str, hypermodel, objective: str, max_trials: int, seed: int
                       max_consecutive_failed_trials=CONSECUTIVE_FAILURES),
         hypermodel=hypermodel, directory=out_dir, project_name=PROJECT, overwrite=overwrite)
     tuner._started, tuner._records, tuner._results = {}, {}, None
+    tuner._search_started = time.time()
     return tuner
 
 
@@ -403,7 +486,8 @@ def _duration(seconds: float) -> str:
     return f"{minutes} min {seconds} s" if minutes else f"{seconds} s"
 
 
-def _trial_line(trial_id, status, score, record: dict, best, objective: str) -> str:
+def _trial_line(trial_id, status, score, record: dict, best, objective: str,
+                elapsed: float | None = None) -> str:
     if status == "COMPLETED" and score is not None:
         what = f"completed  {objective} {score:.4f}"
     else:
@@ -411,14 +495,16 @@ def _trial_line(trial_id, status, score, record: dict, best, objective: str) -> 
     best_text = (f"  best {best.score:.4f} (trial {best.trial_id})"
                  if best is not None and best.score is not None else "")
     seconds = record.get("seconds")
-    took = f"  {_duration(seconds)}" if seconds is not None else ""
-    return f"trial {trial_id}  {what}{best_text}{took}"
+    took = f"  took {_duration(seconds)}" if seconds is not None else ""
+    since = f"  elapsed {_duration(elapsed)}" if elapsed is not None else ""
+    return f"trial {trial_id}  {what}{best_text}{took}{since}"
 
 
-def trial_rows(out_dir: str, oracle, space: dict, objective: str) -> list[dict]:
-    """One row per trial, best first (failed and unfinished trials last)."""
+def trial_rows(out_dir: str, trials: dict, space: dict, objective: str) -> list[dict]:
+    """One row per trial (``trials``: the oracle's, by id), best first (failed and
+    unfinished trials last)."""
     rows = []
-    for trial_id, trial in oracle.trials.items():
+    for trial_id, trial in trials.items():
         record = _read_trial(storage.join(out_dir, PROJECT, f"trial_{trial_id}"))
         status = trial.status
         row = {"trial": trial_id, "status": status,
@@ -426,7 +512,7 @@ def trial_rows(out_dir: str, oracle, space: dict, objective: str) -> list[dict]:
         for name in OBJECTIVES:
             row[name] = (trial.metrics.get_last_value(name)
                          if trial.metrics.exists(name) else None)
-        row.update({name: trial.hyperparameters.values.get(name) for name in space})
+        row.update({name: _tidy(trial.hyperparameters.values.get(name)) for name in space})
         row["seconds"] = record.get("seconds")
         row["reason"] = record.get("reason", "") if status != "COMPLETED" else ""
         rows.append(row)
@@ -435,11 +521,11 @@ def trial_rows(out_dir: str, oracle, space: dict, objective: str) -> list[dict]:
     return rows
 
 
-def write_results(out_dir: str, oracle, space: dict, base: TrainConfig, objective: str,
+def write_results(out_dir: str, trials: dict, space: dict, base: TrainConfig, objective: str,
                   echo=None) -> list[dict]:
-    """DIR/trials.csv and DIR/best_hparams.json from the oracle's trials; the table on the
-    console if ``echo``."""
-    rows = trial_rows(out_dir, oracle, space, objective)
+    """DIR/trials.csv and DIR/best_hparams.json from the oracle's trials (by id); the table
+    on the console if ``echo``."""
+    rows = trial_rows(out_dir, trials, space, objective)
     buffer = io.StringIO()
     if rows:
         writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
@@ -553,6 +639,9 @@ def tune(base: TrainConfig, out_dir: str, *, kind: str = "random", max_trials: i
         raise InputError(f"--objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
     if max_trials < 1:
         raise InputError(f"--max-trials must be >= 1, got {max_trials}")
+    if worker_timeout < 3 * HEARTBEAT_SECONDS:
+        raise InputError(f"--worker-timeout must be at least {3 * HEARTBEAT_SECONDS:g} s (three "
+                         f"heartbeats of a worker), got {worker_timeout:g}")
     space = search_space() if space is None else space
     base.validate()
     where, tuner_id = role()
@@ -612,16 +701,21 @@ def _prepare(base: TrainConfig, progress: bool) -> _Shared:
 
 def _run_trials(base, out_dir, space, kind, objective, max_trials, where, tuner_id, progress,
                 echo, started) -> TuneResult:
-    shared = _prepare(base, progress)
-    with shared.stack:
+    with contextlib.ExitStack() as stack:
+        if where == "worker":  # From the start: the backbone pass may take long.
+            stack.enter_context(_heartbeat(out_dir, tuner_id))
+        shared = _prepare(base, progress)
+        stack.enter_context(shared.stack)
         hypermodel = make_hypermodel(base, space, shared, storage.join(out_dir, "logs"))
         quiet = io.StringIO()
         with contextlib.redirect_stdout(quiet):  # "Reloading Tuner from ...", summaries.
             tuner = make_tuner(kind, hypermodel, objective, max_trials, base.seed, out_dir,
                                overwrite=False, echo=echo)
+        tuner._search_started = started
         if where == "local":
             done = len(tuner.oracle.trials)
-            tuner._results = lambda: write_results(out_dir, tuner.oracle, space, base, objective)
+            tuner._results = lambda: write_results(out_dir, tuner.oracle.trials, space, base,
+                                                   objective)
             running = [t for t in tuner.oracle.trials.values() if t.status == "RUNNING"]
             echo(f"search in {out_dir}: {kind}, {max_trials} trials, objective {objective}; "
                  f"{done} trial(s) on record" + (
@@ -636,23 +730,15 @@ def _run_trials(base, out_dir, space, kind, objective, max_trials, where, tuner_
                                  f"({settings}); start every worker with the chief's options")
             echo(f"worker {tuner_id}: searching with the chief at "
                  f"{os.environ['KERASTUNER_ORACLE_IP']}:{os.environ['KERASTUNER_ORACLE_PORT']}")
-        ran_before = dict(tuner._started)
-        with _heartbeat(out_dir, tuner_id) if where == "worker" else contextlib.nullcontext():
-            try:
-                tuner.search(verbose=0)
-            except RuntimeError as error:  # Keras Tuner's max_consecutive_failed_trials.
-                if "consecutive failures" not in str(error):
-                    raise
-                failed = [r for r in tuner._records.values() if r["status"] == "FAILED"]
-                raise RunError(
-                    f"{CONSECUTIVE_FAILURES} trials in a row failed, the last with "
-                    f"{failed[-1]['reason'] if failed else 'an error'}; the search stops (run "
-                    f"the same command again once the cause is fixed: the last trial runs "
-                    f"again)") from None
-        ran = len(tuner._started) - len(ran_before)
+        if where == "worker":
+            _wait_when_idle(tuner.oracle)
+        tuner.search(verbose=0)
+        ran = len(tuner._started)
         rows = []
         if where == "local":
-            rows = write_results(out_dir, tuner.oracle, space, base, objective, echo=echo)
+            rows = write_results(out_dir, tuner.oracle.trials, space, base, objective, echo=echo)
+            if tuner.oracle.failed_run:
+                raise _failures_error(out_dir, tuner.oracle.failed_run)
     return TuneResult(out_dir, where, rows, ran, time.time() - started)
 
 
@@ -661,22 +747,47 @@ def _run_trials(base, out_dir, space, kind, objective, max_trials, where, tuner_
 # ---------------------------------------------------------------------------
 
 
+def _wait_when_idle(client) -> None:
+    """A worker told to wait (IDLE: trials still run elsewhere) asks again after a pause;
+    Keras Tuner's search loop would ask again at once, over and over."""
+    create_trial = client.create_trial
+
+    def patient_create_trial(tuner_id):
+        trial = create_trial(tuner_id)
+        if trial.status == "IDLE":
+            time.sleep(2)
+        return trial
+
+    client.create_trial = patient_create_trial
+
+
+def _failures_error(out_dir: str, trial_id: str) -> RunError:
+    record = _read_trial(storage.join(out_dir, PROJECT, f"trial_{trial_id}"))
+    return RunError(f"{CONSECUTIVE_FAILURES} trials in a row failed, the last (trial {trial_id}) "
+                    f"with {record.get('reason') or 'an error'}; the search stopped (see "
+                    f"{storage.join(out_dir, 'trials.csv')}; fix the cause and start it again "
+                    f"with --max-trials raised, or --overwrite)")
+
+
 @contextlib.contextmanager
 def _heartbeat(out_dir: str, tuner_id: str):
     """A worker's sign of life: DIR/.workers/<tuner id>.json rewritten every
     HEARTBEAT_SECONDS with a counter (the chief compares contents, not clocks)."""
-    path = storage.join(out_dir, ".workers", f"{tuner_id}.json")
-    storage.makedirs(storage.join(out_dir, ".workers"))
+    folder = storage.join(out_dir, ".workers")
+    path = storage.join(folder, f"{tuner_id}.json")
     stop = threading.Event()
 
     def beat():
         count = 0
-        while True:
+        while not stop.is_set():
             count += 1
-            storage.write_atomic(path, json.dumps({"beat": count, "pid": os.getpid(),
-                                                   "host": socket.gethostname()}))
-            if stop.wait(HEARTBEAT_SECONDS):
-                break
+            try:  # (A full or vanished folder must not end the beats for good.)
+                storage.makedirs(folder)
+                storage.write_atomic(path, json.dumps({"beat": count, "pid": os.getpid(),
+                                                       "host": socket.gethostname()}))
+            except Exception:  # noqa: BLE001
+                pass
+            stop.wait(HEARTBEAT_SECONDS)
 
     thread = threading.Thread(target=beat, daemon=True, name="tclf-heartbeat")
     thread.start()
@@ -692,10 +803,11 @@ def _chief(base, out_dir, space, kind, objective, max_trials, worker_timeout, ec
            started) -> TuneResult:
     """Serve the oracle to the workers until the search is over.
 
-    Keras Tuner's own chief (keras_tuner.src.distribute.oracle_chief.start_server) waits
-    for every worker that ever asked for a trial, forever. This one hands a worker's trial
-    back to the queue (another worker runs it) when the worker has not written a heartbeat
-    for ``worker_timeout`` seconds, and ends the search with an error when no worker is left.
+    Keras Tuner's own chief (keras_tuner.src.distribute.oracle_chief.start_server) waits for
+    every worker that ever asked for a trial, forever. This one watches the workers'
+    heartbeats: a worker silent for ``worker_timeout`` seconds is given up and its trial goes
+    back to the queue (the oracle keeps the other workers waiting while a trial may still
+    come back); with no worker heard from for that long, the search ends with an error.
     """
     import grpc
     from concurrent import futures
@@ -704,11 +816,17 @@ def _chief(base, out_dir, space, kind, objective, max_trials, worker_timeout, ec
     from keras_tuner.src.distribute import oracle_chief
 
     with contextlib.redirect_stdout(io.StringIO()):  # "Reloading Tuner from ...".
-        oracle = make_tuner(kind, _space_only(space), objective, max_trials, base.seed,
-                            out_dir, overwrite=False, echo=echo).oracle
+        tuner = make_tuner(kind, _space_only(space), objective, max_trials, base.seed,
+                           out_dir, overwrite=False, echo=echo)
+    oracle = tuner.oracle
+    oracle.verbose = 0  # Keras Tuner's own trial tables, printed from the server thread.
+    oracle.distributed = True
+    tuner.save()  # A chief started again finds the search (Keras Tuner's search() does this).
     address = f"{os.environ['KERASTUNER_ORACLE_IP']}:{os.environ['KERASTUNER_ORACLE_PORT']}"
     servicer = oracle_chief.OracleServicer(oracle)
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=1))
+    # No SO_REUSEPORT: a second chief on the same port must fail, not share the workers.
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=1),
+                         options=[("grpc.so_reuseport", 0)])
     protos.get_service_grpc().add_OracleServicer_to_server(servicer, server)
     try:
         port = server.add_insecure_port(address)
@@ -719,53 +837,91 @@ def _chief(base, out_dir, space, kind, objective, max_trials, worker_timeout, ec
                        f"machine)")
     server.start()
     echo(f"chief: serving the search in {out_dir} on {address} ({kind}, {max_trials} trials, "
-         f"objective {objective}); waiting for workers, giving one up after "
-         f"{worker_timeout:.0f} s without a heartbeat")
-    seen: dict[str, tuple[str, float]] = {}  # tuner id -> (last heartbeat, chief time seen)
-    finished = {t for t, trial in oracle.trials.items()
-                if trial.status in ("COMPLETED", "FAILED", "INVALID")}
+         f"objective {objective}); giving a worker up after {worker_timeout:.0f} s without a "
+         f"heartbeat")
+    with _oracle_lock(oracle):
+        finished = {t for t, trial in oracle.trials.items()
+                    if trial.status in ("COMPLETED", "FAILED", "INVALID")}
+    seen: dict[str, tuple[str, float]] = {}  # tuner id -> (heartbeat, chief time it changed)
     lost: set[str] = set()
-    idle_since = time.time()
+    last_heard = time.time()
     try:
         while True:
             time.sleep(1)
             now = time.time()
+            with _oracle_lock(oracle):  # A consistent copy: the server thread changes it.
+                trials = dict(oracle.trials)
+                statuses = {t: trial.status for t, trial in trials.items()}
+                registered = set(oracle.tuner_ids)
+                busy = bool(oracle.ongoing_trials or oracle._retry_queue)
+                failed_run = oracle.failed_run
             # Trials that ended since the last look: a line each, and the results files.
-            ended = {t for t, trial in oracle.trials.items()
-                     if trial.status in ("COMPLETED", "FAILED", "INVALID")} - finished
+            ended = {t for t, status in statuses.items()
+                     if status in ("COMPLETED", "FAILED", "INVALID")} - finished
             for trial_id in sorted(ended):
-                trial = oracle.trials[trial_id]
                 record = _read_trial(storage.join(out_dir, PROJECT, f"trial_{trial_id}"))
-                echo(_trial_line(trial_id, trial.status, trial.score, record, _best(oracle),
-                                 objective))
+                echo(_trial_line(trial_id, statuses[trial_id], trials[trial_id].score, record,
+                                 _best_of(trials, objective), objective, now - started))
             if ended:
                 finished |= ended
-                write_results(out_dir, oracle, space, base, objective)
-            with _oracle_lock(oracle):
-                workers = set(oracle.tuner_ids) - lost
-            for tuner_id in workers:
-                beat = _read_beat(out_dir, tuner_id)
-                if tuner_id not in seen or seen[tuner_id][0] != beat:
+                write_results(out_dir, trials, space, base, objective)
+            # Heartbeats.
+            beats = _beats(out_dir)
+            for tuner_id in set(beats) | registered:
+                beat = beats.get(tuner_id, "")
+                if tuner_id not in seen or (beat and seen[tuner_id][0] != beat):
                     seen[tuner_id] = (beat, now)
-                elif now - seen[tuner_id][1] > worker_timeout:
+                    if tuner_id in lost:
+                        lost.discard(tuner_id)
+                        echo(f"chief: worker {tuner_id} is back")
+            alive = {t for t, (beat, at) in seen.items()
+                     if beat and now - at <= worker_timeout}
+            for tuner_id in registered - lost:
+                if now - seen[tuner_id][1] > worker_timeout:
                     trial = _give_up(oracle, tuner_id)
                     lost.add(tuner_id)
                     echo(f"chief: worker {tuner_id} gave no heartbeat for "
                          f"{worker_timeout:.0f} s; given up" + (
                              f"; its trial {trial} goes back to the queue" if trial else ""))
-            if workers - lost:
-                idle_since = now
-            if servicer.stop_triggered and _search_over(oracle, lost):
+            if alive:
+                last_heard = now
+            if failed_run and not busy:
+                write_results(out_dir, trials, space, base, objective, echo=echo)
+                raise _failures_error(out_dir, failed_run)
+            if servicer.stop_triggered and not busy and not (registered - lost):
                 break
-            if not (workers - lost) and lost and now - idle_since > worker_timeout:
+            if now - last_heard > worker_timeout:
                 raise RunError(
-                    f"no worker left (given up: {', '.join(sorted(lost))}); the finished "
-                    f"trials are in {out_dir}; start the chief and the workers again to "
-                    f"finish the search")
+                    f"no worker heard from for {worker_timeout:.0f} s (given up: "
+                    f"{', '.join(sorted(lost)) or 'none'}); the finished trials are in "
+                    f"{out_dir}; start the chief and the workers again to go on")
     finally:
         server.stop(grace=5)
-    rows = write_results(out_dir, oracle, space, base, objective, echo=echo)
+    with _oracle_lock(oracle):
+        trials = dict(oracle.trials)
+    rows = write_results(out_dir, trials, space, base, objective, echo=echo)
     return TuneResult(out_dir, "chief", rows, 0, time.time() - started)
+
+
+def _beats(out_dir: str) -> dict[str, str]:
+    """tuner id -> its heartbeat file's content."""
+    folder = storage.join(out_dir, ".workers")
+    beats = {}
+    for name in storage.listdir(folder):
+        if name.endswith(".json") and not name.startswith("."):
+            try:
+                beats[name[:-5]] = storage.read_bytes(storage.join(folder, name)).decode()
+            except Exception:  # noqa: BLE001 - being replaced right now
+                pass
+    return beats
+
+
+def _best_of(trials: dict, objective: str):
+    done = [t for t in trials.values() if t.status == "COMPLETED" and t.score is not None]
+    if not done:
+        return None
+    pick = max if OBJECTIVES[objective] == "max" else min
+    return pick(done, key=lambda t: t.score)
 
 
 def _space_only(space: dict):
@@ -792,14 +948,6 @@ def _oracle_lock(oracle):
         yield
 
 
-def _read_beat(out_dir: str, tuner_id: str) -> str:
-    try:
-        with open(storage.join(out_dir, ".workers", f"{tuner_id}.json")) as file:
-            return file.read()
-    except OSError:
-        return ""
-
-
 def _give_up(oracle, tuner_id: str) -> str | None:
     """Forget a dead worker; its running trial goes back to the retry queue."""
     with _oracle_lock(oracle):
@@ -810,9 +958,3 @@ def _give_up(oracle, tuner_id: str) -> str | None:
         oracle._retry_queue.append(trial.trial_id)
         oracle.save()
         return trial.trial_id
-
-
-def _search_over(oracle, lost: set) -> bool:
-    with _oracle_lock(oracle):
-        return not oracle.ongoing_trials and not (set(oracle.tuner_ids) - lost) \
-            and not oracle._retry_queue

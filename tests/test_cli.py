@@ -18,13 +18,14 @@ from tests.conftest import TINY_TRAINING
 
 COMMANDS = {"tclf-extract": cli.extract_command, "tclf-pack": cli.pack_command,
             "tclf-train": cli.train_command, "tclf-predict": cli.predict_command,
-            "tclf-eval": cli.eval_command}
+            "tclf-eval": cli.eval_command, "tclf-tune": cli.tune_command}
 # A call of each command that reaches its library function, and that function's name.
 CALLS = {"tclf-extract": (["a", "d"], extract, "extract"),
          "tclf-pack": (["d", "r"], records, "pack"),
          "tclf-train": (["--records", "r"], train, "train"),
          "tclf-predict": (["x.wav"], __import__("tclf.predict").predict, "predict_paths"),
-         "tclf-eval": (["--model", "m.h5"], __import__("tclf.model").model, "load_model")}
+         "tclf-eval": (["--model", "m.h5"], __import__("tclf.model").model, "load_model"),
+         "tclf-tune": (["--records", "r", "--out", "o"], __import__("tclf.tune").tune, "tune")}
 
 
 @pytest.mark.parametrize("name", COMMANDS)

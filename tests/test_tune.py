@@ -19,7 +19,7 @@ from tests.conftest import TINY_TRAINING
 # Every trial tiny (TINY_TRAINING's sizes are options, so they are fixed, not searched); the
 # search varies the learning rates and the dropout only. The first trial is the baseline.
 TRIAL_OPTIONS = {k: v for k, v in TINY_TRAINING.items() if k not in ("gpus", "verbose")}
-SPACE = {"stage1_warmup_epochs": 1.0, "stage2_warmup_epochs": 1.0, "stage2_layers": 20}
+SPACE = {"stage1_warmup_epochs": 1.0, "stage2_warmup_epochs": 1.0}
 
 
 def _tclf(command: str, *args, env=None, timeout=600, popen=False):
@@ -57,7 +57,7 @@ def _trial_record(out, trial_id) -> dict:
         return json.load(file)
 
 
-# --- The space (no TensorFlow) --------------------------------------------------------------
+# --- The space ---------------------------------------------------------------------------
 
 
 def test_space_defaults_are_the_training_defaults():
@@ -79,11 +79,28 @@ def test_space_file_narrows_fixes_and_drops_given_options():
     assert "image_units" not in space and "stage2_lr" not in space
 
 
+def test_stepped_floats_reach_their_max_without_binary_noise():
+    import keras_tuner
+
+    space = tune.search_space()
+    hp = keras_tuner.HyperParameters()
+    tune.declare(hp, {"dropout": space["dropout"]})
+    values = sorted({tune._tidy(hp.space[0].random_sample(seed)) for seed in range(400)})
+    assert values[0] == 0.1 and values[-1] == 0.6 and len(values) == 11
+    assert all(v == round(v, 2) for v in values)
+    assert tune.search_space({"stage2_layers": {"min": 0, "max": 15}})["stage2_layers"] == {
+        "min": 0, "max": 15, "step": 10, "default": 10}  # 20 is off the grid 0, 10.
+
+
 @pytest.mark.parametrize("bad, words", [
     ({"batch_size": 8}, "not searched"),
     ({"gru_units": [64.5]}, "not an integer"),
     ({"dropout": {"min": 0.5, "max": 0.1}}, "min 0.5 > max 0.1"),
-    ({"stage1_lr": {"min": 0.0, "max": 1e-3}}, "log range needs min > 0"),
+    ({"stage1_lr": {"min": 0.0, "max": 1e-3}}, "learning rates must be > 0"),
+    ({"dropout": [0.2, 1.0]}, r"dropout must be in \[0, 1\)"),
+    ({"image_units": {"min": 32}}, "needs both min and max"),
+    ({"dropout": {"min": 0.1, "max": 0.5, "step": 0.1, "log": True}}, "exclude each other"),
+    ({"stage2_layers": {"min": 0, "max": 40, "step": 2.5}}, "positive integer"),
     ({"dropout": {"low": 0.1}}, "expected a value"),
     ({"dropout": "high"}, "not a number"),
 ])
@@ -177,19 +194,19 @@ def test_search_killed_mid_trial_resumes_repeats_nothing_and_trains_with_the_bes
 def test_a_failing_trial_is_recorded_and_the_search_goes_on(records_dir, tmp_path):
     from tclf.train import TrainConfig
 
-    # gru_units 1 < attention_heads 2 fails TrainConfig.validate in the second trial.
-    base = TrainConfig(records=records_dir, **{**TINY_TRAINING, "gru_units": 16})
-    space = tune.search_space({"gru_units": [1, 16], **SPACE, "dropout": 0.4,
+    # EfficientNetB0 has fewer than 1000 layers to unfreeze: the second trial fails in stage 2.
+    base = TrainConfig(records=records_dir, **TINY_TRAINING)
+    space = tune.search_space({"stage2_layers": [20, 1000], **SPACE, "dropout": 0.4,
                                "stage1_lr": 1e-4, "stage2_lr": 1e-5},
-                              fixed=set(TRIAL_OPTIONS) - {"gru_units"})
+                              fixed=set(TRIAL_OPTIONS) - {"stage2_layers"}, base=base)
     lines = []
     result = tune.tune(base, str(tmp_path / "s"), max_trials=2, space=space, progress=False,
                        echo=lines.append)
     statuses = {r["trial"]: r["status"] for r in result.rows}
     assert statuses == {"0": "COMPLETED", "1": "FAILED"}
     failed = next(r for r in result.rows if r["trial"] == "1")
-    assert "attention_heads must be <= gru_units" in failed["reason"]
-    assert any(line.startswith("trial 1  failed: InputError: attention_heads") for line in lines)
+    assert "can unfreeze 0-" in failed["reason"] and "got 1000" in failed["reason"]
+    assert any(line.startswith("trial 1  failed: InputError: can unfreeze") for line in lines)
     assert result.rows[0]["trial"] == "0"  # Completed trials first.
 
 
@@ -202,7 +219,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _distributed(records_dir, tmp_path, trials, worker_env=None, chief_args=()):
+def _distributed(records_dir, tmp_path, trials, worker_env=None, chief_args=(),
+                 names=("tuner1", "tuner2")):
     hparams, space = _files(tmp_path)
     out = str(tmp_path / "search")
     args = _search_args(records_dir, out, hparams, space, trials=trials)
@@ -214,9 +232,9 @@ def _distributed(records_dir, tmp_path, trials, worker_env=None, chief_args=()):
     workers = [_tclf("tune_command", *args,
                      env={**base, "KERASTUNER_TUNER_ID": name, **(worker_env or {}).get(name, {})},
                      popen=True)
-               for name in ("tuner1", "tuner2")]
+               for name in names]
     outputs = {}
-    for name, process in (("tuner1", workers[0]), ("tuner2", workers[1]), ("chief", chief)):
+    for name, process in (*zip(names, workers), ("chief", chief)):
         try:
             outputs[name] = process.communicate(timeout=600)[0]
         except subprocess.TimeoutExpired:
@@ -256,3 +274,26 @@ def test_the_chief_gives_a_dead_workers_trial_to_another(records_dir, tmp_path):
     assert sorted(r["trial"] for r in rows) == ["0", "1", "2"]
     assert all(r["status"] == "COMPLETED" for r in rows)
     assert {_trial_record(out, r["trial"])["tuner_id"] for r in rows} == {"tuner2"}
+
+
+@pytest.mark.slow
+def test_a_chief_left_without_workers_stops_and_a_restart_finishes_the_search(
+        records_dir, tmp_path):
+    # The only worker dies in the second trial: the chief gives it up after 5 s and, with no
+    # worker heard from for 5 s more, exits with a reason.
+    out, outputs = _distributed(
+        records_dir, tmp_path, trials=2, chief_args=("--worker-timeout", "5"),
+        worker_env={"tuner1": {"TCLF_KILL_AT": "tune.stage1_done:2"}}, names=("tuner1",))
+    assert outputs["tuner1 rc"] == -9
+    assert outputs["chief rc"] == 1, outputs
+    assert "its trial 1 goes back to the queue" in outputs["chief"]
+    assert "no worker heard from for 5 s" in outputs["chief"]
+    assert "Traceback" not in outputs["chief"]
+    first = _trial_record(out, "0")
+    # Started again, chief and worker finish the search: trial 1 runs, trial 0 does not.
+    out, outputs = _distributed(records_dir, tmp_path, trials=2, names=("tuner1",))
+    assert outputs["chief rc"] == 0 and outputs["tuner1 rc"] == 0, outputs
+    assert [line.split()[1] for line in outputs["tuner1"].splitlines()
+            if line.startswith("trial ")] == ["1"]
+    assert _trial_record(out, "0") == first
+    assert all(r["status"] == "COMPLETED" for r in _rows(out)) and len(_rows(out)) == 2
