@@ -664,9 +664,13 @@ def tune(base: TrainConfig, out_dir: str, *, kind: str = "random", max_trials: i
         keras.mixed_precision.set_global_policy(previous_policy)
 
 
-def _prepare(base: TrainConfig, progress: bool) -> _Shared:
-    """Devices, precision, the manifest and, with the stage-1 cache, the backbone's outputs."""
+def _prepare(base: TrainConfig, progress: bool, announce) -> _Shared:
+    """Devices, precision, the manifest and, with the stage-1 cache, the backbone's outputs;
+    ``announce(devices, precision)`` is called before the backbone pass."""
+    import logging
+
     import keras
+    import tensorflow as tf
 
     from tclf.backbone_cache import backbone_outputs
     from tclf.devices import configure_devices, resolve_precision
@@ -680,6 +684,9 @@ def _prepare(base: TrainConfig, progress: bool) -> _Shared:
     shared.precision = resolve_precision(base.precision, on_gpu)
     keras.mixed_precision.set_global_policy(shared.precision)
     shared.manifest = _training_manifest(base.records)
+    # Every trial builds and traces a new model: TensorFlow's "retracing" warnings say so.
+    tf.get_logger().setLevel(logging.ERROR)
+    announce(devices, shared.precision)
     shared.scratch = tempfile.mkdtemp(prefix="tclf-tune-")
     shared.stack.callback(storage.rmtree, shared.scratch)
     if base.stage1_cache:
@@ -704,7 +711,17 @@ def _run_trials(base, out_dir, space, kind, objective, max_trials, where, tuner_
     with contextlib.ExitStack() as stack:
         if where == "worker":  # From the start: the backbone pass may take long.
             stack.enter_context(_heartbeat(out_dir, tuner_id))
-        shared = _prepare(base, progress)
+
+        def announce(devices, precision):
+            if where == "local":
+                echo(f"search in {out_dir}: {kind}, {max_trials} trials, objective {objective}; "
+                     f"{devices}, {precision}")
+            else:
+                echo(f"worker {tuner_id}: {devices}, {precision}; the chief at "
+                     f"{os.environ['KERASTUNER_ORACLE_IP']}:"
+                     f"{os.environ['KERASTUNER_ORACLE_PORT']}")
+
+        shared = _prepare(base, progress, announce)
         stack.enter_context(shared.stack)
         hypermodel = make_hypermodel(base, space, shared, storage.join(out_dir, "logs"))
         quiet = io.StringIO()
@@ -717,10 +734,10 @@ def _run_trials(base, out_dir, space, kind, objective, max_trials, where, tuner_
             tuner._results = lambda: write_results(out_dir, tuner.oracle.trials, space, base,
                                                    objective)
             running = [t for t in tuner.oracle.trials.values() if t.status == "RUNNING"]
-            echo(f"search in {out_dir}: {kind}, {max_trials} trials, objective {objective}; "
-                 f"{done} trial(s) on record" + (
-                     f", {len(running)} to run again ({', '.join(t.trial_id for t in running)})"
-                     if running else "") + f"; {shared.devices}, {shared.precision}")
+            if done:
+                echo(f"resuming: {done} trial(s) on record" + (
+                    f", {len(running)} to run again ({', '.join(t.trial_id for t in running)})"
+                    if running else ""))
         else:
             settings = storage.join(out_dir, "settings.json")
             if storage.exists(settings) and (json.loads(json.dumps(
@@ -728,8 +745,6 @@ def _run_trials(base, out_dir, space, kind, objective, max_trials, where, tuner_
                     != storage.read_json(settings)):
                 raise InputError(f"worker {tuner_id}: its options differ from the chief's "
                                  f"({settings}); start every worker with the chief's options")
-            echo(f"worker {tuner_id}: searching with the chief at "
-                 f"{os.environ['KERASTUNER_ORACLE_IP']}:{os.environ['KERASTUNER_ORACLE_PORT']}")
         if where == "worker":
             _wait_when_idle(tuner.oracle)
         tuner.search(verbose=0)
