@@ -403,7 +403,8 @@ def _train(config: TrainConfig, resume: str | None) -> TrainResult:
 
     from tclf import data
     from tclf.checkpoints import Checkpoint
-    from tclf.model import build_model, save_model
+    from tclf.evaluate import evaluate_records
+    from tclf.model import save_model
 
     config.validate()
     started = time.time()
@@ -419,11 +420,7 @@ def _train(config: TrainConfig, resume: str | None) -> TrainResult:
 
     # --- Input pipeline ------------------------------------------------------------------------
     manifest = _training_manifest(config.records)
-    train_data = data.make_dataset(config.records, "train", config.batch_size, training=True,
-                                   image_size=config.image_size, cache=config.cache,
-                                   seed=config.seed, repeat=True)
-    val_data = data.make_dataset(config.records, "val", config.batch_size,
-                                 image_size=config.image_size, cache=config.cache)
+    train_data, val_data = make_datasets(config)
 
     # --- Version folder ------------------------------------------------------------------------
     weights = class_weights(manifest["splits"]["train"]["counts"], manifest["classes"])
@@ -434,14 +431,13 @@ def _train(config: TrainConfig, resume: str | None) -> TrainResult:
     try:
         # --- Model and the two stages ----------------------------------------------------------
         with strategy.scope():
-            model = build_model(len(manifest["classes"]), manifest["feature_mean"],
-                                manifest["feature_std"], feature_shape=manifest["feature_shape"],
-                                **config.model_options())
+            model = model_for(config, manifest)
             with data.naming_corrupt_shards(config.records):
                 run_schedule(model, train_data, val_data, config, run)
 
         # --- Reports ---------------------------------------------------------------------------
-        evaluation = _evaluate(model, config)
+        evaluation = evaluate_records(model, manifest["classes"], config.records, "val",
+                                      config.batch_size)
         write_report_set(run, evaluation)
 
         # --- The model last: its presence marks the folder complete ----------------------------
@@ -454,6 +450,27 @@ def _train(config: TrainConfig, resume: str | None) -> TrainResult:
     return TrainResult(run.folder, run.path("model.h5"), evaluation, run.stages,
                        time.time() - started, devices, precision, model,
                        strategy.num_replicas_in_sync)
+
+
+def make_datasets(config: TrainConfig):
+    """(training, validation) datasets of config.records, as both stages read them."""
+    from tclf import data
+
+    train_data = data.make_dataset(config.records, "train", config.batch_size, training=True,
+                                   image_size=config.image_size, cache=config.cache,
+                                   seed=config.seed, repeat=True)
+    val_data = data.make_dataset(config.records, "val", config.batch_size,
+                                 image_size=config.image_size, cache=config.cache)
+    return train_data, val_data
+
+
+def model_for(config: TrainConfig, manifest: dict):
+    """tclf.model.build_model with config's model options, for the records of ``manifest``."""
+    from tclf.model import build_model
+
+    return build_model(len(manifest["classes"]), manifest["feature_mean"],
+                       manifest["feature_std"], feature_shape=manifest["feature_shape"],
+                       **config.model_options())
 
 
 def _batch_split(batch_size: int, replicas: int) -> str:
@@ -492,19 +509,18 @@ def _training_manifest(records_dir: str) -> dict:
 def run_schedule(model, train_data, val_data, config: TrainConfig, run: RunFolder) -> None:
     """tclf-train's :func:`two_stages`: progress in the run's training_progress.txt, logs in
     its logs/, the checkpoint after every epoch, and the log rewritten after stage 1."""
-    two_stages(model, train_data, val_data, config, class_weight=run.class_weights,
-               steps_per_epoch=math.ceil(run.manifest["splits"]["train"]["records"]
-                                         / config.batch_size),
-               logs_dir=run.path("logs"), progress_path=run.path("training_progress.txt"),
-               checkpoint=run.checkpoint, scratch=run.folder, stages=run.stages,
+    two_stages(model, train_data, val_data, config, run.manifest, logs_dir=run.path("logs"),
+               progress_path=run.path("training_progress.txt"), checkpoint=run.checkpoint,
+               scratch=run.folder, stages=run.stages,
                after_stage1=run.write_log)
 
 
-def two_stages(model, train_data, val_data, config: TrainConfig, *, class_weight: dict,
-               steps_per_epoch: int, logs_dir: str, progress_path: str | None = None,
+def two_stages(model, train_data, val_data, config: TrainConfig, manifest: dict, *,
+               logs_dir: str, progress_path: str | None = None,
                callbacks=(), checkpoint=None, outputs=None, scratch: str | None = None,
                stages: list | None = None, after_stage1=None) -> list[StageResult]:
-    """The fixed schedule, as tclf-train and every tclf-tune trial run it: stage 1 (on the
+    """The fixed schedule, as tclf-train and every tclf-tune trial run it, with the class
+    weights and steps per epoch of ``manifest``'s training split: stage 1 (on the
     backbone's outputs with config.stage1_cache: ``outputs``, computed beforehand, or
     computed here with their scratch file in ``scratch``), then stage 2, each epoch logged to
     TensorBoard in ``logs_dir`` on one epoch axis (stage 2's epochs follow stage 1's) and
@@ -521,7 +537,9 @@ def two_stages(model, train_data, val_data, config: TrainConfig, *, class_weight
             own.insert(0, ProgressFile(progress_path, f"stage{stage}", lines))
         return [*own, *(OffsetEpochs(c, offset) if offset else c for c in callbacks)]
 
-    common = dict(steps_per_epoch=steps_per_epoch, class_weight=class_weight,
+    counts = manifest["splits"]["train"]
+    common = dict(steps_per_epoch=math.ceil(counts["records"] / config.batch_size),
+                  class_weight=class_weights(counts["counts"], manifest["classes"]),
                   verbose=config.verbose, checkpoint=checkpoint, progress=lines)
     stage1_options = dict(learning_rate=config.stage1_lr, epochs=config.stage1_epochs,
                           warmup_epochs=config.stage1_warmup_epochs,
@@ -567,12 +585,3 @@ def _cached_stage1(model, config: TrainConfig, options: dict, checkpoint, output
     return dataclasses.replace(result, started=min(result.started, cached.started),
                                seconds=result.seconds + cached.seconds,
                                prepare_seconds=cached.seconds)
-
-
-def _evaluate(model, config: TrainConfig):
-    from tclf.evaluate import evaluate_predictions, predict_records
-
-    probabilities, labels, track_ids = predict_records(model, config.records, "val",
-                                                       config.batch_size, config.image_size)
-    return evaluate_predictions(probabilities, labels, track_ids,
-                                schema.load_manifest(config.records)["classes"])

@@ -218,16 +218,19 @@ def _keras_tuner():
     return keras_tuner
 
 
+@dataclasses.dataclass
 class _Shared:
-    """What every trial of this process shares: the manifest, the datasets, the backbone's
-    weights and, with the stage-1 cache, its outputs."""
+    """What every trial of this process shares: the strategy, the precision, the manifest, a
+    scratch folder and, with the stage-1 cache, the backbone's weights and outputs (all
+    released by ``stack``)."""
 
-    def __init__(self, config: TrainConfig, strategy):
-        self.config, self.strategy = config, strategy
-        self.manifest = None
-        self.outputs = None
-        self.backbone_weights = None
-        self.stack = contextlib.ExitStack()
+    strategy: object
+    precision: str
+    manifest: dict
+    scratch: str
+    backbone_weights: list | None = None
+    outputs: object = None
+    stack: contextlib.ExitStack = dataclasses.field(default_factory=contextlib.ExitStack)
 
 
 def make_hypermodel(base: TrainConfig, space: dict, shared: _Shared, logs_dir: str):
@@ -242,19 +245,16 @@ def make_hypermodel(base: TrainConfig, space: dict, shared: _Shared, logs_dir: s
         def build(self, hp):
             import keras
 
-            from tclf.model import backbone_of, build_model
+            from tclf.model import backbone_of
+            from tclf.train import model_for
 
             declare(hp, space)
             config = self.trial_config(hp)
             config.validate()
             keras.mixed_precision.set_global_policy(shared.precision)
             keras.utils.set_random_seed(config.seed)
-            manifest = shared.manifest
             with shared.strategy.scope():
-                model = build_model(len(manifest["classes"]), manifest["feature_mean"],
-                                    manifest["feature_std"],
-                                    feature_shape=manifest["feature_shape"],
-                                    **config.model_options())
+                model = model_for(config, shared.manifest)
             if shared.backbone_weights is not None:  # The backbone the outputs came from.
                 backbone_of(model).set_weights(shared.backbone_weights)
             return model
@@ -273,34 +273,25 @@ def _fit_trial(config: TrainConfig, model, shared: _Shared, callbacks: list,
     import tensorflow as tf
 
     from tclf import data, train
-    from tclf.evaluate import evaluate_predictions, predict_records
+    from tclf.evaluate import evaluate_records
 
     keras_tuner = _keras_tuner()
     stages = []
-    train_data = data.make_dataset(config.records, "train", config.batch_size, training=True,
-                                   image_size=config.image_size, cache=config.cache,
-                                   seed=config.seed, repeat=True)
-    val_data = data.make_dataset(config.records, "val", config.batch_size,
-                                 image_size=config.image_size, cache=config.cache)
-    counts = shared.manifest["splits"]["train"]
+    train_data, val_data = train.make_datasets(config)
     try:
         with shared.strategy.scope(), data.naming_corrupt_shards(config.records):
             stages = train.two_stages(
-                model, train_data, val_data, config,
-                class_weight=train.class_weights(counts["counts"], shared.manifest["classes"]),
-                steps_per_epoch=math.ceil(counts["records"] / config.batch_size),
+                model, train_data, val_data, config, shared.manifest,
                 logs_dir=logs_dir, callbacks=[keras.callbacks.TerminateOnNaN(), *callbacks],
                 outputs=shared.outputs, scratch=shared.scratch, stages=stages,
                 after_stage1=lambda: (_check_finite(stages[-1], keras_tuner),
                                       faults.point("tune.stage1_done")))
             _check_finite(stages[-1], keras_tuner)
-            probabilities, labels, track_ids = predict_records(
-                model, config.records, "val", config.batch_size, config.image_size)
+            evaluation = evaluate_records(model, shared.manifest["classes"], config.records,
+                                          "val", config.batch_size)  # As tclf-train's run.
     except tf.errors.ResourceExhaustedError as error:
         raise keras_tuner.errors.FailedTrialError(
             f"out of memory: {error.message.strip().splitlines()[0]}") from None
-    evaluation = evaluate_predictions(probabilities, labels, track_ids,
-                                      shared.manifest["classes"])
     best = stages[-1].history["val_loss"]
     return {"val_track_accuracy": evaluation.track_accuracy,
             "val_track_macro_f1": evaluation.track_macro_f1,
@@ -674,28 +665,23 @@ def _prepare(base: TrainConfig, progress: bool, announce) -> _Shared:
 
     from tclf.backbone_cache import backbone_outputs
     from tclf.devices import configure_devices, resolve_precision
-    from tclf.model import backbone_of, build_model, freeze_backbone
-    from tclf.train import _training_manifest
+    from tclf.model import backbone_of, freeze_backbone
+    from tclf.train import _training_manifest, model_for
 
     strategy, devices, on_gpu = configure_devices(base.gpus, base.cpu_devices)
     base.validate_model_options()
-    shared = _Shared(base, strategy)
-    shared.devices = devices
-    shared.precision = resolve_precision(base.precision, on_gpu)
-    keras.mixed_precision.set_global_policy(shared.precision)
-    shared.manifest = _training_manifest(base.records)
+    precision = resolve_precision(base.precision, on_gpu)
+    keras.mixed_precision.set_global_policy(precision)
+    shared = _Shared(strategy, precision, _training_manifest(base.records),
+                     tempfile.mkdtemp(prefix="tclf-tune-"))
+    shared.stack.callback(storage.rmtree, shared.scratch)
     # Every trial builds and traces a new model: TensorFlow's "retracing" warnings say so.
     tf.get_logger().setLevel(logging.ERROR)
-    announce(devices, shared.precision)
-    shared.scratch = tempfile.mkdtemp(prefix="tclf-tune-")
-    shared.stack.callback(storage.rmtree, shared.scratch)
+    announce(devices, precision)
     if base.stage1_cache:
         keras.utils.set_random_seed(base.seed)
-        manifest = shared.manifest
         with strategy.scope():
-            model = build_model(len(manifest["classes"]), manifest["feature_mean"],
-                                manifest["feature_std"], feature_shape=manifest["feature_shape"],
-                                **base.model_options())
+            model = model_for(base, shared.manifest)
         freeze_backbone(model)
         shared.backbone_weights = backbone_of(model).get_weights()
         with strategy.scope():
