@@ -33,6 +33,9 @@ class CachedSplit:
     arrays: tuple | None = None  # (backbone outputs [N, 1280], features [N, 10, 68], labels [N])
     path: str | None = None
     shape: tuple = ()  # (1280, (10, 68)) for reading the scratch file.
+    # In a multi-worker run: how tf.distribute splits it between the workers, "OFF" for a
+    # worker's own share of the training records, "DATA" for the whole validation split.
+    sharding: str | None = None
 
     def dataset(self, batch_size: int, training: bool = False, seed: int | None = None):
         """({"backbone_output", "features"}, label) batches; training: shuffled, repeated."""
@@ -61,10 +64,16 @@ class CachedSplit:
         if training:
             data = data.shuffle(buffer, seed=seed, reshuffle_each_iteration=True).repeat()
         data = data.batch(batch_size)
-        if not training:
+        if not training and not self.sharding:
             data = data.apply(tf.data.experimental.assert_cardinality(
                 math.ceil(self.records / batch_size)))
-        return data.prefetch(tf.data.AUTOTUNE)
+        data = data.prefetch(tf.data.AUTOTUNE)
+        if self.sharding:
+            options = tf.data.Options()
+            options.experimental_distribute.auto_shard_policy = getattr(
+                tf.data.experimental.AutoShardPolicy, self.sharding)
+            data = data.with_options(options)
+        return data
 
 
 @dataclasses.dataclass
@@ -82,9 +91,15 @@ def record_bytes(width: int, feature_shape) -> int:
 
 @contextlib.contextmanager
 def backbone_outputs(model, records_dir: str, batch_size: int, image_size: int, folder: str,
-                     memory_mb: float = 2048.0, progress: bool = True):
+                     memory_mb: float = 2048.0, progress: bool = True,
+                     workers: tuple[int, int] | None = None):
     """Compute the backbone outputs of both splits of records_dir with ``model``'s backbone;
-    yield a BackboneOutputs; delete any scratch files in ``folder`` when the block ends."""
+    yield a BackboneOutputs; delete any scratch files in ``folder`` when the block ends.
+
+    In a multi-worker run (``workers`` = (count, index)) each worker computes, on its own
+    devices and with no collective, the outputs of the training records it reads in stage 2
+    (its shard files) and of the whole validation split; stage 1 then trains each worker on
+    its own share, as stage 2 does."""
     from tclf.model import backbone_of, image_encoder
 
     manifest = schema.load_manifest(records_dir)
@@ -99,7 +114,7 @@ def backbone_outputs(model, records_dir: str, batch_size: int, image_size: int, 
         step = _encode_step(image_encoder(model))
         splits = {side: _compute(step, records_dir, side, manifest, batch_size, image_size,
                                  width, feature_shape, None if in_memory else paths[side],
-                                 progress)
+                                 progress, workers)
                   for side in schema.SPLITS}
         yield BackboneOutputs(splits["train"], splits["val"], started, time.time() - started)
     finally:
@@ -125,13 +140,17 @@ def _encode_step(encoder):
     return step
 
 
-def _batches(step, dataset):
+def _batches(step, dataset, local: bool = False):
     """(backbone outputs, features, labels) as numpy arrays, one global batch at a time, in
     the dataset's order. Each batch is split over the strategy's replicas (the training
     devices) and gathered back in order; Keras' predict_on_batch would give every replica
-    the whole batch."""
+    the whole batch. ``local``: on this process's default device, without the strategy."""
     import tensorflow as tf
 
+    if local:
+        for inputs, label in dataset:
+            yield tuple(part.numpy() for part in step(inputs, label))
+        return
     strategy = tf.distribute.get_strategy()
     for inputs, label in strategy.experimental_distribute_dataset(dataset):
         parts = strategy.run(step, (inputs, label))
@@ -139,14 +158,23 @@ def _batches(step, dataset):
 
 
 def _compute(step, records_dir, split, manifest, batch_size, image_size, width,
-             feature_shape, path, progress) -> CachedSplit:
+             feature_shape, path, progress, workers=None) -> CachedSplit:
     import tensorflow as tf
     from tqdm import tqdm
 
     from tclf import data
 
     count = manifest["splits"][split]["records"]
-    dataset = data.make_dataset(records_dir, split, batch_size, image_size=image_size)
+    sharding = None
+    if workers and workers[0] > 1:  # The training split: this worker's shard files only.
+        mine = split == "train"
+        sharding = "OFF" if mine else "DATA"
+        if mine:
+            count = sum(s["records"] for s in manifest["splits"][split]["shards"]
+                        [workers[1]::workers[0]])
+    dataset = data.make_dataset(records_dir, split, batch_size, image_size=image_size,
+                                workers=workers if sharding == "OFF" else None,
+                                split_files=True)
     bar = tqdm(total=count, unit="record", desc=f"stage 1: backbone outputs ({split})",
                disable=not progress)
     done = 0
@@ -158,7 +186,8 @@ def _compute(step, records_dir, split, manifest, batch_size, image_size, width,
             labels = np.empty((count,), np.int32)
         else:
             writer = stack.enter_context(tf.io.TFRecordWriter(path))
-        for batch_outputs, batch_features, batch_labels in _batches(step, dataset):
+        for batch_outputs, batch_features, batch_labels in _batches(step, dataset,
+                                                                     local=bool(sharding)):
             n = len(batch_labels)
             if path is None:
                 outputs[done:done + n] = batch_outputs
@@ -172,8 +201,9 @@ def _compute(step, records_dir, split, manifest, batch_size, image_size, width,
             bar.update(n)
     bar.close()
     if path is None:
-        return CachedSplit(done, arrays=(outputs[:done], features[:done], labels[:done]))
-    return CachedSplit(done, path=path, shape=(width, feature_shape))
+        return CachedSplit(done, arrays=(outputs[:done], features[:done], labels[:done]),
+                           sharding=sharding)
+    return CachedSplit(done, path=path, shape=(width, feature_shape), sharding=sharding)
 
 
 def _example(output, features, label) -> bytes:

@@ -231,8 +231,9 @@ def train_command(hparams_file, quiet, resume, **options):
     """
     from click.core import ParameterSource
 
-    from tclf import train, versions
+    from tclf import cluster as clusters, train, versions
 
+    cluster = clusters.from_env()
     context = click.get_current_context()
     given = {k: v for k, v in options.items()
              if context.get_parameter_source(k) != ParameterSource.DEFAULT}
@@ -249,16 +250,38 @@ def train_command(hparams_file, quiet, resume, **options):
         values = train.load_hparams(hparams_file) if hparams_file else {}
         values.update(given if hparams_file else {**options, **given})
         config, folder = train.TrainConfig().replace(**values), None
-        for unfinished in versions.unfinished_runs(config.models)[:3]:
+        for unfinished in ([] if cluster and not cluster.is_chief
+                           else versions.unfinished_runs(config.models)[:3]):
             click.echo(f"note: {unfinished} did not finish; `tclf-train --resume "
                        f"{os.path.basename(unfinished)} --models-dir {config.models}` continues "
                        f"it (a new run starts now)", err=True)
     result = train.train(config, resume=folder)
     minutes, seconds = divmod(result.seconds, 60)
-    click.echo(f"trained {result.version_dir} in {int(minutes)} min {seconds:.0f} s on "
-               f"{result.devices} ({result.precision}): validation accuracy "
-               f"{result.evaluation.segment_accuracy:.3f} (segments), "
-               f"{result.evaluation.track_accuracy:.3f} (tracks)")
+    took = f"in {int(minutes)} min {seconds:.0f} s on {result.devices} ({result.precision})"
+    if result.version_dir is None:  # A worker of a cluster, not its chief: it wrote nothing.
+        click.echo(f"{cluster.name}: trained {took}; the chief wrote the version folder; "
+                   f"weights {result.fingerprint}")
+    else:
+        click.echo(f"trained {result.version_dir} {took}: validation accuracy "
+                   f"{result.evaluation.segment_accuracy:.3f} (segments), "
+                   f"{result.evaluation.track_accuracy:.3f} (tracks)"
+                   + (f"; weights {result.fingerprint}" if cluster else ""))
+    if cluster:
+        _leave_cluster(cluster)
+
+
+def _leave_cluster(cluster) -> None:
+    """End a worker of a finished cluster run now. A normal exit tears TensorFlow down slowly
+    while the chief, which runs the cluster's coordination service, may already be gone:
+    the other workers then log that they lost it. So the workers leave at once and the
+    chief a second later."""
+    import time
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if cluster.is_chief:
+        time.sleep(1.0)
+    os._exit(0)
 
 
 @click.command(context_settings={"show_default": True, "help_option_names": ["-h", "--help"]})
@@ -289,7 +312,7 @@ def train_command(hparams_file, quiet, resume, **options):
               help="Distributed search, chief: seconds without a worker's heartbeat (written "
                    "every 15 s) after which its trial goes back to the queue.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar for the backbone pass.")
-@_train_options(exclude=("models",))
+@_train_options(exclude=("models", "cluster_timeout"))
 @command
 def tune_command(out_dir, kind, max_trials, objective, space_file, hparams_file, overwrite,
                  worker_timeout, quiet, **options):

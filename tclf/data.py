@@ -56,7 +56,9 @@ def make_dataset(records_dir: str, split: str = "train", batch_size: int = 32,
                  training: bool = False, image_size: int | None = None, cache: bool | str = False,
                  include_track_id: bool = False, shuffle_buffer: int = 256,
                  seed: int | None = None, repeat: bool = False, drop_remainder: bool = False,
-                 options: tf.data.Options | None = None) -> tf.data.Dataset:
+                 options: tf.data.Options | None = None, workers: tuple[int, int] | None = None,
+                 data_service: str | None = None,
+                 split_files: bool | None = None) -> tf.data.Dataset:
     """A batched, prefetched dataset over one split of RECORDS_DIR.
 
     Parameters
@@ -83,6 +85,17 @@ def make_dataset(records_dir: str, split: str = "train", batch_size: int = 32,
         about 130 kB at level 3; ~268 kB decoded) and start-up time.
     repeat : bool
         Repeat forever, as one continuous stream (use with steps_per_epoch).
+    workers : (count, index), optional
+        A multi-worker run (tclf.cluster): with ``training``, this worker reads every
+        count-th shard file from the index-th on (a split needs at least ``count`` shards);
+        otherwise every worker reads the whole split and tf.distribute keeps every count-th
+        batch (its DATA sharding). ``split_files`` (default: ``training``) says which.
+    data_service : str, optional
+        A tf.data service dispatcher ("grpc://host:port", tclf-data-service): its workers
+        read and decode, each taking shard files as they ask for more
+        ("distributed_epoch"), and this process receives the batches. With ``workers``,
+        the cluster's tasks share one job, so each batch goes to one of them. The
+        service's workers must be able to open the records path.
 
     Returns
     -------
@@ -97,6 +110,15 @@ def make_dataset(records_dir: str, split: str = "train", batch_size: int = 32,
             raise CorruptRecordsError(f"{path}: {tf.io.gfile.stat(path).length} bytes, the "
                                       f"manifest says {shard['bytes']} (truncated or replaced?); "
                                       f"re-run tclf-pack")
+    split_files = training if split_files is None else split_files
+    options = _distribution_options(options, split_files, workers, data_service)
+    if workers and workers[0] > 1 and split_files and not data_service:
+        count, index = workers
+        if len(files) < count:
+            raise InputError(f"{records_dir}: split {split!r} has {len(files)} shard file(s) "
+                             f"for {count} workers; every worker reads its own shard files, so "
+                             f"re-pack with --min-shards {count} or more")
+        files = files[index::count]
     feature_shape = manifest["feature_shape"]
     stored_size = manifest["image_size"][0]
     resize_to = image_size if image_size and image_size != stored_size else None
@@ -128,15 +150,56 @@ def make_dataset(records_dir: str, split: str = "train", batch_size: int = 32,
             dataset = dataset.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
     dataset = dataset.batch(batch_size, drop_remainder=drop_remainder,
                             num_parallel_calls=AUTOTUNE, deterministic=not training)
-    if not repeat:  # Known length: Keras' progress bars and epoch ends rely on it.
+    # Known length: Keras' progress bars and epoch ends rely on it. (Not in a multi-worker run:
+    # tf.distribute splits the batches, and the assertion would count them after the split.)
+    if not repeat and not (workers and workers[0] > 1):
         records_in_split = manifest["splits"][split]["records"]
         batches = (records_in_split // batch_size if drop_remainder
                    else math.ceil(records_in_split / batch_size))
         dataset = dataset.apply(tf.data.experimental.assert_cardinality(batches))
+    if data_service:
+        dataset = dataset.apply(tf.data.experimental.service.distribute(
+            processing_mode="distributed_epoch", service=service_address(data_service),
+            job_name=_service_job(workers, split, seed)))
     dataset = dataset.prefetch(AUTOTUNE)
     if options is not None:
         dataset = dataset.with_options(options)
     return dataset
+
+
+def service_address(address: str) -> str:
+    """A dispatcher's address as tf.data wants it: grpc://host:port."""
+    address = address.strip()
+    if not re.fullmatch(r"(grpc://)?[^\s:/]+:\d+", address):
+        raise InputError(f"--data-service {address!r}: expected the dispatcher's host:port, "
+                         f"e.g. grpc://10.0.0.5:5050")
+    return address if address.startswith("grpc://") else f"grpc://{address}"
+
+
+def _service_job(workers, split: str, seed) -> str | None:
+    """One shared job for the tasks of a cluster (each batch to one of them); alone, an
+    anonymous job of this process."""
+    if not workers or workers[0] <= 1:
+        return None
+    import hashlib
+    import os
+
+    cluster = hashlib.sha256(os.environ.get("TF_CONFIG", "").encode()).hexdigest()[:12]
+    return f"tclf-{split}-{cluster}-{seed}"
+
+
+def _distribution_options(options, split_files: bool, workers,
+                          data_service) -> tf.data.Options:
+    """How tf.distribute splits the dataset between workers: not at all where this module
+    has split it (a worker's own shard files, or the tf.data service's shared job); else
+    by batches (DATA), in the records' fixed order."""
+    if not workers or workers[0] <= 1:
+        return options
+    options = options or tf.data.Options()
+    policy = tf.data.experimental.AutoShardPolicy
+    options.experimental_distribute.auto_shard_policy = (
+        policy.OFF if split_files or data_service else policy.DATA)
+    return options
 
 
 def _records_of(path: tf.Tensor) -> tf.data.Dataset:

@@ -15,8 +15,13 @@ from tclf import InputError
 PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
 
 
-def configure_devices(gpus: str = "all", cpu_devices: int = 1):
+def configure_devices(gpus: str = "all", cpu_devices: int = 1, cluster=None,
+                      worker_timeout: float = 600.0):
     """Pick the distribution strategy for `--gpus` (and `--cpu-devices`).
+
+    With a ``cluster`` (tclf.cluster, from TF_CONFIG): MultiWorkerMirroredStrategy over the
+    cluster's workers, each training on its GPUs as chosen by ``gpus`` (the same number on
+    every worker) or on its CPU, its collectives bounded by ``worker_timeout`` seconds.
 
     "all": every visible GPU (MirroredStrategy; one GPU: that GPU; none: CPU).
     "none": CPU only. "0,1": those GPUs. Must run before TensorFlow touches a device.
@@ -34,6 +39,8 @@ def configure_devices(gpus: str = "all", cpu_devices: int = 1):
 
     if cpu_devices < 1:
         raise InputError(f"--cpu-devices must be >= 1, got {cpu_devices}")
+    if cluster is not None:
+        return _cluster_strategy(gpus, cpu_devices, cluster, worker_timeout)
     physical = tf.config.list_physical_devices("GPU")
     spec = str(gpus).strip().lower()
     if spec == "none":
@@ -76,6 +83,39 @@ def configure_devices(gpus: str = "all", cpu_devices: int = 1):
         return tf.distribute.OneDeviceStrategy(logical[0]), f"1 GPU ({names})", True
     return (tf.distribute.MirroredStrategy(logical),
             f"{len(chosen)} GPUs, MirroredStrategy ({names})", True)
+
+
+def _cluster_strategy(gpus: str, cpu_devices: int, cluster, worker_timeout: float):
+    import tensorflow as tf
+
+    from tclf.cluster import make_strategy
+
+    if cpu_devices > 1:
+        raise InputError(f"--cpu-devices {cpu_devices}: a multi-worker run (TF_CONFIG) trains "
+                         f"on one CPU device per worker; leave --cpu-devices at 1")
+    physical = tf.config.list_physical_devices("GPU")
+    spec = str(gpus).strip().lower()
+    if spec == "none":
+        chosen = []
+    elif spec == "all":
+        chosen = physical
+    else:
+        try:
+            chosen = [physical[int(i)] for i in spec.split(",") if i.strip()]
+        except (ValueError, IndexError):
+            raise InputError(f"--gpus {gpus}: this worker has {len(physical)} GPU(s)") from None
+    if physical:
+        tf.config.set_visible_devices(chosen, "GPU")
+    for device in chosen:
+        try:
+            tf.config.experimental.set_memory_growth(device, True)
+        except (ValueError, RuntimeError):
+            pass
+    strategy = make_strategy(cluster, worker_timeout)
+    where = f"{len(chosen)} GPU(s) each" if chosen else "the CPU"
+    return (strategy, f"{cluster.workers} workers on {where}, MultiWorkerMirroredStrategy "
+                      f"(this is {cluster.name}{', the chief' if cluster.is_chief else ''})",
+            bool(chosen))
 
 
 def _cpu_strategy(cpu_devices: int, why: str):

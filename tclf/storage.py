@@ -67,6 +67,25 @@ def rmtree(path: str, ignore_errors: bool = False) -> None:
             raise
 
 
+def copytree(source: str, target: str, exclude=()) -> None:
+    """Copy the folder ``source`` to the local folder ``target`` (new), leaving out the
+    names in ``exclude``; ``source`` may be remote."""
+    if not is_remote(source):
+        shutil.copytree(source, target, ignore=lambda _, names: [n for n in names
+                                                                 if n in exclude])
+        return
+    os.makedirs(target)
+    for name in listdir(source):
+        if name in exclude:
+            continue
+        path = join(source, name)
+        if _gfile().isdir(path):
+            copytree(path, os.path.join(target, name), exclude)
+        else:
+            with open(os.path.join(target, name), "wb") as f:
+                f.write(read_bytes(path))
+
+
 def read_bytes(path: str) -> bytes:
     if is_remote(path):
         with _gfile().GFile(path, "rb") as f:

@@ -22,6 +22,7 @@ import math
 import numbers
 import os
 import time
+import warnings
 
 from tclf import InputError, schema, storage
 from tclf.devices import PRECISIONS, configure_devices, resolve_precision
@@ -65,6 +66,14 @@ class TrainConfig:
         "Side of the square spectrogram input; records are resized if it differs from 299.")
     batch_size: int = option(32, "Global batch size: with N GPUs each gets batch_size / N.")
     seed: int = option(0, "Seed of weights initialization and data order.")
+    data_service: str = option(
+        "",
+        "host:port of a tf.data service dispatcher (tclf-data-service): its workers read and "
+        "decode the training records instead of this process (README: Training on a cluster).")
+    cluster_timeout: float = option(
+        600.0,
+        "Multi-worker runs (TF_CONFIG): seconds a worker waits for the others (at start-up, at "
+        "every step's all-reduce, at the end) before the whole run fails.")
     cache: bool = option(
         False,
         "Keep decoded training examples in memory after the first epoch (about 270 kB per "
@@ -352,6 +361,8 @@ class TrainResult:
     precision: str
     model: object = None  # The trained keras.Model.
     replicas: int = 1  # Devices the global batch was split over.
+    cluster: object = None  # tclf.cluster.Cluster of a multi-worker run.
+    fingerprint: str = ""  # weights_fingerprint of the trained model.
 
 
 def train(config: TrainConfig, resume: str | None = None) -> TrainResult:
@@ -374,7 +385,7 @@ def train(config: TrainConfig, resume: str | None = None) -> TrainResult:
 
 # What `--resume` lets a user change: where and how verbosely the run continues, never what
 # it computes. The precision is the one the run resolved when it started.
-RESUME_OPTIONS = ("models", "gpus", "cpu_devices", "verbose")
+RESUME_OPTIONS = ("models", "gpus", "cpu_devices", "verbose", "data_service", "cluster_timeout")
 
 
 def resume_config(models_dir: str, which: str | None = None,
@@ -382,15 +393,20 @@ def resume_config(models_dir: str, which: str | None = None,
     """The config and folder of the unfinished run ``which`` (vN, N or a folder; None: the
     newest) in models_dir, read from its checkpoint, with ``overrides`` of RESUME_OPTIONS."""
     from tclf.checkpoints import Checkpoint
+    from tclf.cluster import from_env
     from tclf.versions import find_resumable
 
+    if which is None and from_env():
+        raise InputError("--resume in a multi-worker run (TF_CONFIG): name the run, e.g. "
+                         "--resume v3, the same on every worker")
     folder = find_resumable(models_dir, which)
     checkpoint = Checkpoint.load(folder)
     fixed = sorted(set(overrides) - set(RESUME_OPTIONS))
     if fixed:
         raise InputError(f"--resume continues {folder} with the options it started with; "
                          f"these cannot change: {', '.join(n.replace('_', '-') for n in fixed)}"
-                         f" (allowed: --gpus, --cpu-devices, --models-dir, --verbose/-q)")
+                         f" (allowed: --gpus, --cpu-devices, --models-dir, --verbose/-q, "
+                         f"--data-service, --cluster-timeout)")
     config = TrainConfig().replace(**checkpoint.config)
     # The folders as found now, not as typed when the run started (another working folder).
     where = {"models": os.path.dirname(folder.rstrip("/")) or ".",
@@ -399,19 +415,67 @@ def resume_config(models_dir: str, which: str | None = None,
 
 
 def _train(config: TrainConfig, resume: str | None) -> TrainResult:
-    import keras
+    from tclf import cluster as clusters
 
-    from tclf import data
+    cluster = clusters.from_env()
+    if cluster is None or cluster.is_chief:
+        return _train_here(config, resume, cluster)
+    # A worker other than the chief trains in a private folder that nobody would take for
+    # results (a resumed run: a copy of the chief's), and removes it at the end.
+    import tempfile
+
+    private = tempfile.mkdtemp(prefix=f"tclf-{cluster.task_type}{cluster.task_id}-")
+    try:
+        if resume:
+            copy = os.path.join(private, os.path.basename(resume.rstrip("/")))
+            storage.copytree(resume, copy, exclude=(".lock",))
+            resume = copy
+        return _train_here(config.replace(models=private), resume, cluster)
+    finally:
+        storage.rmtree(private, ignore_errors=True)
+
+
+def _train_here(config: TrainConfig, resume: str | None, cluster) -> TrainResult:
+    import tensorflow as tf
+
+    from tclf import cluster as clusters
+
+    config.validate()
+    started = time.time()
+    strategy, devices, on_gpu = configure_devices(config.gpus, config.cpu_devices, cluster,
+                                                  config.cluster_timeout)
+    if cluster is None:
+        return _run(config, resume, strategy, devices, on_gpu, started, None)
+    try:
+        with warnings.catch_warnings():
+            # Keras warns at the end of every validation pass of unknown length, which
+            # tf.distribute's split of the validation batches between the workers makes it.
+            warnings.filterwarnings("ignore", message="Your input ran out of data")
+            result = _run(config, resume, strategy, devices, on_gpu, started, cluster)
+        # Every worker waits here until the chief has written the version folder: a worker
+        # that left earlier would look dead to the others.
+        clusters.barrier("tclf-train-done", config.cluster_timeout)
+        return result
+    except tf.errors.OpError as error:
+        if clusters.is_lost_worker(error):
+            raise clusters.lost_worker(error, cluster, "finishing") from error
+        raise
+
+
+def _run(config: TrainConfig, resume: str | None, strategy, devices: str, on_gpu: bool,
+         started: float, cluster) -> TrainResult:
+    import keras
+    import tensorflow as tf
+
+    from tclf import cluster as clusters, data
     from tclf.checkpoints import Checkpoint
     from tclf.evaluate import evaluate_records
     from tclf.model import save_model
 
-    config.validate()
-    started = time.time()
     checkpoint = Checkpoint.load(resume) if resume else None
+    writes = cluster is None or cluster.is_chief
 
     # --- Devices, precision, seeds -------------------------------------------------------------
-    strategy, devices, on_gpu = configure_devices(config.gpus, config.cpu_devices)
     config.validate_model_options()
     devices += _batch_split(config.batch_size, strategy.num_replicas_in_sync)
     precision = resolve_precision(config.precision, on_gpu)
@@ -420,7 +484,7 @@ def _train(config: TrainConfig, resume: str | None) -> TrainResult:
 
     # --- Input pipeline ------------------------------------------------------------------------
     manifest = _training_manifest(config.records)
-    train_data, val_data = make_datasets(config)
+    train_data, val_data = make_datasets(config, cluster)
 
     # --- Version folder ------------------------------------------------------------------------
     weights = class_weights(manifest["splits"]["train"]["counts"], manifest["classes"])
@@ -433,34 +497,59 @@ def _train(config: TrainConfig, resume: str | None) -> TrainResult:
         with strategy.scope():
             model = model_for(config, manifest)
             with data.naming_corrupt_shards(config.records):
-                run_schedule(model, train_data, val_data, config, run)
+                run_schedule(model, train_data, val_data, config, run,
+                             (cluster.workers, cluster.index) if cluster else None)
+        evaluation = None
+        if writes:
+            # --- Reports -----------------------------------------------------------------------
+            evaluation = evaluate_records(model, manifest["classes"], config.records, "val",
+                                          config.batch_size)
+            write_report_set(run, evaluation)
 
-        # --- Reports ---------------------------------------------------------------------------
-        evaluation = evaluate_records(model, manifest["classes"], config.records, "val",
-                                      config.batch_size)
-        write_report_set(run, evaluation)
-
-        # --- The model last: its presence marks the folder complete ----------------------------
-        save_model(model, run.path("model.h5"), manifest["classes"], run.record(evaluation))
-        storage.publish(run.path("model.h5"), storage.join(config.models, "latest.h5"))
-        run.complete()
+            # --- The model last: its presence marks the folder complete ------------------------
+            save_model(model, run.path("model.h5"), manifest["classes"], run.record(evaluation))
+            storage.publish(run.path("model.h5"), storage.join(config.models, "latest.h5"))
+            run.complete()
     except BaseException as error:
+        if cluster and isinstance(error, tf.errors.OpError) and clusters.is_lost_worker(error):
+            error = clusters.lost_worker(error, cluster, resume=(
+                f"--resume {run.name}" if writes else "--resume vN (the chief's run folder)"))
+            run.fail(error)
+            raise error from None
         run.fail(error)
         raise
-    return TrainResult(run.folder, run.path("model.h5"), evaluation, run.stages,
-                       time.time() - started, devices, precision, model,
-                       strategy.num_replicas_in_sync)
+    return TrainResult(run.folder if writes else None, run.path("model.h5") if writes else None,
+                       evaluation, run.stages, time.time() - started, devices, precision, model,
+                       strategy.num_replicas_in_sync, cluster, weights_fingerprint(model))
 
 
-def make_datasets(config: TrainConfig):
-    """(training, validation) datasets of config.records, as both stages read them."""
+def weights_fingerprint(model) -> str:
+    """A short hash of the model's weights, in order: equal on every worker of a cluster run
+    (tclf-train prints it on each), and equal to that of the model.h5 it wrote."""
+    import hashlib
+
+    import numpy as np
+
+    digest = hashlib.sha256()
+    for array in model.get_weights():
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def make_datasets(config: TrainConfig, cluster=None):
+    """(training, validation) datasets of config.records, as both stages read them; in a
+    multi-worker run (``cluster``), the training records split between the workers by shard
+    file and the validation batches by tf.distribute."""
     from tclf import data
 
+    workers = (cluster.workers, cluster.index) if cluster else None
     train_data = data.make_dataset(config.records, "train", config.batch_size, training=True,
                                    image_size=config.image_size, cache=config.cache,
-                                   seed=config.seed, repeat=True)
+                                   seed=config.seed, repeat=True, workers=workers,
+                                   data_service=config.data_service or None)
     val_data = data.make_dataset(config.records, "val", config.batch_size,
-                                 image_size=config.image_size, cache=config.cache)
+                                 image_size=config.image_size, cache=config.cache,
+                                 workers=workers)
     return train_data, val_data
 
 
@@ -506,26 +595,30 @@ def _training_manifest(records_dir: str) -> dict:
     return manifest
 
 
-def run_schedule(model, train_data, val_data, config: TrainConfig, run: RunFolder) -> None:
+def run_schedule(model, train_data, val_data, config: TrainConfig, run: RunFolder,
+                 workers: tuple[int, int] | None = None) -> None:
     """tclf-train's :func:`two_stages`: progress in the run's training_progress.txt, logs in
     its logs/, the checkpoint after every epoch, and the log rewritten after stage 1."""
     two_stages(model, train_data, val_data, config, run.manifest, logs_dir=run.path("logs"),
                progress_path=run.path("training_progress.txt"), checkpoint=run.checkpoint,
                scratch=run.folder, stages=run.stages,
-               after_stage1=run.write_log)
+               after_stage1=run.write_log, workers=workers)
 
 
 def two_stages(model, train_data, val_data, config: TrainConfig, manifest: dict, *,
                logs_dir: str, progress_path: str | None = None,
                callbacks=(), checkpoint=None, outputs=None, scratch: str | None = None,
-               stages: list | None = None, after_stage1=None) -> list[StageResult]:
+               stages: list | None = None, after_stage1=None,
+               workers: tuple[int, int] | None = None) -> list[StageResult]:
     """The fixed schedule, as tclf-train and every tclf-tune trial run it, with the class
     weights and steps per epoch of ``manifest``'s training split: stage 1 (on the
     backbone's outputs with config.stage1_cache: ``outputs``, computed beforehand, or
     computed here with their scratch file in ``scratch``), then stage 2, each epoch logged to
     TensorBoard in ``logs_dir`` on one epoch axis (stage 2's epochs follow stage 1's) and
     to ``progress_path``. ``callbacks`` go to both stages, stage 2's with its epochs
-    numbered after stage 1's. Returns ``stages`` with the two StageResults appended."""
+    numbered after stage 1's. ``workers`` (count, index): a multi-worker run, each worker
+    computing the outputs of its own training records. Returns ``stages`` with the two
+    StageResults appended."""
     from tclf.callbacks import OffsetEpochs, ProgressFile, StageTensorBoard
 
     stages = [] if stages is None else stages
@@ -547,7 +640,7 @@ def two_stages(model, train_data, val_data, config: TrainConfig, manifest: dict,
                           **common)
     if config.stage1_cache:
         stages.append(_cached_stage1(model, config, stage1_options, checkpoint, outputs,
-                                     scratch))
+                                     scratch, workers))
     else:
         stages.append(stage1(model, train_data, val_data, **stage1_options))
     if after_stage1:
@@ -562,7 +655,7 @@ def two_stages(model, train_data, val_data, config: TrainConfig, manifest: dict,
 
 
 def _cached_stage1(model, config: TrainConfig, options: dict, checkpoint, outputs,
-                   scratch: str | None) -> StageResult:
+                   scratch: str | None, workers=None) -> StageResult:
     """Stage 1 on the backbone's outputs (tclf.backbone_cache): ``outputs`` if given (a
     search computes them once for all its trials), else computed here, and then stage 1's
     time includes the pass. A resumed run whose stage 1 had finished skips the pass."""
@@ -579,7 +672,7 @@ def _cached_stage1(model, config: TrainConfig, options: dict, checkpoint, output
                       outputs.val.dataset(config.batch_size), **options)
     with backbone_outputs(model, config.records, config.batch_size, config.image_size,
                           scratch, config.stage1_cache_mb,
-                          progress=config.verbose > 0) as cached:
+                          progress=config.verbose > 0, workers=workers) as cached:
         result = stage1(heads, cached.train.dataset(config.batch_size, True, config.seed),
                         cached.val.dataset(config.batch_size), **options)
     return dataclasses.replace(result, started=min(result.started, cached.started),

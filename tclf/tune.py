@@ -668,6 +668,11 @@ def _prepare(base: TrainConfig, progress: bool, announce) -> _Shared:
     from tclf.model import backbone_of, freeze_backbone
     from tclf.train import _training_manifest, model_for
 
+    from tclf.cluster import from_env
+
+    if from_env():
+        raise InputError("tclf-tune does not train across a TF_CONFIG cluster: unset TF_CONFIG "
+                         "(a distributed search runs one trial per worker; README: tclf-tune)")
     strategy, devices, on_gpu = configure_devices(base.gpus, base.cpu_devices)
     base.validate_model_options()
     precision = resolve_precision(base.precision, on_gpu)

@@ -1,0 +1,243 @@
+"""Training on several machines: TF_CONFIG, MultiWorkerMirroredStrategy and who writes.
+
+When the environment variable TF_CONFIG describes a cluster of more than one training task
+(jobs "chief" and "worker"), every task runs the same `tclf-train` command and TensorFlow's
+MultiWorkerMirroredStrategy keeps their weights in step (one all-reduce of the gradients per
+step). This module holds what tclf adds around it:
+
+- :func:`from_env` reads TF_CONFIG without starting TensorFlow;
+- :func:`make_strategy` creates the strategy with a timeout on every collective and on
+  the start-up wait, so a worker that dies or never comes makes the others fail instead of
+  waiting forever;
+- :func:`patch_keras` works around Keras 3.15's two multi-worker bugs;
+- :func:`lost_worker` turns TensorFlow's errors after a worker loss into one clear line.
+
+The chief (task "chief", or "worker" 0 when there is no chief) alone writes the version
+folder, the reports and latest.h5; the other workers train in a private temporary folder
+that is removed when they finish (tclf.train).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import sys
+
+from tclf import InputError, RunError
+
+TRAINING_JOBS = ("chief", "worker")
+
+
+@dataclasses.dataclass(frozen=True)
+class Cluster:
+    """This process's place in the cluster TF_CONFIG describes."""
+
+    task_type: str
+    task_id: int
+    workers: int  # Training tasks: the chief and the workers.
+    index: int  # This task's input pipeline: 0 the chief, then the workers in order.
+    is_chief: bool
+
+    @property
+    def name(self) -> str:
+        return f"{self.task_type} {self.task_id}"
+
+
+def from_env(environ=None) -> Cluster | None:
+    """The cluster in TF_CONFIG, or None when there is none (or only one training task)."""
+    raw = (os.environ if environ is None else environ).get("TF_CONFIG", "").strip()
+    if not raw:
+        return None
+    try:
+        config = json.loads(raw)
+        cluster, task = config.get("cluster") or {}, config.get("task") or {}
+        task_type, task_id = task.get("type"), int(task.get("index", 0))
+        counts = {job: len(cluster.get(job) or []) for job in TRAINING_JOBS}
+    except (ValueError, TypeError, AttributeError) as error:
+        raise InputError(f"TF_CONFIG is not a valid cluster description ({error}); expected "
+                         f'{{"cluster": {{"worker": ["host:port", ...]}}, '
+                         f'"task": {{"type": "worker", "index": 0}}}}') from None
+    other = sorted(set(cluster) - set(TRAINING_JOBS))
+    if other:
+        raise InputError(f"TF_CONFIG: jobs {other} are not supported; tclf-train's clusters "
+                         f"have a \"worker\" job (and optionally one \"chief\")")
+    if counts["chief"] > 1:
+        raise InputError(f"TF_CONFIG: {counts['chief']} chiefs; a cluster has at most one")
+    total = sum(counts.values())
+    if total <= 1:
+        return None
+    if task_type not in TRAINING_JOBS or not 0 <= task_id < counts.get(task_type, 0):
+        raise InputError(f"TF_CONFIG: task {task_type!r} {task_id} is not in the cluster "
+                         f"(it has {counts['chief']} chief and {counts['worker']} worker(s))")
+    has_chief = counts["chief"] == 1
+    index = 0 if task_type == "chief" else task_id + has_chief
+    return Cluster(task_type, task_id, total, index, is_chief=index == 0)
+
+
+def make_strategy(cluster: Cluster, timeout_seconds: float):
+    """MultiWorkerMirroredStrategy for TF_CONFIG, every collective (gradients, metrics, the
+    final barrier) and the start-up wait for the other workers bounded by
+    ``timeout_seconds``. Must run before anything else uses TensorFlow."""
+    import tensorflow as tf
+    from tensorflow.compiler.xla.tsl.protobuf import coordination_config_pb2
+    from tensorflow.python.distribute import multi_worker_util
+    from tensorflow.python.eager import context
+
+    patch_keras()
+    resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()
+    spec = resolver.cluster_spec()
+    milliseconds = int(timeout_seconds * 1000)
+    # The coordination service as the strategy would configure it, with two of its
+    # timeouts set: registration (a worker that never starts) and the shutdown barrier
+    # (a worker that dies at the end). Its heartbeat (10 s) detects a dead worker.
+    context.context().configure_coordination_service(
+        service_type="standalone",
+        service_leader=multi_worker_util.coordination_leader(spec),
+        cluster_register_timeout_in_ms=milliseconds,
+        shutdown_barrier_timeout_in_ms=milliseconds,
+        coordinated_jobs=[coordination_config_pb2.CoordinatedJob(
+            name=job, num_tasks=spec.num_tasks(job))
+            for job in TRAINING_JOBS if job in spec.jobs])
+    options = tf.distribute.experimental.CommunicationOptions(timeout_seconds=timeout_seconds)
+    # TensorFlow waits for every task at start-up without a bound (the registration timeout
+    # above does not end that wait in TF 2.21), in C++ that holds the GIL: no Python thread
+    # or signal handler runs meanwhile. A watchdog process ends the wait.
+    addresses = ", ".join(f"{job} {i} at {address}" for job in TRAINING_JOBS
+                          if job in spec.jobs for i, address in enumerate(spec.job_tasks(job)))
+    watchdog = _watchdog(timeout_seconds, (
+        f"the cluster did not come together within {timeout_seconds:g} s (--cluster-timeout): "
+        f"{cluster.name} waited for the others ({addresses}); start every worker with the "
+        f"same TF_CONFIG cluster and check that their ports are reachable"))
+    try:
+        return tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver=resolver,
+                                                         communication_options=options)
+    except tf.errors.OpError as error:
+        raise lost_worker(error, cluster, "starting") from None
+    finally:
+        watchdog.kill()
+        watchdog.wait()
+
+
+_WATCHDOG = """
+import os, signal, sys, time
+parent, deadline = int(sys.argv[1]), time.monotonic() + float(sys.argv[2])
+while time.monotonic() < deadline:
+    time.sleep(0.2)
+    if os.getppid() != parent:
+        sys.exit(0)
+sys.stderr.write("Error: RunError: " + sys.argv[3] + "\\n")
+sys.stderr.flush()
+os.kill(parent, signal.SIGKILL)
+"""
+
+
+def _watchdog(seconds: float, message: str):
+    """A small process that prints ``message`` and kills this one after ``seconds``, unless
+    killed first."""
+    import subprocess
+
+    return subprocess.Popen([sys.executable, "-c", _WATCHDOG, str(os.getpid()), str(seconds),
+                             message], stdin=subprocess.DEVNULL)
+
+
+def barrier(name: str, timeout_seconds: float) -> None:
+    """Wait until every task of the cluster reaches this point (the coordination service's
+    barrier): the end of a run, so that no worker leaves while the chief still writes."""
+    from tensorflow.python.eager import context
+
+    context.context().wait_at_barrier(name, int(timeout_seconds * 1000))
+
+
+def is_lost_worker(error: BaseException) -> bool:
+    """Whether TensorFlow's ``error`` is how a collective or the coordination service reports
+    a worker that died, hangs or cannot be reached."""
+    import tensorflow as tf
+
+    return isinstance(error, (tf.errors.UnavailableError, tf.errors.AbortedError,
+                              tf.errors.DeadlineExceededError, tf.errors.CancelledError))
+
+
+def lost_worker(error: BaseException, cluster: Cluster, doing: str = "training",
+                resume: str = "--resume vN") -> RunError:
+    """The one line a user sees when the cluster breaks: which task TensorFlow blames (when
+    it names one), its reason, and how to go on."""
+    text = getattr(error, "message", None) or str(error)
+    own = f"/job:{cluster.task_type}/replica:0/task:{cluster.task_id}"
+    blamed = sorted({f"{job} {task}" for job, task in
+                     re.findall(r"/job:(\w+)/(?:replica:\d+/)?task:(\d+)", text)
+                     if f"/job:{job}/replica:0/task:{task}" != own and job != "localhost"})
+    reason = re.sub(r"\{\{[^}]*\}\}|\[Op:[^\]]*\]|\[type\.googleapis[^\]]*\]", "", text)
+    reason = " ".join(reason.split())[:160].rstrip(" .:")
+    who = (f"{' and '.join(blamed)} stopped (died, hung or cannot be reached)" if blamed
+           else "a worker died, hung or cannot be reached")
+    return RunError(f"the cluster failed while {doing}: {who}; {cluster.name} stops too "
+                    f"(TensorFlow: {reason}). Start every worker again with the same command "
+                    f"and {resume} (README: Training on a cluster)")
+
+
+# Keras 3.15 fails inside model.fit under MultiWorkerMirroredStrategy with more than one
+# worker (keras-team/keras#20585, open): in keras/src/backend/tensorflow/trainer.py,
+#  1. TensorFlowTrainer._maybe_symbolic_build reduces the first distributed batch with
+#     strategy.reduce("MEAN", batch, axis=None), only to read its shapes and dtypes; in
+#     multi-worker mode that raises "Attempt to convert a value (PerReplica...) to a Tensor".
+#     Fixed here by building from this worker's first replica's part of the batch.
+#  2. reduce_per_replica reduces every metric with strategy.reduce("MEAN", v, axis=0), which
+#     raises "Invalid reduction dimension 0 for input with 0 dimensions" for the scalar
+#     metrics. Fixed here by reducing scalars over the replicas only (axis=None): the mean of
+#     the workers' values, the same on every worker.
+# Both replacements call Keras' own code outside multi-worker mode, so single-process runs
+# are untouched. tests/test_cluster.py trains two workers; it fails without this patch.
+_PATCHED = []
+KERAS_PATCHED_FOR = "3.15."
+
+
+def patch_keras() -> None:
+    """Install the two fixes above (once per process). TCLF_KERAS_PATCH=0 leaves Keras as it
+    is, to check whether a new Keras still needs them."""
+    if _PATCHED or os.environ.get("TCLF_KERAS_PATCH", "1") == "0":
+        return
+    import keras
+    import tensorflow as tf
+    from keras.src.backend.tensorflow import trainer as tf_trainer
+
+    if (not keras.__version__.startswith(KERAS_PATCHED_FOR)
+            or not hasattr(tf_trainer, "_collective_all_reduce_multi_worker")
+            or not hasattr(tf_trainer, "reduce_per_replica")
+            or not hasattr(tf_trainer.TensorFlowTrainer, "_maybe_symbolic_build")):
+        raise RuntimeError(f"tclf.cluster.patch_keras is written for Keras {KERAS_PATCHED_FOR}x;"
+                           f" this is Keras {keras.__version__}: check whether "
+                           f"keras-team/keras#20585 is fixed and update the patch")
+    multi_worker = tf_trainer._collective_all_reduce_multi_worker
+    original_reduce = tf_trainer.reduce_per_replica
+    original_build = tf_trainer.TensorFlowTrainer._maybe_symbolic_build
+
+    def reduce_per_replica(values, strategy, reduction):
+        if not (multi_worker(strategy) and reduction in ("auto", "mean")):
+            return original_reduce(values, strategy, reduction)
+
+        def mean(value):
+            local = (strategy.experimental_local_results(value)[0]
+                     if isinstance(value, tf.distribute.DistributedValues) else value)
+            rank = getattr(getattr(local, "shape", None), "rank", None)
+            return strategy.reduce("MEAN", value, axis=None if rank == 0 else 0)
+
+        return tf.nest.map_structure(mean, values)
+
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        strategy = self._distribute_strategy
+        if strategy is None or iterator is None or not multi_worker(strategy):
+            return original_build(self, iterator=iterator, data_batch=data_batch)
+        for _, _, it in iterator:
+            batch = next(it)
+            data_batch = tf.nest.map_structure(
+                lambda v: (strategy.experimental_local_results(v)[0]
+                           if isinstance(v, tf.distribute.DistributedValues) else v), batch)
+            break
+        with strategy.scope():
+            self._symbolic_build(data_batch=data_batch)
+
+    tf_trainer.reduce_per_replica = reduce_per_replica
+    tf_trainer.TensorFlowTrainer._maybe_symbolic_build = _maybe_symbolic_build
+    _PATCHED.append(True)
