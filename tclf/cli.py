@@ -274,9 +274,12 @@ def _leave_cluster(cluster) -> None:
     """End a worker of a finished cluster run now. A normal exit tears TensorFlow down slowly
     while the chief, which runs the cluster's coordination service, may already be gone:
     the other workers then log that they lost it. So the workers leave at once and the
-    chief a second later."""
+    chief a second later (os._exit skips TensorFlow's teardown, not Python's exit
+    handlers)."""
+    import atexit
     import time
 
+    atexit._run_exitfuncs()  # Python's own exit handlers (temporary files) still run.
     sys.stdout.flush()
     sys.stderr.flush()
     if cluster.is_chief:

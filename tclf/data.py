@@ -150,9 +150,10 @@ def make_dataset(records_dir: str, split: str = "train", batch_size: int = 32,
             dataset = dataset.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
     dataset = dataset.batch(batch_size, drop_remainder=drop_remainder,
                             num_parallel_calls=AUTOTUNE, deterministic=not training)
-    # Known length: Keras' progress bars and epoch ends rely on it. (Not in a multi-worker run:
-    # tf.distribute splits the batches, and the assertion would count them after the split.)
-    if not repeat and not (workers and workers[0] > 1):
+    # Known length: Keras' progress bars and epoch ends rely on it. (Not in a multi-worker run
+    # or from a tf.data service: the batches are split, and the assertion would count them
+    # after the split.)
+    if not repeat and not (workers and workers[0] > 1) and not data_service:
         records_in_split = manifest["splits"][split]["records"]
         batches = (records_in_split // batch_size if drop_remainder
                    else math.ceil(records_in_split / batch_size))

@@ -1,0 +1,266 @@
+"""Multi-worker training (TF_CONFIG, MultiWorkerMirroredStrategy) and the tf.data service.
+
+The slow tests start real worker processes on loopback ports: two tiny `tclf-train` runs
+that must train in step, write one version folder (the chief's) and survive a killed
+worker only by failing clearly and resuming.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tclf import InputError, cluster as clusters
+from tests.conftest import TINY_TRAINING
+
+TRAIN = [sys.executable, "-c", "from tclf.cli import train_command; train_command()"]
+
+
+def _tf_config(ports, index, job="worker"):
+    return json.dumps({"cluster": {"worker": [f"localhost:{p}" for p in ports]},
+                       "task": {"type": job, "index": index}})
+
+
+# --- TF_CONFIG ------------------------------------------------------------------------------
+
+
+def test_tf_config_read_without_tensorflow():
+    assert clusters.from_env({}) is None
+    one = {"TF_CONFIG": json.dumps({"cluster": {"worker": ["a:1"]},
+                                    "task": {"type": "worker", "index": 0}})}
+    assert clusters.from_env(one) is None  # One task: not a cluster.
+    two = clusters.from_env({"TF_CONFIG": _tf_config([1, 2], 1)})
+    assert (two.workers, two.index, two.is_chief, two.name) == (2, 1, False, "worker 1")
+    assert clusters.from_env({"TF_CONFIG": _tf_config([1, 2], 0)}).is_chief
+    with_chief = {"cluster": {"chief": ["c:1"], "worker": ["a:1", "b:1"]},
+                  "task": {"type": "worker", "index": 0}}
+    found = clusters.from_env({"TF_CONFIG": json.dumps(with_chief)})
+    assert (found.workers, found.index, found.is_chief) == (3, 1, False)
+    with_chief["task"] = {"type": "chief", "index": 0}
+    assert clusters.from_env({"TF_CONFIG": json.dumps(with_chief)}).is_chief
+
+
+@pytest.mark.parametrize("raw, words", [
+    ("{not json", "not a valid cluster"),
+    (json.dumps({"cluster": {"worker": ["a:1"], "ps": ["b:1"]},
+                 "task": {"type": "worker", "index": 0}}), "'ps'"),
+    (json.dumps({"cluster": {"worker": ["a:1", "b:1"]},
+                 "task": {"type": "worker", "index": 2}}), "not in the cluster"),
+    (json.dumps({"cluster": {"chief": ["a:1", "b:1"]},
+                 "task": {"type": "chief", "index": 0}}), "at most one"),
+])
+def test_bad_tf_config_refused_in_one_line(raw, words):
+    with pytest.raises(InputError, match=re.escape(words)):
+        clusters.from_env({"TF_CONFIG": raw})
+
+
+def test_resume_in_a_cluster_needs_the_run_named(monkeypatch, tmp_path):
+    from tclf import train
+
+    monkeypatch.setenv("TF_CONFIG", _tf_config([1, 2], 0))
+    with pytest.raises(InputError, match="name the run"):
+        train.resume_config(str(tmp_path))
+
+
+def test_lost_worker_message_names_the_dead_task():
+    import tensorflow as tf
+
+    error = tf.errors.UnavailableError(None, None, (
+        "{{function_node __wrapped__CollectiveReduceV2}} Collective ops is aborted by: Error "
+        "reported from /job:worker/task:1: The following tasks are unhealthy (stopped sending "
+        "heartbeats):\n/job:worker/replica:0/task:1\nThe tasks have crashed."))
+    me = clusters.from_env({"TF_CONFIG": _tf_config([1, 2], 0)})
+    assert clusters.is_lost_worker(error)
+    message = str(clusters.lost_worker(error, me, resume="--resume v3"))
+    assert "worker 1 stopped" in message and "--resume v3" in message
+    assert "{{" not in message and "\n" not in message
+    assert not clusters.is_lost_worker(tf.errors.InvalidArgumentError(None, None, "shape"))
+
+
+# --- The reader's split between workers --------------------------------------------------------
+
+
+def _records(dataset):
+    """Every record of a dataset of (inputs, label, track_id), as sortable bytes."""
+    return sorted(inputs["features"].numpy()[i].tobytes() + track.numpy()[i]
+                  for inputs, _, track in dataset for i in range(len(track.numpy())))
+
+
+def test_training_records_split_between_workers_by_shard_file(records_dir):
+    from tclf import data
+
+    def read(workers):
+        return _records(data.make_dataset(records_dir, "train", 4, training=True, seed=0,
+                                          include_track_id=True, image_size=32,
+                                          workers=workers))
+
+    everything = read(None)
+    first, second = read((2, 0)), read((2, 1))
+    assert first and second and not set(first) & set(second)
+    assert sorted(first + second) == everything
+    with pytest.raises(InputError, match="re-pack with --min-shards 3"):
+        read((3, 0))
+
+
+def test_data_service_serves_every_record_once(records_dir):
+    import tensorflow as tf
+
+    from tclf import data
+
+    service = tf.data.experimental.service
+    dispatcher = service.DispatchServer(service.DispatcherConfig(port=0))
+    address = dispatcher.target.split("://")[1]
+    workers = [service.WorkerServer(service.WorkerConfig(dispatcher_address=address))
+               for _ in range(2)]
+    served = _records(data.make_dataset(records_dir, "val", 4, include_track_id=True,
+                                        image_size=32, data_service=address))
+    local = _records(data.make_dataset(records_dir, "val", 4, include_track_id=True,
+                                       image_size=32))
+    assert served == local
+    del workers, dispatcher
+    with pytest.raises(InputError, match="host:port"):
+        data.service_address("no-port")
+
+
+# --- Two worker processes -------------------------------------------------------------------
+
+
+def _free_ports(count):
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def _start(tmp_path, args, ports, env_of=lambda index: {}, indices=None):
+    """A `tclf-train` process for each worker of a cluster on ``ports`` (or those of
+    ``indices``), worker i with TF_CONFIG task i; a private TMPDIR shared by all, to see what
+    the workers leave behind."""
+    scratch = tmp_path / "tmp"
+    scratch.mkdir(exist_ok=True)
+    processes = []
+    for index in range(len(ports)) if indices is None else indices:
+        env = {**os.environ, "TF_CONFIG": _tf_config(ports, index), "TMPDIR": str(scratch),
+               **env_of(index)}
+        processes.append(subprocess.Popen([*TRAIN, *args], env=env, cwd=tmp_path,
+                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                          text=True))
+    return processes
+
+
+def _finish(processes, timeout=400):
+    results = []
+    for process in processes:
+        out, err = process.communicate(timeout=timeout)
+        results.append((process.returncode, out, err))
+    return results
+
+
+def _options(records_dir, models):
+    hparams = {k: v for k, v in TINY_TRAINING.items() if k != "verbose"}
+    return ["--records", records_dir, "--models-dir", str(models), "-q",
+            *[a for name, value in hparams.items()
+              for a in (f"--{name.replace('_', '-')}", str(value))]]
+
+
+def _fingerprint(output: str) -> str:
+    found = re.findall(r"weights ([0-9a-f]{16})", output)
+    assert len(found) == 1, output
+    return found[0]
+
+
+def _saved_fingerprint(path):
+    from tclf import model as tclf_model, train
+
+    model, _ = tclf_model.load_model(path)
+    return train.weights_fingerprint(model)
+
+
+@pytest.mark.slow
+def test_two_workers_train_in_step_and_only_the_chief_writes(records_dir, tmp_path):
+    models = tmp_path / "models"
+    results = _finish(_start(tmp_path, _options(records_dir, models), _free_ports(2)))
+    for code, out, err in results:
+        assert code == 0, err[-3000:]
+    (_, chief, _), (_, worker, _) = results
+    assert "trained" in chief and str(models / "v1") in chief
+    assert "worker 1: trained" in worker and "the chief wrote the version folder" in worker
+    # The weights at the end are the same on both workers, and those of the model saved.
+    assert _fingerprint(chief) == _fingerprint(worker)
+    assert _saved_fingerprint(str(models / "v1" / "model.h5")) == _fingerprint(chief)
+    # Exactly one version folder, complete; nothing else in the models folder, and nothing
+    # left in the workers' temporary folder.
+    assert sorted(os.listdir(models)) == ["latest.h5", "v1"]
+    assert {"model.h5", "report.txt", "training_log.txt"} <= set(os.listdir(models / "v1"))
+    assert not (models / "v1" / "UNFINISHED").exists()
+    assert "2 workers on the CPU, MultiWorkerMirroredStrategy" in (
+        models / "v1" / "training_log.txt").read_text()
+    assert [n for n in os.listdir(tmp_path / "tmp") if n.startswith("tclf")] == []
+
+
+@pytest.mark.slow
+def test_a_killed_worker_fails_the_run_clearly_and_resume_finishes_it(records_dir, tmp_path):
+    models = tmp_path / "models"
+    options = _options(records_dir, models) + ["--cluster-timeout", "120"]
+    started = time.time()
+    # Worker 1 dies (SIGKILL) at the end of its second epoch; the chief must notice.
+    processes = _start(tmp_path, options, _free_ports(2),
+                       lambda i: {"TCLF_KILL_AT": "train.epoch_end:2"} if i == 1 else {})
+    (chief_code, _, chief_err), (worker_code, _, _) = _finish(processes)
+    assert worker_code == -9
+    assert chief_code == 1, chief_err[-3000:]
+    assert time.time() - started < 240
+    last = chief_err.strip().splitlines()[-1]
+    assert last.startswith("Error: RunError: the cluster failed while training: worker 1 "
+                           "stopped"), last
+    assert "--resume v1" in last
+    # No version folder looks complete; latest.h5 was never written.
+    assert sorted(os.listdir(models)) == ["v1"]
+    assert not (models / "v1" / "model.h5").exists()
+    assert (models / "v1" / "UNFINISHED").exists()
+    assert "FAILED: RunError: the cluster failed" in (models / "v1" / "training_log.txt").read_text()
+    # Both workers started again with --resume v1 finish the run, in step.
+    results = _finish(_start(tmp_path, ["--models-dir", str(models), "-q", "--resume", "v1"],
+                             _free_ports(2)))
+    for code, out, err in results:
+        assert code == 0, err[-3000:]
+    assert _fingerprint(results[0][1]) == _fingerprint(results[1][1])
+    assert (models / "v1" / "model.h5").exists() and (models / "latest.h5").exists()
+    progress = (models / "v1" / "training_progress.txt").read_text()
+    assert progress.count("stage1 epoch   1") == 1  # Continued, not started over.
+
+
+@pytest.mark.slow
+def test_a_worker_that_never_comes_ends_the_wait(records_dir, tmp_path):
+    ports = _free_ports(2)
+    started = time.time()
+    # Worker 0 alone, in a cluster of two.
+    (process,) = _start(tmp_path, _options(records_dir, tmp_path / "models")
+                        + ["--cluster-timeout", "5"], ports, indices=[0])
+    code, _, err = _finish([process], timeout=120)[0]
+    assert code != 0
+    assert "did not come together within 5 s" in err and f"localhost:{ports[0]}" in err
+    assert time.time() - started < 90
+    assert not (tmp_path / "models").exists()
+
+
+@pytest.mark.slow
+def test_keras_still_needs_the_multi_worker_patch(records_dir, tmp_path):
+    """Keras 3.15 fails in multi-worker fit without tclf.cluster.patch_keras
+    (keras-team/keras#20585). When this test fails, Keras is fixed: drop the patch."""
+    results = _finish(_start(tmp_path, _options(records_dir, tmp_path / "models"),
+                             _free_ports(2), lambda i: {"TCLF_KERAS_PATCH": "0",
+                                                        "TCLF_DEBUG": "1"}))
+    assert all(code != 0 for code, _, _ in results)
+    errors = " ".join(err for _, _, err in results)
+    assert ("PerReplica" in errors or "Invalid reduction dimension 0" in errors), errors[-3000:]
