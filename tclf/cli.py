@@ -419,3 +419,64 @@ def eval_command(model_path, records_dir, split, out_dir, batch_size, quiet):
     click.echo(f"accuracy {evaluation.segment_accuracy:.4f} (segments), "
                f"{evaluation.track_accuracy:.4f} (tracks); macro F1 "
                f"{evaluation.segment_macro_f1:.4f} / {evaluation.track_macro_f1:.4f}")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def data_service_command():
+    """Run a tf.data service: one dispatcher and any number of workers that read and decode
+    training records for `tclf-train --data-service HOST:PORT`.
+
+    Start the dispatcher, then a worker on each machine that should do input work; the
+    workers must be able to open the records path the trainers name (a shared folder or
+    gs://). Its gRPC ports are unauthenticated and unencrypted: keep them on a private
+    network (README: Training on a cluster).
+    """
+
+
+@data_service_command.command("dispatcher",
+                              context_settings={"show_default": True,
+                                                "help_option_names": ["-h", "--help"]})
+@click.option("--port", default=5050, type=click.IntRange(0, 65535),
+              help="Port to listen on (0: any free port, printed).")
+@click.option("--work-dir", default=None,
+              help="Folder (any tf.io.gfile path) where the dispatcher keeps its state, so that "
+                   "a restarted dispatcher carries on (fault-tolerant mode).")
+@command
+def data_service_dispatcher(port, work_dir):
+    """Run the dispatcher until interrupted (Ctrl-C)."""
+    import socket
+
+    import tensorflow as tf
+
+    service = tf.data.experimental.service
+    server = service.DispatchServer(service.DispatcherConfig(
+        port=port, work_dir=work_dir, fault_tolerant_mode=bool(work_dir)))
+    click.echo(f"tf.data service dispatcher on {socket.gethostname()}:"
+               f"{server.target.rsplit(':', 1)[1]} (trainers: --data-service HOST:PORT)")
+    server.join()
+
+
+@data_service_command.command("worker",
+                              context_settings={"show_default": True,
+                                                "help_option_names": ["-h", "--help"]})
+@click.option("--dispatcher", "dispatcher", required=True, help="The dispatcher's host:port.")
+@click.option("--port", default=0, type=click.IntRange(0, 65535),
+              help="Port to listen on (0: any free port).")
+@click.option("--host", default=None,
+              help="This machine's name as the trainers reach it. [default: its hostname]")
+@command
+def data_service_worker(dispatcher, port, host):
+    """Run a worker until interrupted (Ctrl-C)."""
+    import socket
+
+    import tensorflow as tf
+
+    from tclf.data import service_address
+
+    service = tf.data.experimental.service
+    address = service_address(dispatcher).split("://", 1)[1]
+    server = service.WorkerServer(service.WorkerConfig(
+        dispatcher_address=address, worker_address=f"{host or socket.gethostname()}:%port%",
+        port=port))
+    click.echo(f"tf.data service worker on {host or socket.gethostname()}, dispatcher {address}")
+    server.join()

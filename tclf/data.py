@@ -57,7 +57,7 @@ def make_dataset(records_dir: str, split: str = "train", batch_size: int = 32,
                  include_track_id: bool = False, shuffle_buffer: int = 256,
                  seed: int | None = None, repeat: bool = False, drop_remainder: bool = False,
                  options: tf.data.Options | None = None, workers: tuple[int, int] | None = None,
-                 data_service: str | None = None,
+                 data_service: str | None = None, service_compression: str | None = None,
                  split_files: bool | None = None) -> tf.data.Dataset:
     """A batched, prefetched dataset over one split of RECORDS_DIR.
 
@@ -95,7 +95,10 @@ def make_dataset(records_dir: str, split: str = "train", batch_size: int = 32,
         read and decode, each taking shard files as they ask for more
         ("distributed_epoch"), and this process receives the batches. With ``workers``,
         the cluster's tasks share one job, so each batch goes to one of them. The
-        service's workers must be able to open the records path.
+        service's workers must be able to open the records path. The batches travel
+        uncompressed (``service_compression`` None): decoded spectrograms gain little from
+        snappy ("AUTO"), which halved the rate on loopback (BENCHMARKS.md); "AUTO" suits a
+        network slower than about 2 Gbit/s per 1,000 records/s.
 
     Returns
     -------
@@ -161,7 +164,7 @@ def make_dataset(records_dir: str, split: str = "train", batch_size: int = 32,
     if data_service:
         dataset = dataset.apply(tf.data.experimental.service.distribute(
             processing_mode="distributed_epoch", service=service_address(data_service),
-            job_name=_service_job(workers, split, seed)))
+            job_name=_service_job(workers, split, seed), compression=service_compression))
     dataset = dataset.prefetch(AUTOTUNE)
     if options is not None:
         dataset = dataset.with_options(options)
