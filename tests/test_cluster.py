@@ -264,3 +264,51 @@ def test_keras_still_needs_the_multi_worker_patch(records_dir, tmp_path):
     assert all(code != 0 for code, _, _ in results)
     errors = " ".join(err for _, _, err in results)
     assert ("PerReplica" in errors or "Invalid reduction dimension 0" in errors), errors[-3000:]
+
+
+# --- tf.data service ---------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_train_reads_through_a_data_service(records_dir, tmp_path):
+    import tensorflow as tf
+
+    from tclf import train
+
+    service = tf.data.experimental.service
+    dispatcher = service.DispatchServer(service.DispatcherConfig(port=0))
+    address = dispatcher.target.split("://")[1]
+    workers = [service.WorkerServer(service.WorkerConfig(dispatcher_address=address))
+               for _ in range(2)]
+    result = train.train(train.TrainConfig(records=records_dir, models=str(tmp_path / "m"),
+                                           data_service=address,
+                                           **{**TINY_TRAINING, "stage1_cache": False}))
+    assert os.path.exists(os.path.join(result.version_dir, "model.h5"))
+    assert f"data_service: {address}" in open(
+        os.path.join(result.version_dir, "training_log.txt")).read()
+    # The training dataset the run reads is the service's (validation stays local).
+    config = train.TrainConfig(records=records_dir, data_service=address, **TINY_TRAINING)
+    chains = [[], []]
+    for chain, dataset in zip(chains, train.make_datasets(config)):
+        while dataset is not None:
+            chain.append(type(dataset).__name__)
+            dataset = getattr(dataset, "_input_dataset", None)
+    assert any("DataService" in name for name in chains[0]), chains[0]
+    assert not any("DataService" in name for name in chains[1]), chains[1]
+    del workers, dispatcher
+
+
+def test_data_service_command_help_and_errors():
+    from click.testing import CliRunner
+
+    from tclf import cli
+
+    runner = CliRunner()
+    for args in (["--help"], ["dispatcher", "--help"], ["worker", "--help"]):
+        done = runner.invoke(cli.data_service_command, args)
+        assert done.exit_code == 0 and "Usage:" in done.output
+    done = runner.invoke(cli.data_service_command, ["worker", "--dispatcher", "nohost"])
+    assert done.exit_code == 1
+    assert done.output.strip().splitlines() == [
+        "Error: InputError: --data-service 'nohost': expected the dispatcher's host:port, "
+        "e.g. grpc://10.0.0.5:5050"]
