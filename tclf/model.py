@@ -59,8 +59,6 @@ def build_backbone(image_size: int = IMAGE_SIZE, weights: str | None = "imagenet
     weights : "imagenet", None / "none", or a path to a weights file
         (e.g. a local copy of efficientnetb0_notop.h5).
     """
-    import keras
-
     if weights in (None, "none", "None"):
         weights = None
     elif weights != "imagenet":
@@ -69,10 +67,17 @@ def build_backbone(image_size: int = IMAGE_SIZE, weights: str | None = "imagenet
         if not tf.io.gfile.exists(weights):
             raise WeightsError(f"backbone weights file {weights} not found; use --weights none, "
                                f"--weights imagenet, or the path of an existing file")
-        if "://" in weights:  # Keras reads local files only.
-            local = os.path.join(tempfile.mkdtemp(), os.path.basename(weights))
-            tf.io.gfile.copy(weights, local)
-            weights = local
+        if "://" in weights:  # Keras reads local files only: a local copy, removed after.
+            with tempfile.TemporaryDirectory(prefix="tclf-weights-") as folder:
+                local = os.path.join(folder, os.path.basename(weights))
+                tf.io.gfile.copy(weights, local)
+                return _efficientnet(image_size, local)
+    return _efficientnet(image_size, weights)
+
+
+def _efficientnet(image_size: int, weights):
+    import keras
+
     try:
         return keras.applications.EfficientNetB0(
             include_top=False, weights=weights, input_shape=(image_size, image_size, 3),

@@ -48,3 +48,23 @@ def test_pack_train_eval_predict_with_records_and_models_on_ram(data_dir):
     found = predict.predict_paths([track], f"{models_dir}/latest.h5")
     assert len(found.tracks) == 1 and not found.failed
     assert manifest["classes"] == classes
+
+
+def test_backbone_weights_from_a_remote_path_leave_no_local_copy(tmp_path, monkeypatch):
+    import tempfile
+
+    import numpy as np
+    import tensorflow as tf
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    source = tclf_model.build_backbone(32, weights=None)
+    local = str(tmp_path / "backbone.weights.h5")
+    source.save_weights(local)
+    remote = f"ram://tclf-{uuid.uuid4().hex[:8]}/backbone.weights.h5"
+    tf.io.gfile.makedirs(os.path.dirname(remote))
+    tf.io.gfile.copy(local, remote)
+    os.remove(local)
+    loaded = tclf_model.build_backbone(32, weights=remote)
+    for a, b in zip(source.get_weights(), loaded.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert os.listdir(tmp_path) == []
