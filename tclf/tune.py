@@ -664,11 +664,10 @@ def _prepare(base: TrainConfig, progress: bool, announce) -> _Shared:
     import tensorflow as tf
 
     from tclf.backbone_cache import backbone_outputs
+    from tclf.cluster import from_env
     from tclf.devices import configure_devices, resolve_precision
     from tclf.model import backbone_of, freeze_backbone
     from tclf.train import _training_manifest, model_for
-
-    from tclf.cluster import from_env
 
     if from_env():
         raise InputError("tclf-tune does not train across a TF_CONFIG cluster: unset TF_CONFIG "

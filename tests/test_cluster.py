@@ -69,6 +69,14 @@ def test_resume_in_a_cluster_needs_the_run_named(monkeypatch, tmp_path):
         train.resume_config(str(tmp_path))
 
 
+def test_tune_refuses_a_cluster(monkeypatch):
+    from tclf import train, tune
+
+    monkeypatch.setenv("TF_CONFIG", _tf_config([1, 2], 0))
+    with pytest.raises(InputError, match="does not train across a TF_CONFIG cluster"):
+        tune._prepare(train.TrainConfig(), False, None)
+
+
 def test_lost_worker_message_names_the_dead_task():
     import tensorflow as tf
 
