@@ -216,8 +216,9 @@ def _train_options(function=None, *, exclude=()):
 @click.option("--resume", "resume", is_flag=False, flag_value="", default=None, metavar="[vN]",
               help="Continue the unfinished run vN (default: the newest) in --models-dir from its "
                    "last completed epoch, stage, optimizer and schedule included, with the "
-                   "options it started with; only --gpus, --cpu-devices and --verbose/-q may "
-                   "be given again.")
+                   "options it started with; only --records, --models-dir, --gpus, "
+                   "--cpu-devices, --verbose/-q, --data-service and --cluster-timeout may be "
+                   "given again. In a cluster (TF_CONFIG), name the run, on every worker.")
 @_train_options
 @command
 def train_command(hparams_file, quiet, resume, **options):

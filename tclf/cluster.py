@@ -114,7 +114,7 @@ def make_strategy(cluster: Cluster, timeout_seconds: float):
         return tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver=resolver,
                                                          communication_options=options)
     except tf.errors.OpError as error:
-        raise lost_worker(error, cluster, "starting") from None
+        raise lost_worker(error, cluster, "starting", resume=None) from None
     finally:
         watchdog.kill()
         watchdog.wait()
@@ -142,9 +142,16 @@ def _watchdog(seconds: float, message: str):
                              message], stdin=subprocess.DEVNULL)
 
 
-def barrier(name: str, timeout_seconds: float) -> None:
+# A barrier waits for work some workers do alone (the stage-1 pass over their own records,
+# the chief's reports), which grows with the data; a dead worker still ends the wait within
+# seconds (the coordination service's heartbeat), so the bound is only for a hung one.
+LONG_WAIT_SECONDS = 24 * 3600.0
+
+
+def barrier(name: str, timeout_seconds: float = LONG_WAIT_SECONDS) -> None:
     """Wait until every task of the cluster reaches this point (the coordination service's
-    barrier): the end of a run, so that no worker leaves while the chief still writes."""
+    barrier): after the stage-1 pass, and at the end of a run, so that no worker leaves
+    while the chief still writes."""
     from tensorflow.python.eager import context
 
     context.context().wait_at_barrier(name, int(timeout_seconds * 1000))
@@ -160,21 +167,50 @@ def is_lost_worker(error: BaseException) -> bool:
 
 
 def lost_worker(error: BaseException, cluster: Cluster, doing: str = "training",
-                resume: str = "--resume vN") -> RunError:
+                resume: str | None = "--resume vN") -> RunError:
     """The one line a user sees when the cluster breaks: which task TensorFlow blames (when
-    it names one), its reason, and how to go on."""
+    it names one), its reason, and how to go on (``resume``: the option to add; None when
+    there is no run to resume)."""
     text = getattr(error, "message", None) or str(error)
-    own = f"/job:{cluster.task_type}/replica:0/task:{cluster.task_id}"
+    # "Error reported from /job:worker/task:0: The following tasks are unhealthy (stopped
+    # sending heartbeats):\n/job:worker/replica:0/task:2": task 0 reports, task 2 died.
+    listed = text.split("unhealthy", 1)[1] if "unhealthy" in text else text
+    listed = re.sub(r"reported from /job:\w+/(?:replica:\d+/)?task:\d+", "", listed)
+    own = (cluster.task_type, str(cluster.task_id))
     blamed = sorted({f"{job} {task}" for job, task in
-                     re.findall(r"/job:(\w+)/(?:replica:\d+/)?task:(\d+)", text)
-                     if f"/job:{job}/replica:0/task:{task}" != own and job != "localhost"})
+                     re.findall(r"/job:(\w+)/(?:replica:\d+/)?task:(\d+)", listed)
+                     if (job, task) != own and job != "localhost"})
     reason = re.sub(r"\{\{[^}]*\}\}|\[Op:[^\]]*\]|\[type\.googleapis[^\]]*\]", "", text)
     reason = " ".join(reason.split())[:160].rstrip(" .:")
     who = (f"{' and '.join(blamed)} stopped (died, hung or cannot be reached)" if blamed
            else "a worker died, hung or cannot be reached")
+    again = f" and {resume}" if resume else ""
     return RunError(f"the cluster failed while {doing}: {who}; {cluster.name} stops too "
-                    f"(TensorFlow: {reason}). Start every worker again with the same command "
-                    f"and {resume} (README: Training on a cluster)")
+                    f"(TensorFlow: {reason}). Start every worker again with the same "
+                    f"command{again} (README: Training on a cluster)")
+
+
+def agree(cluster: Cluster, what: dict, timeout_seconds: float) -> None:
+    """Check that every worker runs the same thing: each publishes ``what`` (options,
+    resumed run, precision, replicas) in the coordination service and compares the others'.
+    Workers that differ would run different collectives (a hang) or diverge silently."""
+    from tensorflow.python.eager import context
+
+    mine = json.dumps(what, sort_keys=True, default=str)
+    ctx = context.context()
+    ctx.set_config_key_value(f"tclf/run/{cluster.index}", mine)
+    for index in range(cluster.workers):
+        if index == cluster.index:
+            continue
+        theirs = ctx.get_config_key_value(f"tclf/run/{index}", int(timeout_seconds * 1000))
+        if theirs != mine:
+            a, b = json.loads(mine), json.loads(theirs)
+            differ = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+            raise InputError(f"the workers of this cluster were not started alike: task "
+                             f"{index} differs from {cluster.name} in {', '.join(differ)} "
+                             f"({', '.join(f'{k}: {b.get(k)!r} vs {a.get(k)!r}' for k in differ[:3])}"
+                             f"); start every worker with the same command (and the same "
+                             f"--resume vN)")
 
 
 # Keras 3.15 fails inside model.fit under MultiWorkerMirroredStrategy with more than one

@@ -164,7 +164,9 @@ def make_dataset(records_dir: str, split: str = "train", batch_size: int = 32,
     if data_service:
         dataset = dataset.apply(tf.data.experimental.service.distribute(
             processing_mode="distributed_epoch", service=service_address(data_service),
-            job_name=_service_job(workers, split, seed), compression=service_compression))
+            job_name=_service_job(workers, split, seed, manifest.get("created"), batch_size,
+                                  image_size, cache, shuffle_buffer),
+            compression=service_compression))
     dataset = dataset.prefetch(AUTOTUNE)
     if options is not None:
         dataset = dataset.with_options(options)
@@ -180,16 +182,19 @@ def service_address(address: str) -> str:
     return address if address.startswith("grpc://") else f"grpc://{address}"
 
 
-def _service_job(workers, split: str, seed) -> str | None:
-    """One shared job for the tasks of a cluster (each batch to one of them); alone, an
-    anonymous job of this process."""
+def _service_job(workers, split: str, seed, *settings) -> str | None:
+    """One shared job for the tasks of a cluster (each batch to one of them): named by the
+    cluster (TF_CONFIG without its task) and the reader's settings, the same on every task;
+    alone, an anonymous job of this process."""
     if not workers or workers[0] <= 1:
         return None
     import hashlib
+    import json
     import os
 
-    cluster = hashlib.sha256(os.environ.get("TF_CONFIG", "").encode()).hexdigest()[:12]
-    return f"tclf-{split}-{cluster}-{seed}"
+    cluster = json.loads(os.environ.get("TF_CONFIG") or "{}").get("cluster", {})
+    key = json.dumps([cluster, split, seed, *settings], sort_keys=True, default=str)
+    return f"tclf-{split}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
 
 
 def _distribution_options(options, split_files: bool, workers,

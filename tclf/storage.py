@@ -69,7 +69,7 @@ def rmtree(path: str, ignore_errors: bool = False) -> None:
 
 def copytree(source: str, target: str, exclude=()) -> None:
     """Copy the folder ``source`` to the local folder ``target`` (new), leaving out the
-    names in ``exclude``; ``source`` may be remote."""
+    names in ``exclude``; ``source`` may be remote (files streamed by tf.io.gfile)."""
     if not is_remote(source):
         shutil.copytree(source, target, ignore=lambda _, names: [n for n in names
                                                                  if n in exclude])
@@ -82,8 +82,7 @@ def copytree(source: str, target: str, exclude=()) -> None:
         if _gfile().isdir(path):
             copytree(path, os.path.join(target, name), exclude)
         else:
-            with open(os.path.join(target, name), "wb") as f:
-                f.write(read_bytes(path))
+            _gfile().copy(path, os.path.join(target, name))
 
 
 def read_bytes(path: str) -> bytes:

@@ -385,7 +385,10 @@ def train(config: TrainConfig, resume: str | None = None) -> TrainResult:
 
 # What `--resume` lets a user change: where and how verbosely the run continues, never what
 # it computes. The precision is the one the run resolved when it started.
-RESUME_OPTIONS = ("models", "gpus", "cpu_devices", "verbose", "data_service", "cluster_timeout")
+# --records too: where this machine sees the pack (a cluster's workers may mount it
+# elsewhere); a pack other than the run's is refused by its manifest's stamp.
+RESUME_OPTIONS = ("models", "records", "gpus", "cpu_devices", "verbose", "data_service",
+                  "cluster_timeout")
 
 
 def resume_config(models_dir: str, which: str | None = None,
@@ -405,12 +408,13 @@ def resume_config(models_dir: str, which: str | None = None,
     if fixed:
         raise InputError(f"--resume continues {folder} with the options it started with; "
                          f"these cannot change: {', '.join(n.replace('_', '-') for n in fixed)}"
-                         f" (allowed: --gpus, --cpu-devices, --models-dir, --verbose/-q, "
-                         f"--data-service, --cluster-timeout)")
+                         f" (allowed: --records, --gpus, --cpu-devices, --models-dir, "
+                         f"--verbose/-q, --data-service, --cluster-timeout)")
     config = TrainConfig().replace(**checkpoint.config)
     # The folders as found now, not as typed when the run started (another working folder).
     where = {"models": os.path.dirname(folder.rstrip("/")) or ".",
-             "records": checkpoint.state.get("run", {}).get("records_path", config.records)}
+             "records": overrides.pop("records", None) or checkpoint.state.get("run", {}).get(
+                 "records_path", config.records)}
     return config.replace(**{**overrides, **where}, precision=checkpoint.state["precision"]), folder
 
 
@@ -418,48 +422,69 @@ def _train(config: TrainConfig, resume: str | None) -> TrainResult:
     from tclf import cluster as clusters
 
     cluster = clusters.from_env()
-    if cluster is None or cluster.is_chief:
-        return _train_here(config, resume, cluster)
-    # A worker other than the chief trains in a private folder that nobody would take for
-    # results (a resumed run: a copy of the chief's), and removes it at the end.
-    import tempfile
-
-    private = tempfile.mkdtemp(prefix=f"tclf-{cluster.task_type}{cluster.task_id}-")
-    try:
-        if resume:
-            copy = os.path.join(private, os.path.basename(resume.rstrip("/")))
-            storage.copytree(resume, copy, exclude=(".lock",))
-            resume = copy
-        return _train_here(config.replace(models=private), resume, cluster)
-    finally:
-        storage.rmtree(private, ignore_errors=True)
-
-
-def _train_here(config: TrainConfig, resume: str | None, cluster) -> TrainResult:
-    import tensorflow as tf
-
-    from tclf import cluster as clusters
-
     config.validate()
     started = time.time()
     strategy, devices, on_gpu = configure_devices(config.gpus, config.cpu_devices, cluster,
                                                   config.cluster_timeout)
     if cluster is None:
         return _run(config, resume, strategy, devices, on_gpu, started, None)
+    if cluster.is_chief:
+        return _in_cluster(config, resume, strategy, devices, on_gpu, started, cluster)
+    # A worker other than the chief trains in a private folder that nobody would take for
+    # results (a resumed run: a copy of the chief's, taken before the chief goes on with it,
+    # which waits for every worker in clusters.agree), and removes it at the end.
+    import tempfile
+
+    private = tempfile.mkdtemp(prefix=f"tclf-{cluster.task_type}{cluster.task_id}-")
+    try:
+        if resume:
+            copy = os.path.join(private, os.path.basename(resume.rstrip("/")))
+            # The checkpoint and the notes; not the chief's lock, logs or stage-1 scratch files.
+            from tclf.backbone_cache import SCRATCH_NAME
+            from tclf.versions import LOCK_NAME
+
+            storage.copytree(resume, copy, exclude=(
+                LOCK_NAME, "logs", "analysis",
+                *(SCRATCH_NAME.format(split=side) for side in schema.SPLITS)))
+            resume = copy
+        return _in_cluster(config.replace(models=private), resume, strategy, devices, on_gpu,
+                           started, cluster)
+    finally:
+        storage.rmtree(private, ignore_errors=True)
+
+
+def _in_cluster(config: TrainConfig, resume: str | None, strategy, devices: str,
+                on_gpu: bool, started: float, cluster) -> TrainResult:
+    """:func:`_run` on a worker of a cluster: TensorFlow's errors after a lost worker as one
+    line, and a common end, after the chief's writes."""
+    import tensorflow as tf
+
+    from tclf import cluster as clusters
+
     try:
         with warnings.catch_warnings():
             # Keras warns at the end of every validation pass of unknown length, which
             # tf.distribute's split of the validation batches between the workers makes it.
             warnings.filterwarnings("ignore", message="Your input ran out of data")
             result = _run(config, resume, strategy, devices, on_gpu, started, cluster)
-        # Every worker waits here until the chief has written the version folder: a worker
-        # that left earlier would look dead to the others.
-        clusters.barrier("tclf-train-done", config.cluster_timeout)
-        return result
     except tf.errors.OpError as error:
         if clusters.is_lost_worker(error):
-            raise clusters.lost_worker(error, cluster, "finishing") from error
+            raise clusters.lost_worker(error, cluster, "starting the run", resume=(
+                f"--resume {os.path.basename(resume.rstrip('/'))}" if resume else None)
+            ) from error
         raise
+    # Every worker waits here until the chief has written the version folder: a worker that
+    # left earlier would look dead to the others.
+    try:
+        clusters.barrier("tclf-train-done")
+    except tf.errors.OpError as error:
+        if not cluster.is_chief:
+            raise clusters.lost_worker(error, cluster, "waiting for the chief's last writes",
+                                       resume="--resume vN if the chief's vN has no model.h5"
+                                       ) from error
+        warnings.warn(f"{result.version_dir} is complete, but another worker left before "
+                      f"the end: {str(error).splitlines()[0][:200]}")
+    return result
 
 
 def _run(config: TrainConfig, resume: str | None, strategy, devices: str, on_gpu: bool,
@@ -484,6 +509,9 @@ def _run(config: TrainConfig, resume: str | None, strategy, devices: str, on_gpu
 
     # --- Input pipeline ------------------------------------------------------------------------
     manifest = _training_manifest(config.records)
+    if cluster:
+        clusters.agree(cluster, _what_runs(config, resume, checkpoint, manifest, precision,
+                                           strategy), config.cluster_timeout)
     train_data, val_data = make_datasets(config, cluster)
 
     # --- Version folder ------------------------------------------------------------------------
@@ -521,6 +549,20 @@ def _run(config: TrainConfig, resume: str | None, strategy, devices: str, on_gpu
     return TrainResult(run.folder if writes else None, run.path("model.h5") if writes else None,
                        evaluation, run.stages, time.time() - started, devices, precision, model,
                        strategy.num_replicas_in_sync, cluster, weights_fingerprint(model))
+
+
+def _what_runs(config: TrainConfig, resume: str | None, checkpoint, manifest: dict,
+               precision: str, strategy) -> dict:
+    """What every worker of a cluster must share: the options that shape the computation,
+    the pack, the run resumed and its progress, the precision and the devices per worker."""
+    local = ("models", "records", "gpus", "verbose", "cluster_timeout")
+    return {**{k: v for k, v in dataclasses.asdict(config).items() if k not in local},
+            "pack": manifest.get("created"), "precision": precision,
+            "devices per worker": len(strategy.extended.worker_devices),
+            "resumed run": os.path.basename(resume.rstrip("/")) if resume else None,
+            "epochs done": ({name: (checkpoint.stage(name).epochs_done
+                                    if checkpoint.stage(name) else 0)
+                             for name in ("stage1", "stage2")} if checkpoint else None)}
 
 
 def weights_fingerprint(model) -> str:
@@ -673,6 +715,10 @@ def _cached_stage1(model, config: TrainConfig, options: dict, checkpoint, output
     with backbone_outputs(model, config.records, config.batch_size, config.image_size,
                           scratch, config.stage1_cache_mb,
                           progress=config.verbose > 0, workers=workers) as cached:
+        if workers and workers[0] > 1:  # Each worker's pass took its own time.
+            from tclf.cluster import barrier
+
+            barrier("tclf-stage1-pass")
         result = stage1(heads, cached.train.dataset(config.batch_size, True, config.seed),
                         cached.val.dataset(config.batch_size), **options)
     return dataclasses.replace(result, started=min(result.started, cached.started),

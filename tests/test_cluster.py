@@ -90,6 +90,15 @@ def test_lost_worker_message_names_the_dead_task():
     assert "worker 1 stopped" in message and "--resume v3" in message
     assert "{{" not in message and "\n" not in message
     assert not clusters.is_lost_worker(tf.errors.InvalidArgumentError(None, None, "shape"))
+    # Three workers: worker 1 hears from worker 0 that worker 2 died; only 2 is blamed.
+    relayed = tf.errors.UnavailableError(None, None, (
+        "Error reported from /job:worker/task:0: The following tasks are unhealthy (stopped "
+        "sending heartbeats):\n/job:worker/replica:0/task:2\nThe tasks have crashed."))
+    three = clusters.from_env({"TF_CONFIG": _tf_config([1, 2, 3], 1)})
+    message = str(clusters.lost_worker(relayed, three))
+    assert "worker 2 stopped" in message and "worker 0" not in message
+    starting = str(clusters.lost_worker(relayed, three, "starting", resume=None))
+    assert "--resume" not in starting
 
 
 # --- The reader's split between workers --------------------------------------------------------
@@ -150,7 +159,8 @@ def _free_ports(count):
     return ports
 
 
-def _start(tmp_path, args, ports, env_of=lambda index: {}, indices=None):
+def _start(tmp_path, args, ports, env_of=lambda index: {}, indices=None,
+           extra_of=lambda index: []):
     """A `tclf-train` process for each worker of a cluster on ``ports`` (or those of
     ``indices``), worker i with TF_CONFIG task i; a private TMPDIR shared by all, to see what
     the workers leave behind."""
@@ -160,7 +170,8 @@ def _start(tmp_path, args, ports, env_of=lambda index: {}, indices=None):
     for index in range(len(ports)) if indices is None else indices:
         env = {**os.environ, "TF_CONFIG": _tf_config(ports, index), "TMPDIR": str(scratch),
                **env_of(index)}
-        processes.append(subprocess.Popen([*TRAIN, *args], env=env, cwd=tmp_path,
+        processes.append(subprocess.Popen([*TRAIN, *args, *extra_of(index)], env=env,
+                                          cwd=tmp_path,
                                           stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                           text=True))
     return processes
@@ -246,6 +257,19 @@ def test_a_killed_worker_fails_the_run_clearly_and_resume_finishes_it(records_di
     assert (models / "v1" / "model.h5").exists() and (models / "latest.h5").exists()
     progress = (models / "v1" / "training_progress.txt").read_text()
     assert progress.count("stage1 epoch   1") == 1  # Continued, not started over.
+
+
+@pytest.mark.slow
+def test_workers_started_differently_are_refused(records_dir, tmp_path):
+    models = tmp_path / "models"
+    results = _finish(_start(tmp_path, _options(records_dir, models), _free_ports(2),
+                             extra_of=lambda i: ["--seed", "1"] if i == 1 else []))
+    for code, _, err in results:
+        assert code == 1, err[-3000:]
+        last = err.strip().splitlines()[-1]
+        assert "not started alike" in last and ("seed: 1 vs 0" in last
+                                                or "seed: 0 vs 1" in last), last
+    assert not models.exists()  # Refused before the chief claimed a version folder.
 
 
 @pytest.mark.slow
