@@ -170,8 +170,8 @@ def _compute(step, records_dir, split, manifest, batch_size, image_size, width,
         mine = split == "train"
         sharding = "OFF" if mine else "DATA"
         if mine:
-            count = sum(s["records"] for s in manifest["splits"][split]["shards"]
-                        [workers[1]::workers[0]])
+            count = sum(shard["records"] for shard in
+                        data.worker_shards(manifest["splits"][split]["shards"], workers))
     dataset = data.make_dataset(records_dir, split, batch_size, image_size=image_size,
                                 workers=workers if sharding == "OFF" else None,
                                 split_files=True)

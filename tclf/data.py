@@ -29,6 +29,15 @@ def shard_paths(records_dir: str, split: str, manifest: dict | None = None) -> l
     return [storage.join(records_dir, shard["file"]) for shard in manifest["splits"][split]["shards"]]
 
 
+def worker_shards(shards: list, workers: tuple[int, int] | None) -> list:
+    """The shard files (or manifest entries) that worker ``index`` of ``count`` reads in a
+    multi-worker run: every count-th, from the index-th on."""
+    if not workers or workers[0] <= 1:
+        return shards
+    count, index = workers
+    return shards[index::count]
+
+
 def resize_image(image, image_size: int):
     """Resize uint8 images [..., H, W, 3] to image_size x image_size, staying uint8.
 
@@ -121,7 +130,7 @@ def make_dataset(records_dir: str, split: str = "train", batch_size: int = 32,
             raise InputError(f"{records_dir}: split {split!r} has {len(files)} shard file(s) "
                              f"for {count} workers; every worker reads its own shard files, so "
                              f"re-pack with --min-shards {count} or more")
-        files = files[index::count]
+        files = worker_shards(files, workers)
     feature_shape = manifest["feature_shape"]
     stored_size = manifest["image_size"][0]
     resize_to = image_size if image_size and image_size != stored_size else None
