@@ -123,6 +123,19 @@ class Segment:
 # ---------------------------------------------------------------------------
 
 
+# Segments for training only, after the standard ones (tclf-extract --training-segments): up
+# to this many more, non-overlapping, over the whole track. Real music needs them (README:
+# Learning from real music); validation and prediction use the standard segments only.
+TRAINING_SEGMENTS = 24
+
+
+def training_segment_starts(duration: float, count: int, segment_seconds: float = 10.0
+                            ) -> list[float]:
+    """Start times of up to ``count`` training-only segments: non-overlapping, spread evenly
+    over the whole track (intro and outro included), as many as fit."""
+    return segment_starts(duration, count, segment_seconds, 0.0) if count > 0 else []
+
+
 def segment_starts(duration: float, num_segments: int = 6, segment_seconds: float = 10.0,
                    skip_fraction: float = 0.1) -> list[float]:
     """Start times of the segments taken from a track.
@@ -162,9 +175,11 @@ def _to_mono(samples: np.ndarray) -> np.ndarray:
 
 
 def load_segments(path: str, num_segments: int = 6, segment_seconds: float = 10.0,
-                  sample_rate: int = SAMPLE_RATE, skip_fraction: float = 0.1
-                  ) -> list[tuple[float, np.ndarray]]:
-    """Read the segments of one audio file as mono float32 at ``sample_rate``.
+                  sample_rate: int = SAMPLE_RATE, skip_fraction: float = 0.1,
+                  training_segments: int = 0) -> list[tuple[float, np.ndarray]]:
+    """Read the segments of one audio file as mono float32 at ``sample_rate``: the
+    ``num_segments`` standard ones, then up to ``training_segments`` more
+    (:func:`training_segment_starts`).
 
     Formats libsndfile can seek in (wav, flac, ogg, mp3, aiff) are read
     segment by segment, so a long track is never decoded whole; anything else
@@ -187,7 +202,7 @@ def load_segments(path: str, num_segments: int = 6, segment_seconds: float = 10.
     length = int(round(segment_seconds * sample_rate))
     with _decoder_output_held_back():
         segments, source_rate, duration = _decode(path, head, num_segments, segment_seconds,
-                                                  skip_fraction)
+                                                  skip_fraction, training_segments)
     if not segments:
         raise AudioError(f"{path}: {math.floor(duration * 10) / 10:.1f} s is shorter than one "
                          f"{segment_seconds:g} s segment")
@@ -244,7 +259,7 @@ def _looks_like_text(head: bytes) -> bool:
     return all(c.isprintable() or c in "\t\r\n\f" for c in text)
 
 
-def _decode(path, head, num_segments, segment_seconds, skip_fraction):
+def _decode(path, head, num_segments, segment_seconds, skip_fraction, training_segments=0):
     """(segments, source_rate, duration): libsndfile first, then audioread."""
     import soundfile as sf
 
@@ -254,7 +269,8 @@ def _decode(path, head, num_segments, segment_seconds, skip_fraction):
             if frames <= 0 or source_rate <= 0:
                 raise AudioError(f"{path}: no audio frames (the file holds a header only)")
             duration = frames / source_rate
-            starts = segment_starts(duration, num_segments, segment_seconds, skip_fraction)
+            starts = _starts(duration, num_segments, segment_seconds, skip_fraction,
+                             training_segments)
             segments = []
             for start in starts:
                 f.seek(int(round(start * source_rate)))
@@ -274,7 +290,8 @@ def _decode(path, head, num_segments, segment_seconds, skip_fraction):
         with warnings.catch_warnings():  # librosa warns about its own fallback; we report.
             warnings.simplefilter("ignore")
             duration = librosa.get_duration(path=path)
-            starts = segment_starts(duration, num_segments, segment_seconds, skip_fraction)
+            starts = _starts(duration, num_segments, segment_seconds, skip_fraction,
+                             training_segments)
             segments = []
             for start in starts:
                 y, source_rate = librosa.load(path, sr=None, mono=True, offset=start,
@@ -286,6 +303,16 @@ def _decode(path, head, num_segments, segment_seconds, skip_fraction):
     except Exception:
         pass
     raise AudioError(f"{path}: not a decodable audio file ({_reason(path, head, first_error)})")
+
+
+def _starts(duration, num_segments, segment_seconds, skip_fraction, training_segments):
+    standard = segment_starts(duration, num_segments, segment_seconds, skip_fraction)
+    if len(standard) < num_segments:  # A short track: the standard ones hold all of it.
+        return standard
+    # Not twice the same audio: a training segment where a standard one is, is left out.
+    return standard + [t for t in training_segment_starts(duration, training_segments,
+                                                          segment_seconds)
+                       if min(abs(t - s) for s in standard) >= segment_seconds / 2]
 
 
 def _reason(path: str, head: bytes, error: Exception) -> str:
@@ -584,8 +611,9 @@ def _tempo(onset: np.ndarray, sample_rate: int) -> tuple[float, float]:
 
 def analyze_file(path: str, num_segments: int = 6, segment_seconds: float = 10.0,
                  sample_rate: int = SAMPLE_RATE, image_size: int = IMAGE_SIZE,
-                 skip_fraction: float = 0.1) -> list[Segment]:
-    """All segments of one audio file, analysed.
+                 skip_fraction: float = 0.1, training_segments: int = 0) -> list[Segment]:
+    """All segments of one audio file, analysed: the standard ones (indices 1 to
+    num_segments at most), then the training-only ones (:func:`load_segments`).
 
     Raises
     ------
@@ -595,8 +623,8 @@ def analyze_file(path: str, num_segments: int = 6, segment_seconds: float = 10.0
     """
     segments = []
     for index, (start, y) in enumerate(
-            load_segments(path, num_segments, segment_seconds, sample_rate, skip_fraction),
-            start=1):
+            load_segments(path, num_segments, segment_seconds, sample_rate, skip_fraction,
+                          training_segments), start=1):
         try:
             image, features = analyze_segment(y, sample_rate, image_size)
         except AudioError as error:

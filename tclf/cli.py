@@ -106,7 +106,12 @@ def command(function=None, *, tensorflow: bool = True):
 @click.argument("audio_dir", type=click.Path(file_okay=False))
 @click.argument("data_dir", type=click.Path(file_okay=False))
 @click.option("--segments", "num_segments", default=6, type=click.IntRange(min=1),
-              help="Segments taken per track, spread evenly over its body.")
+              help="Standard segments per track, spread evenly over its body: the ones "
+                   "validation and tclf-predict use.")
+@click.option("--training-segments", default=audio.TRAINING_SEGMENTS, type=click.IntRange(min=0),
+              help="Then up to this many more, for training only: non-overlapping, spread "
+                   "evenly over the whole track (tclf-pack keeps them out of the validation "
+                   "split). More examples of each track: real music needs them (README).")
 @click.option("--segment-seconds", default=10.0, type=click.FloatRange(min=1.0, min_open=False),
               help="Length of each segment in seconds.")
 @click.option("--skip-fraction", default=0.1, type=click.FloatRange(0.0, 0.45),
@@ -124,8 +129,8 @@ def command(function=None, *, tensorflow: bool = True):
 @click.option("--overwrite", is_flag=True, help="Redo tracks already extracted.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @command(tensorflow=False)  # Extraction never uses TensorFlow.
-def extract_command(audio_dir, data_dir, num_segments, segment_seconds, skip_fraction,
-                    sample_rate, png_compression, jobs, overwrite, quiet):
+def extract_command(audio_dir, data_dir, num_segments, training_segments, segment_seconds,
+                    skip_fraction, sample_rate, png_compression, jobs, overwrite, quiet):
     """Cut AUDIO_DIR/<class>/<audio files> into DATA_DIR/<class>/<track_id>/part_N.png + .npy.
 
     Each segment becomes a 299x299 mel-spectrogram PNG and a 10x68 float32
@@ -138,6 +143,7 @@ def extract_command(audio_dir, data_dir, num_segments, segment_seconds, skip_fra
     from tclf import extract
 
     summary = extract.extract(audio_dir, data_dir, num_segments=num_segments,
+                              training_segments=training_segments,
                               segment_seconds=segment_seconds, sample_rate=sample_rate,
                               skip_fraction=skip_fraction, jobs=jobs, overwrite=overwrite,
                               progress=not quiet, png_compression=png_compression)
@@ -363,9 +369,14 @@ def tune_command(out_dir, kind, max_trials, objective, space_file, hparams_file,
               default=None, help="Output format. [default: table on a terminal, json otherwise]")
 @click.option("--batch-size", default=32, type=click.IntRange(min=1),
               help="Segments per forward pass.")
+@click.option("--min-confidence", default=0.0, type=click.FloatRange(0.0, 1.0),
+              help="Name a track 'unknown' when its highest probability (calibrated by "
+                   "tclf-train) is below this: music of none of the styles, or too close to "
+                   "call. Its probabilities are still shown.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary.")
 @command
-def predict_command(paths, model_path, show_segments, output_format, batch_size, quiet):
+def predict_command(paths, model_path, show_segments, output_format, batch_size,
+                    min_confidence, quiet):
     """Name the style of tracks: audio files, folders of audio, or data/ track folders.
 
     Each audio file is cut and analysed exactly as tclf-extract does, in
@@ -377,7 +388,7 @@ def predict_command(paths, model_path, show_segments, output_format, batch_size,
 
     output_format = output_format or ("table" if sys.stdout.isatty() else "json")
     result = predict.predict_paths(list(paths), model_path, batch_size=batch_size,
-                                   progress=not quiet)
+                                   progress=not quiet, min_confidence=min_confidence)
     if not result.tracks:
         raise click.ClickException(f"no track could be classified ({len(result.failed)} failed)")
     click.echo(predict.FORMATTERS[output_format](result, show_segments), nl=False)
@@ -406,10 +417,11 @@ def eval_command(model_path, records_dir, split, out_dir, batch_size, quiet):
     classes match the model's.
     """
     from tclf import evaluate, reports
-    from tclf.model import load_model
+    from tclf.model import load_model, load_temperature
 
     model, classes = load_model(model_path)
-    evaluation = evaluate.evaluate_records(model, classes, records_dir, split, batch_size)
+    evaluation = evaluate.evaluate_records(model, classes, records_dir, split, batch_size,
+                                           load_temperature(model_path))
     title = f"{model_path}: {split} split of {records_dir}"
     if out_dir:
         for path in reports.write_evaluation(evaluation, out_dir, title=title):

@@ -11,6 +11,7 @@ import dataclasses
 import numpy as np
 
 from tclf import InputError, RunError, schema, storage
+from tclf.calibration import apply_temperature, expected_calibration_error
 
 
 def _as_probabilities(probabilities, num_classes: int | None = None) -> np.ndarray:
@@ -173,6 +174,8 @@ class Evaluation:
     track_report: str
     num_segments: int
     num_tracks: int
+    track_ece: float = float("nan")  # Expected calibration error of the track probabilities.
+    temperature: float = 1.0  # The one the probabilities were scaled with (tclf.calibration).
 
     def to_dict(self) -> dict:
         """Return a JSON-serializable summary (report text omitted).
@@ -193,6 +196,8 @@ class Evaluation:
             "track_macro_f1": float(self.track_macro_f1),
             "segment_confusion": np.asarray(self.segment_confusion).astype(int).tolist(),
             "track_confusion": np.asarray(self.track_confusion).astype(int).tolist(),
+            "track_ece": float(self.track_ece),
+            "temperature": float(self.temperature),
         }
 
 
@@ -221,7 +226,8 @@ def _classification_metrics(
     return accuracy, macro_f1, confusion.astype(np.int64), report
 
 
-def evaluate_predictions(probabilities, labels, track_ids, class_names) -> Evaluation:
+def evaluate_predictions(probabilities, labels, track_ids, class_names,
+                         temperature: float = 1.0) -> Evaluation:
     """Compute segment- and track-level metrics.
 
     Predictions are the argmax of the probabilities; a track's prediction is
@@ -234,6 +240,9 @@ def evaluate_predictions(probabilities, labels, track_ids, class_names) -> Evalu
         Values in ``[0, C)``.
     track_ids : array-like of str or bytes, shape [N]
     class_names : sequence of str, length C
+    temperature : float
+        Applied to the segment probabilities first (tclf.calibration); accuracies do not
+        depend on it, the track ECE does.
 
     Returns
     -------
@@ -254,6 +263,7 @@ def evaluate_predictions(probabilities, labels, track_ids, class_names) -> Evalu
     if probs.shape[0] == 0:
         raise ValueError("cannot evaluate an empty set of segments (N == 0)")
     labs = _as_labels(labels, probs.shape[0], num_classes=len(names))
+    probs = apply_temperature(probs, temperature)
     track_probs, track_labels, unique_ids = track_level(probs, labs, track_ids)
 
     seg = _classification_metrics(labs, probs.argmax(axis=1), names)
@@ -270,6 +280,8 @@ def evaluate_predictions(probabilities, labels, track_ids, class_names) -> Evalu
         track_report=trk[3],
         num_segments=int(probs.shape[0]),
         num_tracks=int(unique_ids.shape[0]),
+        track_ece=expected_calibration_error(track_probs, track_labels),
+        temperature=float(temperature),
     )
 
 
@@ -300,12 +312,13 @@ def predict_records(model, records_dir: str, split: str = "val", batch_size: int
 
 
 def evaluate_records(model, class_names, records_dir: str, split: str = "val",
-                     batch_size: int = 32) -> Evaluation:
-    """Segment- and track-level metrics of a model on a packed split."""
+                     batch_size: int = 32, temperature: float = 1.0) -> Evaluation:
+    """Segment- and track-level metrics of a model on a packed split, its probabilities at
+    ``temperature`` (the one stored in its model.h5: tclf.model.load_temperature)."""
     manifest = schema.load_manifest(records_dir)
     if list(manifest["classes"]) != list(class_names):
         raise InputError(f"the model's classes {list(class_names)} differ from those of "
                          f"{storage.join(records_dir, schema.MANIFEST_NAME)} "
                          f"{manifest['classes']}: evaluate a model on records of its classes")
     probabilities, labels, track_ids = predict_records(model, records_dir, split, batch_size)
-    return evaluate_predictions(probabilities, labels, track_ids, class_names)
+    return evaluate_predictions(probabilities, labels, track_ids, class_names, temperature)

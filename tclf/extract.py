@@ -412,7 +412,8 @@ def clean_temporary(data_dir: str) -> int:
 def extract(audio_dir: str, data_dir: str, num_segments: int = 6, segment_seconds: float = 10.0,
             sample_rate: int = audio.SAMPLE_RATE, image_size: int = audio.IMAGE_SIZE,
             skip_fraction: float = 0.1, jobs: int | None = None, overwrite: bool = False,
-            progress: bool = True, png_compression: int | None = None) -> ExtractSummary:
+            progress: bool = True, png_compression: int | None = None,
+            training_segments: int = audio.TRAINING_SEGMENTS) -> ExtractSummary:
     """Extract every track of AUDIO_DIR into DATA_DIR.
 
     Parameters
@@ -424,6 +425,9 @@ def extract(audio_dir: str, data_dir: str, num_segments: int = 6, segment_second
     png_compression : int, optional
         zlib level 0-9 of the PNGs (:func:`audio.encode_png`); None: the folder's own
         (see :func:`record_settings`), ``audio.PNG_COMPRESSION`` for a new folder.
+    training_segments : int
+        Up to this many more segments a track, for training only, numbered after the
+        ``num_segments`` standard ones (:func:`audio.training_segment_starts`).
 
     Every file that cannot be used is reported by a DataWarning naming it.
 
@@ -444,7 +448,8 @@ def extract(audio_dir: str, data_dir: str, num_segments: int = 6, segment_second
     """
     start_time = time.perf_counter()
     options = dict(num_segments=num_segments, segment_seconds=segment_seconds,
-                   sample_rate=sample_rate, image_size=image_size, skip_fraction=skip_fraction)
+                   sample_rate=sample_rate, image_size=image_size, skip_fraction=skip_fraction,
+                   training_segments=training_segments)
     for path in (audio_dir, data_dir):
         if "://" in path:
             raise InputError(f"{path}: tclf-extract works on local folders; copy the result "

@@ -44,6 +44,7 @@ BACKBONE_NAME = "efficientnetb0"
 BACKBONE_OUTPUT_KEY = "backbone_output"  # The input of heads_model (stage 1).
 CLASS_NAMES_ATTRIBUTE = "tclf_class_names"
 CONFIG_ATTRIBUTE = "tclf_config"
+TEMPERATURE_ATTRIBUTE = "tclf_temperature"  # tclf.calibration; absent: 1.0.
 IMAGENET_URL = ("https://storage.googleapis.com/keras-applications/efficientnetb0_notop.h5")
 
 
@@ -59,7 +60,7 @@ def build_backbone(image_size: int = IMAGE_SIZE, weights: str | None = "imagenet
     weights : "imagenet", None / "none", or a path to a weights file
         (e.g. a local copy of efficientnetb0_notop.h5).
     """
-    if weights in (None, "none", "None"):
+    if is_random(weights):
         weights = None
     elif weights != "imagenet":
         import tensorflow as tf
@@ -212,6 +213,36 @@ def _inference_only(backbone):
     return backbone
 
 
+def is_random(weights) -> bool:
+    """Whether ``weights`` (the --weights option) leaves the backbone randomly initialized."""
+    return weights in (None, "none", "None")
+
+
+def calibrate_backbone(model, images) -> None:
+    """Set the backbone's BatchNormalization statistics to those of ``images`` (uint8
+    spectrograms [N, H, W, 3]): one forward pass in training mode with momentum 0, so that
+    each layer's moving mean and variance become its input's over the batch.
+
+    For a random backbone only (--weights none). With the initial statistics (mean 0,
+    variance 1) activations shrink from block to block and the pooled output is ~1e-5 (std
+    over the dev corpus), so the image branch contributes nothing after its Dense layer;
+    normalized, the random backbone is a random-feature extractor that does (README:
+    "Learning from real music"). A pretrained backbone keeps ImageNet's statistics.
+    """
+    import keras
+
+    norms = [layer for layer in backbone_of(model).layers
+             if isinstance(layer, keras.layers.BatchNormalization)]
+    momenta = [layer.momentum for layer in norms]
+    try:
+        for layer in norms:
+            layer.momentum = 0.0
+        image_encoder(model)(images, training=True)
+    finally:
+        for layer, momentum in zip(norms, momenta):
+            layer.momentum = momentum
+
+
 def heads_model(model):
     """The part of ``model`` after the backbone, as a model of its own:
     {"backbone_output": [B, 1280], "features": [B, 10, 68]} -> class probabilities.
@@ -292,8 +323,10 @@ def unfreeze_top(model, num_layers: int = 20) -> list[str]:
     return unfrozen
 
 
-def save_model(model, path: str, class_names, config: dict | None = None) -> None:
-    """Save model.h5 (no optimizer) with the class names as HDF5 attributes, atomically.
+def save_model(model, path: str, class_names, config: dict | None = None,
+               temperature: float = 1.0) -> None:
+    """Save model.h5 (no optimizer) with the class names, the training configuration and
+    the calibration temperature as HDF5 attributes, atomically.
 
     Written, tagged, then renamed into place (tclf.storage.staged), so ``path``
     may be remote and is never half-written.
@@ -313,6 +346,7 @@ def save_model(model, path: str, class_names, config: dict | None = None) -> Non
             f.attrs[CLASS_NAMES_ATTRIBUTE] = json.dumps(list(class_names))
             if config is not None:
                 f.attrs[CONFIG_ATTRIBUTE] = json.dumps(config, default=str)
+            f.attrs[TEMPERATURE_ATTRIBUTE] = float(temperature)
 
 
 def _h5_notice(record: logging.LogRecord) -> bool:
@@ -349,6 +383,15 @@ def load_config(path: str) -> dict | None:
         with h5py.File(_local_copy(path, tmp), "r") as f:
             value = f.attrs.get(CONFIG_ATTRIBUTE)
     return json.loads(value) if value is not None else None
+
+
+def load_temperature(path: str) -> float:
+    """The calibration temperature stored in a model.h5 by tclf-train (1.0 if absent)."""
+    import h5py
+
+    with tempfile.TemporaryDirectory() as tmp:
+        with h5py.File(_local_copy(path, tmp), "r") as f:
+            return float(f.attrs.get(TEMPERATURE_ATTRIBUTE, 1.0))
 
 
 def load_model(path: str):

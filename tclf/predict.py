@@ -34,6 +34,10 @@ from tclf import InputError, audio, report_skip
 from tclf.schema import FEATURES_KEY, SPECTROGRAM_KEY
 
 _PART = re.compile(r"^part_(\d+)\.png$")
+UNKNOWN = "unknown"  # The style of a track below --min-confidence.
+# The extraction settings prediction takes from a model: its standard segments, without the
+# training-only ones (tclf-extract --training-segments).
+ANALYSIS_SETTINGS = ("num_segments", "segment_seconds", "sample_rate", "skip_fraction")
 
 
 @dataclasses.dataclass
@@ -147,12 +151,13 @@ def extraction_settings(model_path: str) -> dict:
     from tclf.model import load_config
 
     settings = (load_config(model_path) or {}).get("extraction") or {}
-    return {k: v for k, v in settings.items()
-            if k in ("num_segments", "segment_seconds", "sample_rate", "skip_fraction")}
+    return {k: v for k, v in settings.items() if k in ANALYSIS_SETTINGS}
 
 
 def predict_paths(paths, model_path: str = "models/latest.h5", batch_size: int = 32,
-                  progress: bool = False, model=None, class_names=None) -> PredictionResult:
+                  progress: bool = False, model=None, class_names=None,
+                  min_confidence: float = 0.0, temperature: float | None = None
+                  ) -> PredictionResult:
     """Classify tracks.
 
     Parameters
@@ -167,6 +172,12 @@ def predict_paths(paths, model_path: str = "models/latest.h5", batch_size: int =
         An already loaded model (and its classes), to skip loading; audio is then
         analysed with the default extraction settings. Otherwise the settings
         stored in the model file (those of its training data) are used.
+    min_confidence : float
+        A track whose highest probability is below this is named ``UNKNOWN`` ("unknown"):
+        none of the styles the model knows, or too close to call.
+    temperature : float, optional
+        Applied to every segment's probabilities (tclf.calibration); default: the one
+        stored in the model file (1.0 with an already loaded ``model``).
 
     Returns
     -------
@@ -176,14 +187,18 @@ def predict_paths(paths, model_path: str = "models/latest.h5", batch_size: int =
     import tensorflow as tf
 
     from tclf.data import resize_image
-    from tclf.model import image_size_of, load_model
+    from tclf.calibration import apply_temperature
+    from tclf.model import image_size_of, load_model, load_temperature
 
     started = time.perf_counter()
     if model is None:
         model, class_names = load_model(model_path)
         extraction = extraction_settings(model_path)
+        if temperature is None:
+            temperature = load_temperature(model_path)
     else:
         extraction = {}
+    temperature = 1.0 if temperature is None else temperature
     image_size = image_size_of(model)
     items, failed = collect_inputs(paths)
     for _, error in failed:
@@ -202,7 +217,8 @@ def predict_paths(paths, model_path: str = "models/latest.h5", batch_size: int =
         if image_size != images.shape[1]:
             images = resize_image(tf.constant(images), image_size).numpy()
         inputs = {SPECTROGRAM_KEY: images, FEATURES_KEY: np.stack([p[4] for p in pending])}
-        probabilities = np.asarray(model(inputs, training=False), np.float64)
+        probabilities = apply_temperature(np.asarray(model(inputs, training=False), np.float64),
+                                          temperature)
         for (track, index, start, _, _), p in zip(pending, probabilities):
             tracks[track][1].append(SegmentPrediction(index, start, p))
         result.model_seconds += time.perf_counter() - tick
@@ -239,8 +255,9 @@ def predict_paths(paths, model_path: str = "models/latest.h5", batch_size: int =
         means, _, _ = mean_by_track(np.array([s.probabilities for _, s in segments]),
                                     [str(number) for number, _ in segments])
         for (source, track), mean in zip(tracks, means):
-            result.tracks.append(TrackPrediction(source, result.classes[int(np.argmax(mean))],
-                                                 mean, track))
+            style = (result.classes[int(np.argmax(mean))] if mean.max() >= min_confidence
+                     else UNKNOWN)
+            result.tracks.append(TrackPrediction(source, style, mean, track))
     result.seconds = time.perf_counter() - started
     return result
 

@@ -697,6 +697,8 @@ def pack(data_dir: str, records_dir: str, val_fraction: float = 0.2, seed: int =
         split = split_tracks({s.track_id: s.label for s in samples}, val_fraction, seed, groups)
         _warn_missing_classes(classes, samples, split, val_fraction)
         side_of = {track: side for side, tracks in split.items() for track in tracks}
+        standard = (_extraction_settings(data_dir) or {}).get("num_segments")
+        samples = standard_segments(samples, set(split["val"]), standard)
         pack_id = uuid.uuid4().hex[:8]
 
         with _staging_dir(records_dir) as tmp_dir:
@@ -715,11 +717,21 @@ def pack(data_dir: str, records_dir: str, val_fraction: float = 0.2, seed: int =
                                       seed=seed, val_fraction=val_fraction,
                                       groups_file=groups_file, pack_id=pack_id,
                                       png_compression=png_compression)
+            manifest["val_segments"] = standard
             with _tf().io.gfile.GFile(join(tmp_dir, MANIFEST_NAME), "w") as f:
                 json.dump(manifest, f, indent=1)
             _move_into_place(tmp_dir, records_dir, overwrite)
     manifest["seconds"] = time.perf_counter() - start_time
     return manifest
+
+
+def standard_segments(samples: list[Sample], tracks: set, count: int | None) -> list[Sample]:
+    """``samples`` without the training-only segments of ``tracks`` (the validation split's):
+    those numbered after the ``count`` standard ones (tclf-extract --training-segments).
+    None (data not written by tclf-extract): every segment is kept."""
+    if not count:
+        return samples
+    return [s for s in samples if s.track_id not in tracks or s.segment <= count]
 
 
 def _extraction_settings(data_dir: str) -> dict | None:

@@ -83,6 +83,8 @@ def format_report(evaluation: Evaluation, title: str = "") -> str:
         f"classes: {', '.join(ev.class_names)}",
         f"segments: {ev.num_segments}",
         f"tracks: {ev.num_tracks}",
+        f"calibration: temperature {ev.temperature:.3f}; expected calibration error of the "
+        f"track probabilities {ev.track_ece:.4f}",
         "",
     ]
     lines += _format_section(

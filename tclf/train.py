@@ -87,6 +87,21 @@ class TrainConfig:
     head_units: int = option(64, "Units of the second fusion Dense layer.")
     attention_heads: int = option(4, "Heads of the self-attention over the 10 windows.")
     dropout: float = option(0.4, "Dropout rate after the first fusion layer.")
+    random_backbone_stats: int = option(
+        96,
+        "With --weights none: set the random backbone's BatchNormalization statistics from "
+        "this many training spectrograms (one forward pass) before stage 1. Left at their "
+        "initial values they shrink its outputs to ~1e-5 and silence the image branch "
+        "(README: Learning from real music). 0 keeps them. No effect on pretrained weights.")
+    mixup: float = option(
+        0.4,
+        "Mixup in both stages' training steps: each example blended with another of its "
+        "batch, inputs and labels, by a weight drawn from Beta(alpha, alpha); this is alpha "
+        "(0: off). Validation and prediction never mix (README: Learning from real music).")
+    label_smoothing: float = option(
+        0.1,
+        "Training targets put 1 - this on the true style and spread this over all styles "
+        "(0: off).")
     # Stage 1: frozen backbone.
     stage1_cache: bool = option(
         True,
@@ -117,10 +132,20 @@ class TrainConfig:
     stage2_min_epochs: int = option(3, "Stage 2: minimum epochs before early stopping may stop it.")
     stage2_max_epochs: int = option(8, "Stage 2: maximum epochs.")
     stage2_patience: int = option(2, "Stage 2: early-stopping patience on val_loss.")
+    stage2_random_backbone: bool = option(
+        False,
+        "With --weights none, run stage 2 anyway. Skipped by default: fine-tuning the top of a "
+        "random backbone at stage 2's rate changed nothing on real music (README: Learning "
+        "from real music) and costs a full backbone pass per epoch.")
     stage2_min_delta: float = option(
         1e-3,
         "Stage 2: the smallest fall in val_loss that counts as an improvement for early "
         "stopping (an epoch of stage 2 costs a full backbone pass; README: why).")
+    calibrate: bool = option(
+        True,
+        "After training, fit a temperature to the validation segments so that the "
+        "probabilities match how often the model is right; stored in model.h5, applied by "
+        "tclf-eval and tclf-predict (README: Learning from real music).")
     verbose: int = option(
         1,
         "Keras progress output: 0 silent, 1 progress bar, 2 one line per epoch.")
@@ -171,6 +196,9 @@ class TrainConfig:
             (self.attention_heads <= self.gru_units,
              "attention_heads must be <= gru_units (each head gets gru_units / heads)"),
             (0.0 <= self.dropout < 1.0, "dropout must be in [0, 1)"),
+            (self.random_backbone_stats >= 0, "random_backbone_stats must be >= 0"),
+            (self.mixup >= 0, "mixup (the Beta distribution's alpha) must be >= 0"),
+            (0.0 <= self.label_smoothing < 1.0, "label_smoothing must be in [0, 1)"),
             (self.stage1_lr > 0 and self.stage2_lr > 0, "learning rates must be > 0"),
             (min(self.stage1_warmup_epochs, self.stage2_warmup_epochs, self.stage1_patience,
                  self.stage2_patience, self.stage2_min_epochs, self.stage2_min_delta) >= 0,
@@ -190,11 +218,13 @@ class TrainConfig:
 
 
 # The tiny preset: a two-stage run in about a minute on 2 CPU cores (32x32 spectrograms, small
-# layers, 1 + 1-2 epochs). For tests, smoke runs and benchmarks of the machinery, not of the
-# model: TrainConfig().replace(**TINY) or `tclf-train --hparams` with it.
+# layers, 1 + 1-2 epochs; stage 2 runs on its random backbone, to exercise it). For tests, smoke
+# runs and benchmarks of the machinery, not of the model: TrainConfig().replace(**TINY) or
+# `tclf-train --hparams` with it.
 TINY = dict(weights="none", image_size=32, batch_size=8, stage1_epochs=1, stage2_min_epochs=1,
             stage2_max_epochs=2, stage2_patience=1, image_units=16, gru_units=16, gru2_units=8,
-            feature_units=8, fusion_units=16, head_units=8, attention_heads=2)
+            feature_units=8, fusion_units=16, head_units=8, attention_heads=2,
+            stage2_random_backbone=True)
 
 
 def load_hparams(path: str) -> dict:
@@ -248,9 +278,13 @@ class StageResult:
 def run_stage(model, train_data, val_data, *, name: str, learning_rate: float, epochs: int,
               steps_per_epoch: int, warmup_epochs: float = 1.0, patience: int = 3,
               min_epochs: int = 0, min_delta: float = 0.0, class_weight=None, callbacks=(),
-              verbose=1,
-              checkpoint=None, progress: list | None = None) -> StageResult:
+              verbose=1, checkpoint=None, progress: list | None = None,
+              mixup: float = 0.0, label_smoothing: float = 0.0, seed: int | None = None
+              ) -> StageResult:
     """Compile with Adam on a warm-up + cosine schedule and fit, with early stopping.
+
+    ``mixup`` (its Beta alpha) and ``label_smoothing`` regularize the training steps only
+    (tclf.augment); both 0: Keras' sparse cross-entropy, as the spec's schedule has it.
 
     Early stopping watches val_loss (a fall of ``min_delta`` or less is no improvement),
     restores the best epoch's weights and never stops before ``min_epochs``. With a
@@ -261,12 +295,16 @@ def run_stage(model, train_data, val_data, *, name: str, learning_rate: float, e
     """
     import keras
 
+    from tclf import augment
     from tclf.callbacks import EarlyStoppingAfter, EpochCheckpoint
     from tclf.checkpoints import StageState
 
     schedule = learning_rate_schedule(learning_rate, steps_per_epoch, epochs, warmup_epochs)
-    model.compile(optimizer=keras.optimizers.Adam(schedule),
-                  loss=keras.losses.SparseCategoricalCrossentropy(), metrics=["accuracy"])
+    classes = model.outputs[0].shape[-1]
+    loss, accuracy = ((keras.losses.SparseCategoricalCrossentropy(), "accuracy")
+                      if not (mixup or label_smoothing)
+                      else augment.loss_and_accuracy(classes, label_smoothing))
+    model.compile(optimizer=keras.optimizers.Adam(schedule), loss=loss, metrics=[accuracy])
     stopper = EarlyStoppingAfter(min_epochs=min_epochs, monitor="val_loss", patience=patience,
                                  min_delta=min_delta, restore_best_weights=True)
     state = (checkpoint.stage(name) if checkpoint else None) or StageState(started=time.time())
@@ -286,10 +324,11 @@ def run_stage(model, train_data, val_data, *, name: str, learning_rate: float, e
             callbacks = [*callbacks, EpochCheckpoint(checkpoint, name, stopper, state,
                                                      progress if progress is not None else [],
                                                      epochs)]
-        history = model.fit(train_data, validation_data=val_data, epochs=epochs,
-                            initial_epoch=state.epochs_done, steps_per_epoch=steps_per_epoch,
-                            class_weight=class_weight, shuffle=False,
-                            callbacks=[stopper, *callbacks], verbose=verbose)
+        with augment.mixup(model, mixup, classes, seed):
+            history = model.fit(train_data, validation_data=val_data, epochs=epochs,
+                                initial_epoch=state.epochs_done, steps_per_epoch=steps_per_epoch,
+                                class_weight=class_weight, shuffle=False,
+                                callbacks=[stopper, *callbacks], verbose=verbose)
         if not checkpoint:  # (With one, EpochCheckpoint has kept the state.)
             state.history = dict(history.history)
             state.epochs_done = len(state.history.get("loss", []))
@@ -313,7 +352,8 @@ def run_stage(model, train_data, val_data, *, name: str, learning_rate: float, e
 
 def stage1(model, train_data, val_data, *, steps_per_epoch: int, learning_rate: float = 1e-4,
            epochs: int = 60, warmup_epochs: float = 1.0, patience: int = 8, class_weight=None,
-           callbacks=(), verbose=1, checkpoint=None, progress=None) -> StageResult:
+           callbacks=(), verbose=1, checkpoint=None, progress=None, **regularization
+           ) -> StageResult:
     """Stage 1: backbone frozen, heads trained at ``learning_rate``.
 
     ``model`` is the full model with datasets of records, or its ``tclf.model.heads_model``
@@ -326,14 +366,14 @@ def stage1(model, train_data, val_data, *, steps_per_epoch: int, learning_rate: 
     return run_stage(model, train_data, val_data, name="stage1", learning_rate=learning_rate,
                      epochs=epochs, steps_per_epoch=steps_per_epoch, warmup_epochs=warmup_epochs,
                      patience=patience, class_weight=class_weight, callbacks=callbacks,
-                     verbose=verbose, checkpoint=checkpoint, progress=progress)
+                     verbose=verbose, checkpoint=checkpoint, progress=progress, **regularization)
 
 
 def stage2(model, train_data, val_data, *, steps_per_epoch: int, num_layers: int = 20,
            learning_rate: float = 1e-5, min_epochs: int = 3, max_epochs: int = 8,
            warmup_epochs: float = 1.0, patience: int = 2, min_delta: float = 1e-3,
            class_weight=None, callbacks=(), verbose=1, checkpoint=None,
-           progress=None) -> StageResult:
+           progress=None, **regularization) -> StageResult:
     """Stage 2: the last ``num_layers`` backbone layers trainable (BatchNorm frozen)."""
     from tclf.model import unfreeze_top
 
@@ -342,7 +382,7 @@ def stage2(model, train_data, val_data, *, steps_per_epoch: int, num_layers: int
                      epochs=max_epochs, min_epochs=min_epochs, steps_per_epoch=steps_per_epoch,
                      warmup_epochs=warmup_epochs, patience=patience, min_delta=min_delta,
                      class_weight=class_weight, callbacks=callbacks, verbose=verbose,
-                     checkpoint=checkpoint, progress=progress)
+                     checkpoint=checkpoint, progress=progress, **regularization)
 
 
 # ---------------------------------------------------------------------------
@@ -494,7 +534,6 @@ def _run(config: TrainConfig, resume: str | None, strategy, devices: str, on_gpu
 
     from tclf import cluster as clusters, data
     from tclf.checkpoints import Checkpoint
-    from tclf.evaluate import evaluate_records
     from tclf.model import save_model
 
     checkpoint = Checkpoint.load(resume) if resume else None
@@ -530,12 +569,12 @@ def _run(config: TrainConfig, resume: str | None, strategy, devices: str, on_gpu
         evaluation = None
         if writes:
             # --- Reports -----------------------------------------------------------------------
-            evaluation = evaluate_records(model, manifest["classes"], config.records, "val",
-                                          config.batch_size)
+            evaluation = calibrated_evaluation(model, config, manifest["classes"])
             write_report_set(run, evaluation)
 
             # --- The model last: its presence marks the folder complete ------------------------
-            save_model(model, run.path("model.h5"), manifest["classes"], run.record(evaluation))
+            save_model(model, run.path("model.h5"), manifest["classes"], run.record(evaluation),
+                       evaluation.temperature)
             storage.publish(run.path("model.h5"), storage.join(config.models, "latest.h5"))
             run.complete()
     except BaseException as error:
@@ -549,6 +588,18 @@ def _run(config: TrainConfig, resume: str | None, strategy, devices: str, on_gpu
     return TrainResult(run.folder if writes else None, run.path("model.h5") if writes else None,
                        evaluation, run.stages, time.time() - started, devices, precision, model,
                        strategy.num_replicas_in_sync, cluster, weights_fingerprint(model))
+
+
+def calibrated_evaluation(model, config: TrainConfig, classes):
+    """The validation metrics, with config.calibrate at the temperature fitted to the
+    validation segments (tclf.calibration): one pass over the split for both."""
+    from tclf.calibration import fit_temperature
+    from tclf.evaluate import evaluate_predictions, predict_records
+
+    probabilities, labels, track_ids = predict_records(model, config.records, "val",
+                                                       config.batch_size)
+    temperature = fit_temperature(probabilities, labels) if config.calibrate else 1.0
+    return evaluate_predictions(probabilities, labels, track_ids, classes, temperature)
 
 
 def _what_runs(config: TrainConfig, resume: str | None, checkpoint, manifest: dict,
@@ -595,13 +646,28 @@ def make_datasets(config: TrainConfig, cluster=None):
     return train_data, val_data
 
 
-def model_for(config: TrainConfig, manifest: dict):
-    """tclf.model.build_model with config's model options, for the records of ``manifest``."""
-    from tclf.model import build_model
+def model_for(config: TrainConfig, manifest: dict, calibrate: bool = True):
+    """tclf.model.build_model with config's model options, for the records of ``manifest``;
+    a random backbone's statistics set from the first training records (in the pack's fixed
+    order, the same on every worker and on a resume) unless not ``calibrate``."""
+    from tclf.model import build_model, calibrate_backbone, is_random
 
-    return build_model(len(manifest["classes"]), manifest["feature_mean"],
-                       manifest["feature_std"], feature_shape=manifest["feature_shape"],
-                       **config.model_options())
+    model = build_model(len(manifest["classes"]), manifest["feature_mean"],
+                        manifest["feature_std"], feature_shape=manifest["feature_shape"],
+                        **config.model_options())
+    if calibrate and is_random(config.weights) and config.random_backbone_stats > 0:
+        calibrate_backbone(model, _first_spectrograms(config, config.random_backbone_stats))
+    return model
+
+
+def _first_spectrograms(config: TrainConfig, count: int):
+    """The spectrograms of the training split's first ``count`` records, in fixed order."""
+    from tclf import data
+
+    batch = data.make_dataset(config.records, "train", count, image_size=config.image_size)
+    with data.naming_corrupt_shards(config.records, "train"):
+        inputs, _ = next(iter(batch))
+    return inputs[schema.SPECTROGRAM_KEY]
 
 
 def _batch_split(batch_size: int, replicas: int) -> str:
@@ -675,7 +741,8 @@ def two_stages(model, train_data, val_data, config: TrainConfig, manifest: dict,
     counts = manifest["splits"]["train"]
     common = dict(steps_per_epoch=math.ceil(counts["records"] / config.batch_size),
                   class_weight=class_weights(counts["counts"], manifest["classes"]),
-                  verbose=config.verbose, checkpoint=checkpoint, progress=lines)
+                  verbose=config.verbose, checkpoint=checkpoint, progress=lines,
+                  mixup=config.mixup, label_smoothing=config.label_smoothing, seed=config.seed)
     stage1_options = dict(learning_rate=config.stage1_lr, epochs=config.stage1_epochs,
                           warmup_epochs=config.stage1_warmup_epochs,
                           patience=config.stage1_patience, callbacks=stage_callbacks(1, 0),
@@ -687,6 +754,12 @@ def two_stages(model, train_data, val_data, config: TrainConfig, manifest: dict,
         stages.append(stage1(model, train_data, val_data, **stage1_options))
     if after_stage1:
         after_stage1()
+    from tclf.model import is_random
+
+    if is_random(config.weights) and not config.stage2_random_backbone:
+        stages.append(StageResult("stage2", {}, 0, "skipped: the backbone is random (--weights "
+                                  "none); --stage2-random-backbone runs it", time.time(), 0.0))
+        return stages
     stages.append(stage2(
         model, train_data, val_data, num_layers=config.stage2_layers,
         learning_rate=config.stage2_lr, min_epochs=config.stage2_min_epochs,

@@ -254,7 +254,9 @@ def make_hypermodel(base: TrainConfig, space: dict, shared: _Shared, logs_dir: s
             keras.mixed_precision.set_global_policy(shared.precision)
             keras.utils.set_random_seed(config.seed)
             with shared.strategy.scope():
-                model = model_for(config, shared.manifest)
+                # The outputs' backbone replaces this one's: no need to calibrate it.
+                model = model_for(config, shared.manifest,
+                                  calibrate=shared.backbone_weights is None)
             if shared.backbone_weights is not None:  # The backbone the outputs came from.
                 backbone_of(model).set_weights(shared.backbone_weights)
             return model
@@ -292,7 +294,9 @@ def _fit_trial(config: TrainConfig, model, shared: _Shared, callbacks: list,
     except tf.errors.ResourceExhaustedError as error:
         raise keras_tuner.errors.FailedTrialError(
             f"out of memory: {error.message.strip().splitlines()[0]}") from None
-    best = stages[-1].history["val_loss"]
+    # Stage 2's losses; stage 1's where stage 2 was skipped (a random backbone).
+    best = next((s.history["val_loss"] for s in reversed(stages) if s.history.get("val_loss")),
+                [])
     return {"val_track_accuracy": evaluation.track_accuracy,
             "val_track_macro_f1": evaluation.track_macro_f1,
             "val_accuracy": evaluation.segment_accuracy,

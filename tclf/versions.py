@@ -72,6 +72,9 @@ def _training_log(config, manifest, devices, precision, weights, stages, evaluat
               "class weights: " + ", ".join(
                   f"{c}: {weights[i]:.4f}" for i, c in enumerate(manifest["classes"])), ""]
     for stage in stages:
+        if not stage.epochs_run and stage.stop_reason.startswith("skipped"):
+            lines.append(f"{stage.name}: {stage.stop_reason}")
+            continue
         prepared = (f", of which {stage.prepare_seconds:.1f} s computing the backbone outputs"
                     if getattr(stage, "prepare_seconds", 0) else "")
         lines += [f"{stage.name}: {stage.epochs_run} epochs, {_stamp(stage.started)} -> "
@@ -83,7 +86,9 @@ def _training_log(config, manifest, devices, precision, weights, stages, evaluat
                   f"validation accuracy (tracks): {evaluation.track_accuracy:.4f} "
                   f"over {evaluation.num_tracks} tracks",
                   f"validation macro F1 (segments / tracks): {evaluation.segment_macro_f1:.4f} / "
-                  f"{evaluation.track_macro_f1:.4f}"]
+                  f"{evaluation.track_macro_f1:.4f}",
+                  f"calibration temperature: {evaluation.temperature:.4f} (track ECE "
+                  f"{evaluation.track_ece:.4f})"]
     lines += ["", "options:"] + [f"  {k}: {v}" for k, v in dataclasses.asdict(config).items()]
     if failure:
         lines += ["", f"FAILED: {failure}", "No model.h5 was written; latest.h5 is unchanged.",

@@ -1,0 +1,86 @@
+"""Training-only regularization: mixup in the training step, and label smoothing in its loss.
+
+Both exist for real music, where a few hundred segments a style are all there is and the heads
+overfit them within a few epochs (README: Learning from real music). They act in
+``model.fit``'s training step only, on the training devices: validation, evaluation,
+prediction and the saved model see the model as built. The model itself is unchanged, so
+model.h5 loads in plain Keras as before.
+
+- Mixup (Zhang et al. 2018): each training example is blended with another of its batch,
+  inputs and one-hot labels alike, with a weight drawn from Beta(alpha, alpha). Stage 1 mixes
+  the cached backbone outputs and feature matrices, stage 2 the spectrograms (rounded back to
+  uint8) and feature matrices.
+- Label smoothing: the target puts 1 - e on the true style and spreads e over all styles.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+
+def loss_and_accuracy(num_classes: int, label_smoothing: float = 0.0):
+    """(loss, accuracy metric) that take a batch's labels as class indices [B] (validation)
+    or as class probabilities [B, C] (a mixed training batch). Without smoothing or mixup
+    Keras' own sparse cross-entropy and accuracy do the same on indices."""
+    import keras
+    from keras import ops
+
+    def targets(y_true, y_pred):
+        if len(y_true.shape) == len(y_pred.shape):
+            return ops.cast(y_true, "float32")
+        return ops.one_hot(ops.cast(ops.reshape(y_true, (-1,)), "int32"), num_classes)
+
+    def cross_entropy(y_true, y_pred):
+        target = targets(y_true, y_pred)
+        if label_smoothing:
+            target = target * (1.0 - label_smoothing) + label_smoothing / num_classes
+        return keras.losses.categorical_crossentropy(target, ops.cast(y_pred, "float32"))
+
+    def accuracy(y_true, y_pred):
+        return ops.cast(ops.equal(ops.argmax(targets(y_true, y_pred), axis=-1),
+                                  ops.argmax(y_pred, axis=-1)), "float32")
+
+    return cross_entropy, keras.metrics.MeanMetricWrapper(accuracy, name="accuracy")
+
+
+@contextlib.contextmanager
+def mixup(model, alpha: float, num_classes: int, seed: int | None = None):
+    """While the block runs, ``model``'s training step mixes each batch before Keras' own
+    step computes the loss and the gradients (compile ``model`` with
+    :func:`loss_and_accuracy`'s loss). alpha 0: the step is left alone."""
+    if not alpha:
+        yield model
+        return
+    import keras
+    from keras import ops
+
+    seeds = keras.random.SeedGenerator(seed)
+    own_step = model.train_step
+
+    def mix(tensor, weight, order):
+        weight = ops.reshape(weight, (-1,) + (1,) * (len(tensor.shape) - 1))
+        values = ops.cast(tensor, "float32")
+        mixed = weight * values + (1.0 - weight) * ops.take(values, order, axis=0)
+        if "int" in str(tensor.dtype):  # Spectrograms: uint8 pixels stay pixels.
+            mixed = ops.round(mixed)
+        return ops.cast(mixed, tensor.dtype)
+
+    def train_step(data):
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        batch = ops.shape(y)[0]
+        weight = keras.random.beta((batch,), alpha, alpha, seed=seeds)
+        order = keras.random.shuffle(ops.arange(batch), seed=seeds)
+        x = keras.tree.map_structure(lambda t: mix(t, weight, order), x)
+        y = mix(ops.one_hot(ops.cast(ops.reshape(y, (-1,)), "int32"), num_classes), weight,
+                order)
+        if sample_weight is not None:  # The class weights, blended as the labels are.
+            sample_weight = mix(sample_weight, weight, order)
+        return own_step(keras.utils.pack_x_y_sample_weight(x, y, sample_weight))
+
+    model.train_step = train_step
+    model.train_function = None  # Traced again, with this step.
+    try:
+        yield model
+    finally:
+        del model.train_step
+        model.train_function = None

@@ -1,0 +1,312 @@
+#!/usr/bin/env python
+"""What tclf learns from real music: two option sets and a classic baseline, on the same splits.
+
+Writes the "quality" section of BENCHMARKS.md. Usage, after tools/setup.sh:
+
+    bash ../shared/corpus/build_dev_corpus.sh dev-corpus     # real music, never committed
+    .venv/bin/python tools/bench_quality.py dev-corpus --work /tmp/tclf-quality
+
+For each option set, the corpus is extracted once (its extraction options), then packed with
+every split seed (the same tracks on each side for every set: the split is drawn over track
+ids), and tclf-train runs on each pack in its own process, CPU only, --weights none (ImageNet
+weights cannot be downloaded here) and float32 (the same arithmetic on every CPU). Each model
+is scored on its validation split: segment and track accuracy, track macro F1, and the
+expected calibration error (ECE) of the track probabilities, raw (temperature 1) and at the
+temperature tclf-train stored; "cross-fitted" fits the temperature on one half of the
+validation tracks and measures the other half, both ways, so that it is not scored on what
+it was fitted to.
+
+The classic baseline, on the same validation tracks: per track, the mean and standard
+deviation over the frames of 20 MFCCs, 12 chroma bins, spectral centroid, bandwidth,
+roll-off, 7 contrast bands, zero-crossing rate and RMS (librosa, on up to 120 s from the
+middle of the track), then a logistic regression (scikit-learn, standardized inputs).
+
+An option set is "LABEL: EXTRACT OPTIONS | TRAIN OPTIONS" (either side may be empty), e.g.
+--before "today: --segments 6 | --random-backbone-stats 0 --stage2-random-backbone".
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import click  # noqa: E402
+import numpy as np  # noqa: E402
+
+import benchlib  # noqa: E402
+
+# tclf's defaults before issue 19, spelled out against today's options.
+BEFORE = ("tclf 0.1 defaults: --segments 6 | --random-backbone-stats 0 --stage2-random-backbone "
+          "--no-calibrate --mixup 0 --label-smoothing 0")
+AFTER = "defaults: |"
+
+
+def parse_set(text: str) -> tuple[str, list[str], list[str]]:
+    label, _, options = text.partition(":")
+    extract, _, train = options.partition("|")
+    return label.strip(), shlex.split(extract), shlex.split(train)
+
+
+def run(command: list[str], log: str) -> None:
+    with open(log, "a") as f:
+        f.write(f"$ {shlex.join(command)}\n")
+        f.flush()
+        done = subprocess.run(command, stdout=f, stderr=subprocess.STDOUT)
+    if done.returncode:
+        raise click.ClickException(f"failed ({done.returncode}): {shlex.join(command)}; see {log}")
+
+
+def tool(name: str) -> str:
+    return os.path.join(os.path.dirname(sys.executable), name)
+
+
+def extracted(corpus: str, work: str, options: list[str], log: str) -> str:
+    key = hashlib.sha256(json.dumps(options).encode()).hexdigest()[:8]
+    data = os.path.join(work, f"data-{key}")
+    if not os.path.exists(os.path.join(data, ".complete")):
+        run([tool("tclf-extract"), corpus, data, "--quiet", *options], log)
+        open(os.path.join(data, ".complete"), "w").close()
+    return data
+
+
+def packed(data: str, seed: int, log: str) -> str:
+    records = f"{data}-split{seed}"
+    if not os.path.exists(os.path.join(records, "manifest.json")):
+        run([tool("tclf-pack"), data, records, "--seed", str(seed), "--min-shards", "2",
+             "--quiet"], log)
+    return records
+
+
+def score(model_path: str, records: str) -> dict:
+    """The validation scores of a model.h5, raw and calibrated."""
+    from tclf import calibration, evaluate
+    from tclf.model import load_model, load_temperature
+
+    model, classes = load_model(model_path)
+    probabilities, labels, tracks = evaluate.predict_records(model, records, "val")
+    temperature = load_temperature(model_path)
+    raw = evaluate.evaluate_predictions(probabilities, labels, tracks, classes)
+    calibrated = evaluate.evaluate_predictions(probabilities, labels, tracks, classes,
+                                               temperature)
+    return {"segment_accuracy": raw.segment_accuracy, "track_accuracy": raw.track_accuracy,
+            "track_macro_f1": raw.track_macro_f1, "ece_raw": raw.track_ece,
+            "ece_calibrated": calibrated.track_ece, "temperature": temperature,
+            "ece_cross_fitted": cross_fitted_ece(probabilities, labels, tracks, classes)}
+
+
+def cross_fitted_ece(probabilities, labels, tracks, classes) -> float:
+    """Track ECE with the temperature fitted on the other half of the validation tracks."""
+    from tclf import calibration, evaluate
+
+    names = sorted(set(tracks))
+    half = {name for i, name in enumerate(names) if i % 2 == 0}
+    inside = np.array([t in half for t in tracks])
+    track_probs, track_labels = [], []
+    for fit, measure in ((inside, ~inside), (~inside, inside)):
+        temperature = calibration.fit_temperature(probabilities[fit], labels[fit])
+        scaled = calibration.apply_temperature(probabilities[measure], temperature)
+        probs, labs, _ = evaluate.track_level(scaled, labels[measure],
+                                              [t for t, m in zip(tracks, measure) if m])
+        track_probs.append(probs)
+        track_labels.append(labs)
+    return calibration.expected_calibration_error(np.concatenate(track_probs),
+                                                  np.concatenate(track_labels))
+
+
+def train_and_score(records: str, models: str, options: list[str], precision: str,
+                    log: str) -> dict:
+    started = time.time()
+    run([tool("tclf-train"), "--records", records, "--models-dir", models, "--weights", "none",
+         "--gpus", "none", "--precision", precision, "--verbose", "0", *options], log)
+    seconds = time.time() - started
+    latest = sorted((d for d in os.listdir(models) if d[1:].isdigit()), key=lambda d: int(d[1:]))
+    path = os.path.join(models, latest[-1], "model.h5")
+    return {**score(path, records), "seconds": seconds,
+            "epochs": _epochs(os.path.join(models, latest[-1], "training_log.txt"))}
+
+
+def _epochs(log_path: str) -> str:
+    import re
+
+    text = open(log_path).read()
+    found = dict(re.findall(r"^(stage\d): (\d+) epochs", text, re.M))
+    return "+".join(found.get(s, "0") for s in ("stage1", "stage2"))
+
+
+# ---------------------------------------------------------------------------
+# The classic baseline.
+# ---------------------------------------------------------------------------
+
+
+def track_statistics(path: str, seconds: float = 120.0) -> np.ndarray:
+    import librosa
+    import soundfile
+
+    duration = soundfile.info(path).duration
+    offset = max(0.0, duration / 2 - seconds / 2)
+    y, sr = librosa.load(path, sr=22050, mono=True, offset=offset, duration=seconds)
+    spectrum = np.abs(librosa.stft(y, n_fft=2048, hop_length=512))
+    frames = np.vstack([
+        librosa.feature.mfcc(S=librosa.power_to_db(librosa.feature.melspectrogram(
+            S=spectrum**2, sr=sr)), n_mfcc=20),
+        librosa.feature.chroma_stft(S=spectrum**2, sr=sr),
+        librosa.feature.spectral_centroid(S=spectrum, sr=sr),
+        librosa.feature.spectral_bandwidth(S=spectrum, sr=sr),
+        librosa.feature.spectral_rolloff(S=spectrum, sr=sr),
+        librosa.feature.spectral_contrast(S=spectrum, sr=sr),
+        librosa.feature.zero_crossing_rate(y, frame_length=2048, hop_length=512)[:, :spectrum.shape[1]],
+        librosa.feature.rms(S=spectrum, frame_length=2048)])
+    return np.concatenate([frames.mean(axis=1), frames.std(axis=1)])
+
+
+def baseline_features(corpus: str, data: str) -> dict[str, np.ndarray]:
+    """Per track id (class/track, as in the manifests): its statistics, from the audio
+    file its data folder records (source.json: its name in CORPUS/<class>/)."""
+    from tclf.extract import read_source
+
+    out = {}
+    for label in sorted(os.listdir(data)):
+        folder = os.path.join(data, label)
+        if not os.path.isdir(folder) or label.startswith("."):
+            continue
+        for track in sorted(os.listdir(folder)):
+            source = read_source(os.path.join(folder, track))
+            out[f"{label}/{track}"] = track_statistics(os.path.join(corpus, label, source))
+    return out
+
+
+def baseline_scores(features: dict, records: str) -> dict:
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import f1_score
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from tclf import calibration
+
+    manifest = json.load(open(os.path.join(records, "manifest.json")))
+    classes = manifest["classes"]
+
+    def arrays(side):
+        tracks = manifest["splits"][side]["tracks"]
+        return (np.stack([features[t] for t in tracks]),
+                np.array([classes.index(t.split("/")[0]) for t in tracks]))
+
+    x_train, y_train = arrays("train")
+    x_val, y_val = arrays("val")
+    model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=5000))
+    model.fit(x_train, y_train)
+    probabilities = model.predict_proba(x_val)
+    predicted = probabilities.argmax(axis=1)
+    return {"track_accuracy": float((predicted == y_val).mean()),
+            "track_macro_f1": float(f1_score(y_val, predicted, average="macro")),
+            "ece_raw": calibration.expected_calibration_error(probabilities, y_val)}
+
+
+# ---------------------------------------------------------------------------
+# The report.
+# ---------------------------------------------------------------------------
+
+
+def _mean(rows, key):
+    return float(np.mean([r[key] for r in rows]))
+
+
+def table(results: dict, baseline: list, seeds: list[int]) -> str:
+    labels = list(results)
+    head = ["split seed"] + [f"{label}: {what}" for label in labels
+                             for what in ("segments", "tracks", "track F1")]
+    head += ["baseline: tracks", "baseline: track F1"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" + "---:|" * (len(head) - 1)]
+
+    def row(name, cells):
+        lines.append("| " + " | ".join([name] + [f"{c:.3f}" for c in cells]) + " |")
+
+    for i, seed in enumerate(seeds):
+        row(str(seed), [results[label][i][k] for label in labels
+                        for k in ("segment_accuracy", "track_accuracy", "track_macro_f1")]
+            + [baseline[i]["track_accuracy"], baseline[i]["track_macro_f1"]])
+    row("**mean**", [_mean(results[label], k) for label in labels
+                     for k in ("segment_accuracy", "track_accuracy", "track_macro_f1")]
+        + [_mean(baseline, "track_accuracy"), _mean(baseline, "track_macro_f1")])
+    lines += ["", "| option set | track ECE raw | track ECE calibrated (in-sample) | "
+              "track ECE calibrated (cross-fitted) | temperatures | epochs (stage 1+2) | "
+              "training s (mean) |", "|---|---:|---:|---:|---|---|---:|"]
+    for label in labels:
+        rows = results[label]
+        lines.append(
+            f"| {label} | {_mean(rows, 'ece_raw'):.3f} | {_mean(rows, 'ece_calibrated'):.3f} | "
+            f"{_mean(rows, 'ece_cross_fitted'):.3f} | "
+            f"{', '.join('%.2f' % r['temperature'] for r in rows)} | "
+            f"{', '.join(r['epochs'] for r in rows)} | {_mean(rows, 'seconds'):.0f} |")
+    lines.append(f"| classic baseline | {_mean(baseline, 'ece_raw'):.3f} | | | | | |")
+    return "\n".join(lines)
+
+
+@click.command()
+@click.argument("corpus", type=click.Path(exists=True, file_okay=False))
+@click.option("--work", default="/tmp/tclf-quality", show_default=True,
+              help="Extracted data, packs, models and the log (reused when re-run).")
+@click.option("--before", "before", default=BEFORE, show_default=True)
+@click.option("--after", "after", default=AFTER, show_default=True)
+@click.option("--seeds", default="0,1,2", show_default=True, help="Split seeds of tclf-pack.")
+@click.option("--precision", default="float32", show_default=True)
+@click.option("--write/--no-write", default=True, help="Write BENCHMARKS.md's section.")
+def main(corpus, work, before, after, seeds, precision, write):
+    started = time.time()
+    seeds = [int(s) for s in seeds.split(",")]
+    os.makedirs(work, exist_ok=True)
+    log = os.path.join(work, "bench_quality.log")
+    sets = [parse_set(before), parse_set(after)]
+    results, extract_seconds = {}, {}
+    for label, extract_options, train_options in sets:
+        tick = time.time()
+        data = extracted(corpus, work, extract_options, log)
+        extract_seconds[label] = time.time() - tick
+        results[label] = []
+        for seed in seeds:
+            records = packed(data, seed, log)
+            models = os.path.join(work, "models", hashlib.sha256(
+                label.encode()).hexdigest()[:8], f"split{seed}")
+            outcome = train_and_score(records, models, train_options, precision, log)
+            results[label].append(outcome)
+            click.echo(f"{label} split {seed}: {json.dumps(outcome)}", err=True)
+    tick = time.time()
+    features = baseline_features(corpus, extracted(corpus, work, sets[0][1], log))
+    baseline = [baseline_scores(features, packed(extracted(corpus, work, sets[0][1], log), seed,
+                                                 log)) for seed in seeds]
+    baseline_seconds = time.time() - tick
+    tracks = json.load(open(os.path.join(packed(extracted(corpus, work, sets[0][1], log),
+                                                seeds[0], log), "manifest.json")))
+    minutes = (time.time() - started) / 60
+    body = "\n".join([
+        "## What tclf learns from real music (tools/bench_quality.py)", "",
+        f"Machine: {benchlib.machine()}. CPU only, --weights none, --precision {precision}.",
+        f"Corpus: {corpus} (../shared/corpus/build_dev_corpus.sh: "
+        f"{', '.join(tracks['classes'])}; "
+        f"{sum(len(tracks['splits'][s]['tracks']) for s in ('train', 'val'))} tracks), "
+        f"{len(seeds)} track splits (tclf-pack --seed {', '.join(map(str, seeds))}), "
+        f"{len(tracks['splits']['val']['tracks'])} validation tracks each, 6 segments a "
+        f"validation track.", "",
+        *[f"- **{label}**: extract `{shlex.join(e) or '(defaults)'}`, train "
+          f"`{shlex.join(t) or '(defaults)'}` (extraction {extract_seconds[label]:.0f} s)"
+          for label, e, t in sets],
+        f"- **classic baseline**: MFCC/chroma/spectral statistics + logistic regression "
+        f"({baseline_seconds:.0f} s)", "",
+        table(results, baseline, seeds), "",
+        f"Whole run: {minutes:.1f} min."])
+    click.echo(body)
+    if write:
+        benchlib.write_section("quality", body)
+
+
+if __name__ == "__main__":
+    main()
