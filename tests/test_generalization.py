@@ -58,6 +58,20 @@ def test_random_backbone_statistics_come_from_the_training_spectrograms(records_
                if isinstance(layer, keras.layers.BatchNormalization))
 
 
+def test_statistics_are_averaged_over_batches(records_dir, tmp_path):
+    manifest = records.load_manifest(records_dir)
+    images = train._first_spectrograms(_config(records_dir, tmp_path), 8)
+    first = []
+    for batch_size in (8, 4):
+        keras.utils.set_random_seed(0)
+        model = train.model_for(_config(records_dir, tmp_path, random_backbone_stats=0),
+                                manifest)
+        tclf_model.calibrate_backbone(model, images, batch_size=batch_size)
+        first.append(_norm_statistics(model)[0])  # The first layer's: the mean of its input.
+    # Two batches of 4 with momenta 0 and 1/2: the mean of the two means, that of all 8.
+    np.testing.assert_allclose(first[1], first[0], rtol=1e-4, atol=1e-6)
+
+
 def test_a_pretrained_backbone_keeps_its_statistics(records_dir, tmp_path):
     weights = tmp_path / "backbone.weights.h5"
     tclf_model.build_backbone(32, None).save_weights(str(weights))

@@ -45,7 +45,7 @@ import numpy as np  # noqa: E402
 import benchlib  # noqa: E402
 
 # tclf's defaults before issue 19, spelled out against today's options.
-BEFORE = ("tclf 0.1 defaults: --segments 6 | --random-backbone-stats 0 --stage2-random-backbone "
+BEFORE = ("tclf 0.1 defaults: --training-segments 0 | --random-backbone-stats 0 --stage2-random-backbone "
           "--no-calibrate --mixup 0 --label-smoothing 0")
 AFTER = "defaults: |"
 
