@@ -220,10 +220,12 @@ def is_random(weights) -> bool:
 
 def calibrate_backbone(model, images, batch_size: int = 16) -> None:
     """Set the backbone's BatchNormalization statistics to those of ``images`` (uint8
-    spectrograms [N, H, W, 3]): forward passes in training mode, ``batch_size`` images at
-    a time, each layer's moving mean and variance the average of its input's over the
-    batches (the i-th batch with momentum (i - 1) / i). A pass over 96 spectrograms at once
-    held 17 GB at 299x299.
+    spectrograms [N, H, W, 3]): each layer's moving mean and variance become those of its
+    input over all the images and positions, with the backbone run ``batch_size`` images at
+    a time in training mode (each layer normalizing by its batch's, as it will by these; a
+    pass over 96 images at once held 17 GB at 299x299). The
+    statistics are computed here and set with ``set_weights``, which holds on every replica
+    of a tf.distribute strategy (the layers' own update in a cross-replica call does not).
 
     For a random backbone only (--weights none). With the initial statistics (mean 0,
     variance 1) activations shrink from block to block and the pooled output is ~1e-5 (std
@@ -233,18 +235,24 @@ def calibrate_backbone(model, images, batch_size: int = 16) -> None:
     """
     import keras
 
-    norms = [layer for layer in backbone_of(model).layers
+    backbone = backbone_of(model)
+    norms = [layer for layer in backbone.layers
              if isinstance(layer, keras.layers.BatchNormalization)]
-    momenta = [layer.momentum for layer in norms]
-    encoder = image_encoder(model)
-    try:
-        for i, start in enumerate(range(0, len(images), batch_size)):
-            for layer in norms:
-                layer.momentum = i / (i + 1)
-            encoder(images[start:start + batch_size], training=True)
-    finally:
-        for layer, momentum in zip(norms, momenta):
-            layer.momentum = momentum
+    probe = keras.Model(backbone.inputs, [layer.input for layer in norms])
+    to_float = model.get_layer("image_to_float")
+    sums = None  # Per layer: (values, sum, sum of squares) over every image and position.
+    for start in range(0, len(images), batch_size):
+        inputs = probe(to_float(images[start:start + batch_size]), training=True)
+        batch = [(x.shape[0] * x.shape[1] * x.shape[2], x.sum(axis=(0, 1, 2)),
+                  (x * x).sum(axis=(0, 1, 2)))
+                 for x in (np.asarray(t, np.float64) for t in inputs)]
+        sums = batch if sums is None else [tuple(a + b for a, b in zip(old, new))
+                                           for old, new in zip(sums, batch)]
+    for layer, (count, total, squares) in zip(norms, sums):
+        mean = total / count
+        values = {id(layer.moving_mean): mean,
+                  id(layer.moving_variance): np.maximum(squares / count - mean * mean, 0.0)}
+        layer.set_weights([values.get(id(w), w.numpy()) for w in layer.weights])
 
 
 def heads_model(model):

@@ -77,7 +77,8 @@ def test_ctrl_c_exits_with_130(name, monkeypatch):
 def test_extract_and_pack_succeed_and_fail_on_a_missing_folder(audio_dir, tmp_path):
     runner = CliRunner()
     done = runner.invoke(cli.extract_command, [os.path.join(audio_dir), str(tmp_path / "d"),
-                                               "-q", "--jobs", "1", "--segments", "1"])
+                                               "-q", "--jobs", "1", "--segments", "1",
+                                               "--training-segments", "0"])
     assert done.exit_code == 0 and "extracted 12 tracks" in done.output, done.output
     done = runner.invoke(cli.pack_command, [str(tmp_path / "d"), str(tmp_path / "r"), "-q",
                                             "--min-shards", "1"])

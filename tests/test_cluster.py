@@ -187,9 +187,11 @@ def _finish(processes, timeout=400):
 
 def _options(records_dir, models):
     hparams = {k: v for k, v in TINY_TRAINING.items() if k != "verbose"}
+    flag = lambda name: f"--{name.replace('_', '-')}"  # noqa: E731
     return ["--records", records_dir, "--models-dir", str(models), "-q",
             *[a for name, value in hparams.items()
-              for a in (f"--{name.replace('_', '-')}", str(value))]]
+              for a in ([flag(name) if value else f"--no-{flag(name)[2:]}"]
+                        if isinstance(value, bool) else [flag(name), str(value)])]]
 
 
 def _fingerprint(output: str) -> str:
