@@ -26,7 +26,9 @@ def loss_and_accuracy(num_classes: int, label_smoothing: float = 0.0):
     from keras import ops
 
     def targets(y_true, y_pred):
-        if len(y_true.shape) == len(y_pred.shape):
+        # Keras hands a loss function indices [B] as [B, 1] (to y_pred's rank): the last axis
+        # tells them from probabilities.
+        if len(y_true.shape) == len(y_pred.shape) and y_true.shape[-1] == num_classes:
             return ops.cast(y_true, "float32")
         return ops.one_hot(ops.cast(ops.reshape(y_true, (-1,)), "int32"), num_classes)
 
@@ -77,10 +79,14 @@ def mixup(model, alpha: float, num_classes: int, seed: int | None = None):
             sample_weight = mix(sample_weight, weight, order)
         return own_step(keras.utils.pack_x_y_sample_weight(x, y, sample_weight))
 
+    before = model.__dict__.get("train_step")  # An instance's own step, if it had one.
     model.train_step = train_step
     model.train_function = None  # Traced again, with this step.
     try:
         yield model
     finally:
-        del model.train_step
+        if before is None:
+            del model.train_step
+        else:
+            model.train_step = before
         model.train_function = None

@@ -221,3 +221,78 @@ def test_pack_keeps_training_only_segments_out_of_validation(data_copy, tmp_path
     assert [s.segment for s in records.standard_segments(samples, {"t"}, 6)] == list(range(1, 7))
     assert records.standard_segments(samples, set(), 6) == samples
     assert records.standard_segments(samples, {"t"}, None) == samples
+
+
+def _small_model():
+    image = keras.Input((2, 2, 1), dtype="uint8", name="spectrogram")
+    features = keras.Input((3,), name="features")
+    flat = keras.layers.Flatten()(keras.layers.Rescaling(1.0)(image))
+    out = keras.layers.Dense(3, activation="softmax")(
+        keras.layers.Concatenate()([flat, features]))
+    return keras.Model({"spectrogram": image, "features": features}, out)
+
+
+def test_label_smoothing_loss_and_accuracy_take_indices_and_probabilities():
+    from tclf import augment
+
+    loss, accuracy = augment.loss_and_accuracy(3, label_smoothing=0.1)
+    p = np.array([[0.7, 0.2, 0.1]], np.float32)
+    target = np.array([0.9 + 0.1 / 3, 0.1 / 3, 0.1 / 3])
+    expected = -(target * np.log(p[0])).sum()
+    assert float(loss(np.array([0]), p)[0]) == pytest.approx(expected, rel=1e-5)
+    assert float(loss(np.array([[0]]), p)[0]) == pytest.approx(expected, rel=1e-5)  # As Keras.
+    assert float(loss(np.array([[1.0, 0, 0]], np.float32), p)[0]) == pytest.approx(expected,
+                                                                                 rel=1e-5)
+    plain, _ = augment.loss_and_accuracy(3, 0.0)  # Off: the ordinary cross-entropy.
+    assert float(plain(np.array([0]), p)[0]) == pytest.approx(-np.log(0.7), rel=1e-5)
+    accuracy.update_state(np.array([0, 2]), np.array([[0.7, 0.2, 0.1], [0.7, 0.2, 0.1]]))
+    accuracy.update_state(np.array([[0.6, 0.4, 0.0]]), np.array([[0.7, 0.2, 0.1]]))
+    assert float(accuracy.result()) == pytest.approx(2 / 3)
+
+
+def test_mixup_mixes_training_batches_only_and_is_off_at_zero():
+    import tensorflow as tf
+
+    from tclf import augment
+
+    model = _small_model()
+    loss, accuracy = augment.loss_and_accuracy(3, 0.0)
+    model.compile(keras.optimizers.SGD(0.0), loss=loss, metrics=[accuracy])
+    seen = []
+    own = model.train_step
+
+    def recorder(data):
+        x, y = data[0], data[1]
+        tf.numpy_function(lambda s, f, t: seen.append((s, f, t)) or np.int64(0),
+                          [x["spectrogram"], x["features"], y], tf.int64, stateful=True)
+        return own(data)
+
+    model.train_step = recorder
+    x = {"spectrogram": np.stack([np.full((2, 2, 1), v, np.uint8) for v in (0, 1, 2, 3)]),
+         "features": np.eye(4, 3, dtype=np.float32) * 10}
+    y = np.array([0, 1, 2, 0])
+    before = model.predict(x, verbose=0)
+    with augment.mixup(model, 0.4, 3, seed=0):
+        model.fit(x, y, batch_size=4, epochs=3, verbose=0, shuffle=False)
+        inside = model.predict(x, verbose=0)
+        evaluated = model.evaluate(x, y, verbose=0, return_dict=True)
+    assert model.train_step is recorder  # The instance's own step is back.
+    np.testing.assert_array_equal(inside, before)  # Prediction never mixes (and lr 0).
+    assert evaluated["loss"] == pytest.approx(float(np.mean(loss(y, before))), rel=1e-5)
+    assert len(seen) == 3
+    for spectrogram, features, labels in seen:
+        # Labels: blends of two one-hot rows; features and pixels: blends of two rows, within
+        # the originals' range (features are 10 * one-hot rows, or zeros), pixels still uint8.
+        assert spectrogram.dtype == np.uint8 and labels.shape == (4, 3)
+        np.testing.assert_allclose(labels.sum(axis=1), 1.0, rtol=1e-6)
+        assert (features >= 0).all() and (features.sum(axis=1) <= 10.0 + 1e-4).all()
+    assert any(not np.allclose(labels.max(axis=1), 1.0) for _, _, labels in seen)
+    assert any(not np.isin(features, (0.0, 10.0)).all() for _, features, _ in seen)
+    assert all(s.max() <= 3 for s, _, _ in seen)
+    seen.clear()
+    model.train_step = own
+    with augment.mixup(model, 0.0, 3, seed=0):  # Off: Keras' own step, the batch as it is.
+        assert "train_step" in model.__dict__ and model.train_step is own
+    del model.train_step
+    with augment.mixup(model, 0.0, 3):
+        assert "train_step" not in model.__dict__
