@@ -336,7 +336,7 @@ def _killed_extract(source, data, point):
     env = dict(os.environ, TCLF_KILL_AT=point)
     done = subprocess.run(
         [sys.executable, "-c", "from tclf.cli import extract_command; extract_command()",
-         str(source), str(data), "--jobs", "1", "-q"],
+         str(source), str(data), "--jobs", "1", "-q", "--training-segments", "0"],
         env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == -9, (done.returncode, done.stdout, done.stderr)
 
