@@ -88,7 +88,7 @@ def packed(data: str, seed: int, log: str) -> str:
 
 def score(model_path: str, records: str) -> dict:
     """The validation scores of a model.h5, raw and calibrated."""
-    from tclf import calibration, evaluate
+    from tclf import evaluate
     from tclf.model import load_model, load_temperature
 
     model, classes = load_model(model_path)
