@@ -12,7 +12,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import click  # noqa: E402
 
-from tclf import UserError, audio  # noqa: E402
+from tclf import UserError, __version__, audio  # noqa: E402
 from tclf.schema import SPLITS  # noqa: E402
 
 # Errors that mean "the user's input or setup is wrong": one line, no traceback. Anything else
@@ -493,3 +493,29 @@ def data_service_worker(dispatcher, port, host):
         port=port))
     click.echo(f"tf.data service worker on {host or socket.gethostname()}, dispatcher {address}")
     server.join()
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "--version", "-V", prog_name="tclf",
+                      message="%(prog)s %(version)s")
+def main():
+    """tclf: learn the styles of tracks from audio, then name the style of new ones.
+
+    \b
+    The pipeline, one subcommand per step:
+      tclf extract AUDIO_DIR data/    audio -> spectrogram PNGs + feature matrices
+      tclf pack data/ records/        -> sharded TFRecords, split by track
+      tclf train --gpus all           -> models/vN/model.h5 and models/latest.h5
+      tclf predict new_tracks/        the style of each track
+      tclf eval --out eval/           scores of a model on a packed split
+
+    Each subcommand is also its own command (tclf-extract, tclf-pack, ...). Shell completion
+    (bash): eval "$(_TCLF_COMPLETE=bash_source tclf)"; zsh: zsh_source; fish: fish_source.
+    """
+
+
+SUBCOMMANDS = {"extract": extract_command, "pack": pack_command, "train": train_command,
+               "predict": predict_command, "eval": eval_command, "tune": tune_command,
+               "data-service": data_service_command}
+for _name, _command in SUBCOMMANDS.items():
+    main.add_command(_command, _name)

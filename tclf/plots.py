@@ -7,29 +7,24 @@ from __future__ import annotations
 
 import io
 
-import matplotlib
+import matplotlib.ticker as mticker
+import matplotlib.transforms as mtransforms
+import numpy as np
+import seaborn as sns
+# Figures made with the object API render without pyplot's global backend, which stays the
+# user's (a notebook importing tclf keeps its inline plots).
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-
-import matplotlib.pyplot as plt  # noqa: E402
-import matplotlib.ticker as mticker  # noqa: E402
-import matplotlib.transforms as mtransforms  # noqa: E402
-import numpy as np  # noqa: E402
-import seaborn as sns  # noqa: E402
-
-from tclf.storage import write_atomic  # noqa: E402
+from tclf.storage import write_atomic
 
 _DPI = 120
 
 
 def _save_figure(fig, path: str) -> None:
-    """Render ``fig`` to PNG in memory, close it and write it to ``path``."""
-    try:
-        fig.tight_layout()
-        buffer = io.BytesIO()
-        fig.savefig(buffer, format="png", dpi=_DPI, bbox_inches="tight", pad_inches=0.1)
-    finally:
-        plt.close(fig)
+    """Render ``fig`` to PNG in memory and write it to ``path``."""
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=_DPI, bbox_inches="tight", pad_inches=0.1)
     write_atomic(path, buffer.getvalue())
 
 
@@ -100,9 +95,8 @@ def _confusion_figure(panels: list[tuple[np.ndarray, str]], class_names: list[st
     """Create a figure with one confusion heatmap per (matrix, title) panel."""
     side = max(4.0, 1.1 * len(class_names) + 2.5)
     with sns.axes_style("whitegrid"):
-        fig, axes = plt.subplots(
-            1, len(panels), figsize=(side * 1.25 * len(panels), side), squeeze=False
-        )
+        fig = Figure(figsize=(side * 1.25 * len(panels), side))
+        axes = fig.subplots(1, len(panels), squeeze=False)
         for ax, (matrix, title) in zip(axes[0], panels):
             _draw_confusion(ax, matrix, class_names, title)
         if suptitle:
@@ -227,7 +221,8 @@ def plot_history(
     val = np.concatenate([_series(s, val_key, n) for s, n in zip(stages, lengths)] or [np.zeros(0)])
 
     with sns.axes_style("whitegrid"):
-        fig, ax = plt.subplots(figsize=(8, 4.5))
+        fig = Figure(figsize=(8, 4.5))
+        ax = fig.subplots()
         marker = "o" if total <= 60 else None
         if np.any(np.isfinite(train)):
             ax.plot(epochs, train, marker=marker, markersize=3, color="C0", label="train")

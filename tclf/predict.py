@@ -268,7 +268,7 @@ def predict_paths(paths, model_path: str = "models/latest.h5", batch_size: int =
 
 
 def format_json(result: PredictionResult, segments: bool = False) -> str:
-    return json.dumps(result.to_dict(segments), indent=1)
+    return json.dumps(result.to_dict(segments), indent=1) + "\n"
 
 
 def format_csv(result: PredictionResult, segments: bool = False) -> str:
