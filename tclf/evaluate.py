@@ -176,6 +176,34 @@ class Evaluation:
     num_tracks: int
     track_ece: float = float("nan")  # Expected calibration error of the track probabilities.
     temperature: float = 1.0  # The one the probabilities were scaled with (tclf.calibration).
+    # Per level: sklearn's classification report as a dict (per class, macro and weighted avg).
+    segment_classes: dict = dataclasses.field(default_factory=dict)
+    track_classes: dict = dataclasses.field(default_factory=dict)
+    # Per track, in order of first appearance: id, true class index, probabilities [T, C].
+    track_ids: list = dataclasses.field(default_factory=list)
+    track_labels: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, int))
+    track_probabilities: np.ndarray = dataclasses.field(
+        default_factory=lambda: np.zeros((0, 0)))
+
+    def track_rows(self) -> list[dict]:
+        """One row per track for fixing labels: the wrong ones first, most confident first,
+        then the right ones, least confident first (the closest calls)."""
+        rows = []
+        for track, label, probs in zip(self.track_ids, self.track_labels,
+                                       self.track_probabilities):
+            predicted = int(np.argmax(probs))
+            rows.append({"track": str(track), "true": self.class_names[int(label)],
+                         "predicted": self.class_names[predicted],
+                         "confidence": float(probs[predicted]),
+                         "correct": bool(predicted == int(label)),
+                         "probabilities": {c: float(p) for c, p in zip(self.class_names, probs)}})
+        return sorted(rows, key=lambda r: (r["correct"],
+                                           r["confidence"] * (1 if r["correct"] else -1),
+                                           r["track"]))
+
+    def mistakes(self, count: int = 10) -> list[dict]:
+        """The ``count`` most confident wrong tracks."""
+        return [row for row in self.track_rows() if not row["correct"]][:count]
 
     def to_dict(self) -> dict:
         """Return a JSON-serializable summary (report text omitted).
@@ -203,8 +231,8 @@ class Evaluation:
 
 def _classification_metrics(
     y_true: np.ndarray, y_pred: np.ndarray, class_names: list[str]
-) -> tuple[float, float, np.ndarray, str]:
-    """Accuracy, macro F1, confusion [C, C] and report text for one level."""
+) -> tuple[float, float, np.ndarray, str, dict]:
+    """Accuracy, macro F1, confusion [C, C], report text and report dict for one level."""
     from sklearn import metrics as skmetrics
 
     label_ids = list(range(len(class_names)))
@@ -215,15 +243,12 @@ def _classification_metrics(
         )
     )
     confusion = skmetrics.confusion_matrix(y_true, y_pred, labels=label_ids)
-    report = skmetrics.classification_report(
-        y_true,
-        y_pred,
-        labels=label_ids,
-        target_names=class_names,
-        digits=4,
-        zero_division=0,
-    )
-    return accuracy, macro_f1, confusion.astype(np.int64), report
+    options = dict(labels=label_ids, target_names=class_names, zero_division=0)
+    report = skmetrics.classification_report(y_true, y_pred, digits=4, **options)
+    table = skmetrics.classification_report(y_true, y_pred, output_dict=True, **options)
+    table = {name: {key: float(value) for key, value in row.items()}
+             for name, row in table.items() if isinstance(row, dict)}  # Not "accuracy".
+    return accuracy, macro_f1, confusion.astype(np.int64), report, table
 
 
 def evaluate_predictions(probabilities, labels, track_ids, class_names,
@@ -282,6 +307,11 @@ def evaluate_predictions(probabilities, labels, track_ids, class_names,
         num_tracks=int(unique_ids.shape[0]),
         track_ece=expected_calibration_error(track_probs, track_labels),
         temperature=float(temperature),
+        segment_classes=seg[4],
+        track_classes=trk[4],
+        track_ids=[str(t) for t in unique_ids],
+        track_labels=np.asarray(track_labels, np.int64),
+        track_probabilities=np.asarray(track_probs, np.float64),
     )
 
 

@@ -1,4 +1,5 @@
-"""The report set of an evaluation: report.txt (segment and track level) and its figures.
+"""The report set of an evaluation: report.txt (segment and track level), metrics.json (its
+figures, for programs), predictions.csv (a row per track, for fixing labels) and the figures.
 
 Training (models/vX/ and models/vX/analysis/) and `tclf-eval` write their reports through
 :func:`write_evaluation` (and training through :func:`write_report_set`), so both have the
@@ -8,6 +9,9 @@ its headline numbers back. Metrics are computed in tclf.evaluate, figures drawn 
 
 from __future__ import annotations
 
+import csv
+import io
+import json
 import re
 
 import numpy as np
@@ -17,6 +21,9 @@ from tclf.evaluate import Evaluation
 from tclf.storage import join, makedirs, write_atomic
 
 REPORT_FILENAME = "report.txt"
+METRICS_FILENAME = "metrics.json"
+PREDICTIONS_FILENAME = "predictions.csv"
+MISTAKES_SHOWN = 10
 CONFUSION_FILENAME = "confusion_matrix.png"
 TRACK_SECTION_TITLE = "Track level (mean of segment probabilities)"
 SEGMENT_SECTION_TITLE = "Segment level"
@@ -104,7 +111,52 @@ def format_report(evaluation: Evaluation, title: str = "") -> str:
         ev.track_confusion,
         ev.class_names,
     )
+    lines += ["", *_format_mistakes(ev)]
     return "\n".join(lines) + "\n"
+
+
+def _format_mistakes(evaluation: Evaluation) -> list[str]:
+    """The most confident wrong tracks, the first to listen to when fixing labels."""
+    mistakes = evaluation.mistakes(MISTAKES_SHOWN)
+    lines = _underlined(f"Most confident mistakes (tracks; all in {PREDICTIONS_FILENAME})", "-")
+    if not mistakes:
+        return lines + ["none"]
+    width = max(len(row["track"]) for row in mistakes)
+    return lines + [f"{row['track']:<{width}}  true {row['true']}, predicted {row['predicted']} "
+                    f"({row['confidence']:.4f})" for row in mistakes]
+
+
+def metrics_dict(evaluation: Evaluation, title: str = "") -> dict:
+    """Every figure of report.txt, as metrics.json holds it."""
+    ev = evaluation
+
+    def level(count, accuracy, macro_f1, classes, confusion):
+        return {"count": int(count), "accuracy": float(accuracy), "macro_f1": float(macro_f1),
+                "per_class": {name: classes[name] for name in ev.class_names if name in classes},
+                "macro_avg": classes.get("macro avg", {}),
+                "weighted_avg": classes.get("weighted avg", {}),
+                "confusion": np.asarray(confusion).astype(int).tolist()}
+
+    return {"title": title, "classes": list(ev.class_names),
+            "temperature": float(ev.temperature), "track_ece": float(ev.track_ece),
+            "segment": level(ev.num_segments, ev.segment_accuracy, ev.segment_macro_f1,
+                             ev.segment_classes, ev.segment_confusion),
+            "track": level(ev.num_tracks, ev.track_accuracy, ev.track_macro_f1,
+                           ev.track_classes, ev.track_confusion),
+            "mistakes": ev.mistakes(MISTAKES_SHOWN)}
+
+
+def format_predictions_csv(evaluation: Evaluation) -> str:
+    """predictions.csv: a row per track, wrong ones first by confidence (Evaluation.track_rows)."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["track", "true_style", "predicted_style", "correct", "confidence"]
+                    + [f"p_{name}" for name in evaluation.class_names])
+    for row in evaluation.track_rows():
+        writer.writerow([row["track"], row["true"], row["predicted"], int(row["correct"]),
+                         f"{row['confidence']:.6f}"]
+                        + [f"{row['probabilities'][name]:.6f}" for name in evaluation.class_names])
+    return buffer.getvalue()
 
 
 def parse_report_metrics(text: str) -> dict:
@@ -149,7 +201,8 @@ def parse_report_metrics(text: str) -> dict:
 def write_evaluation(
     evaluation: Evaluation, out_dir: str, title: str = "", confusion: str = "segment"
 ) -> list[str]:
-    """Write ``report.txt`` and ``confusion_matrix.png`` into ``out_dir``.
+    """Write ``report.txt``, ``confusion_matrix.png``, ``metrics.json`` and
+    ``predictions.csv`` into ``out_dir``.
 
     Parameters
     ----------
@@ -165,7 +218,8 @@ def write_evaluation(
     Returns
     -------
     list of str
-        Paths written: ``[report.txt, confusion_matrix.png]``.
+        Paths written: ``[report.txt, confusion_matrix.png, metrics.json,
+        predictions.csv]``.
 
     Raises
     ------
@@ -196,4 +250,8 @@ def write_evaluation(
     confusion_path = join(out_dir, CONFUSION_FILENAME)
     plots.plot_confusion_panels(panels, evaluation.class_names, confusion_path,
                                 title=title or "Confusion matrix")
-    return [report_path, confusion_path]
+    metrics_path = join(out_dir, METRICS_FILENAME)
+    write_atomic(metrics_path, json.dumps(metrics_dict(evaluation, title), indent=1) + "\n")
+    predictions_path = join(out_dir, PREDICTIONS_FILENAME)
+    write_atomic(predictions_path, format_predictions_csv(evaluation))
+    return [report_path, confusion_path, metrics_path, predictions_path]

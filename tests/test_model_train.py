@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import os
@@ -17,7 +18,7 @@ import tensorflow as tf
 from PIL import Image
 
 from tclf import model as tclf_model
-from tclf import records, reports, train, versions
+from tclf import records, train, versions
 from tests.conftest import STYLES, TINY_TRAINING
 
 
@@ -163,11 +164,12 @@ def test_concurrent_claims_get_different_folders(tmp_path):
 def test_full_run_writes_every_file(trained):
     folder = trained.version_dir
     expected = ["model.h5", "accuracy.png", "loss.png", "confusion_matrix.png", "report.txt",
-                "training_log.txt", "training_progress.txt", "config.json"]
+                "metrics.json", "predictions.csv", "training_log.txt", "training_progress.txt",
+                "config.json"]
     for name in expected:
         assert os.path.getsize(os.path.join(folder, name)) > 0, name
     for name in ["accuracy.png", "loss.png", "confusion_matrix.png", "report.txt",
-                 "training_log.txt"]:
+                 "metrics.json", "predictions.csv", "training_log.txt"]:
         assert os.path.getsize(os.path.join(folder, "analysis", name)) > 0, name
     for name in ["accuracy.png", "loss.png", "confusion_matrix.png"]:
         with Image.open(os.path.join(folder, name)) as image:
@@ -184,9 +186,14 @@ def test_full_run_writes_every_file(trained):
     report = open(os.path.join(folder, "report.txt")).read()
     for style in STYLES:
         assert report.count(style) >= 2  # In the segment and the track sections.
-    metrics = reports.parse_report_metrics(report)
-    assert metrics["segment_accuracy"] == pytest.approx(trained.evaluation.segment_accuracy,
-                                                        abs=1e-4)
+    metrics = json.load(open(os.path.join(folder, "metrics.json")))
+    assert metrics["segment"]["accuracy"] == trained.evaluation.segment_accuracy
+    assert metrics["track"]["accuracy"] == trained.evaluation.track_accuracy
+    assert metrics["segment"]["count"] == trained.evaluation.num_segments
+    with open(os.path.join(folder, "predictions.csv"), newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == trained.evaluation.num_tracks == len({r["track"] for r in rows})
+    assert {r["true_style"] for r in rows} <= set(STYLES)
     log = open(os.path.join(folder, "training_log.txt")).read()
     for needle in ("devices: CPU", "precision: float32", "class weights:", "stage1: ",
                    "stage2: ", "stopped: ", "validation accuracy (tracks)", "image_size: 32"):

@@ -12,7 +12,7 @@ import pytest
 import tensorflow as tf
 from click.testing import CliRunner
 
-from tclf import DataWarning, cli, data, predict, records, reports
+from tclf import DataWarning, cli, data, predict, records
 
 
 def _audio_file(audio_dir, style="goa"):
@@ -129,9 +129,13 @@ def test_eval_equals_the_training_report(trained, records_dir, tmp_path):
     done = CliRunner().invoke(cli.eval_command, ["--model", trained.model_path, "--records",
                                                  records_dir, "--out", str(tmp_path / "ev")])
     assert done.exit_code == 0, done.output
-    evaluated = reports.parse_report_metrics((tmp_path / "ev" / "report.txt").read_text())
+    evaluated = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     trained_report = open(os.path.join(trained.version_dir, "report.txt")).read()
-    assert evaluated == reports.parse_report_metrics(trained_report)
+    trained_metrics = json.load(open(os.path.join(trained.version_dir, "metrics.json")))
+    rounded = lambda value: json.loads(json.dumps(value), parse_float=lambda x: round(float(x), 6))  # noqa: E731
+    assert rounded({**evaluated, "title": ""}) == rounded({**trained_metrics, "title": ""})
+    assert ((tmp_path / "ev" / "predictions.csv").read_text()
+            == open(os.path.join(trained.version_dir, "predictions.csv")).read())
     assert os.path.getsize(tmp_path / "ev" / "confusion_matrix.png") > 0
     body = lambda text: text[text.index("classes:"):]  # noqa: E731 - all but the title.
     assert body((tmp_path / "ev" / "report.txt").read_text()) == body(trained_report)

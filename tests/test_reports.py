@@ -264,13 +264,16 @@ def test_write_evaluation(tmp_path, confusion):
     assert paths == [
         os.path.join(out_dir, "report.txt"),
         os.path.join(out_dir, "confusion_matrix.png"),
+        os.path.join(out_dir, "metrics.json"),
+        os.path.join(out_dir, "predictions.csv"),
     ]
     with open(paths[0], encoding="utf-8") as f:
         text = f.read()
     assert text == reports.format_report(ev, title="v1")
     assert reports.parse_report_metrics(text)["track_accuracy"] == round(ev.track_accuracy, 4)
     _assert_png(paths[1])
-    assert sorted(os.listdir(out_dir)) == ["confusion_matrix.png", "report.txt"]
+    assert sorted(os.listdir(out_dir)) == ["confusion_matrix.png", "metrics.json",
+                                           "predictions.csv", "report.txt"]
 
 
 def test_write_evaluation_bad_confusion_choice(tmp_path):
@@ -278,3 +281,90 @@ def test_write_evaluation_bad_confusion_choice(tmp_path):
     ev = evaluate.evaluate_predictions(probs, labels, track_ids, CLASSES)
     with pytest.raises(ValueError, match="confusion must be one of"):
         reports.write_evaluation(ev, str(tmp_path), confusion="tracks")
+
+
+def _report_figures(text):
+    """Every number of a report.txt, read from the text: per section the headline figures,
+    each row of the classification report and the confusion matrix."""
+    sections, section = {}, None
+    for line in text.splitlines():
+        if line.startswith(reports.SEGMENT_SECTION_TITLE):
+            section = sections.setdefault("segment", {"rows": {}, "confusion": []})
+        elif line.startswith("Track level"):
+            section = sections.setdefault("track", {"rows": {}, "confusion": []})
+        elif line.startswith("Most confident"):
+            section = None
+        elif section is not None:
+            words = line.split()
+            if line.startswith(("accuracy: ", "macro F1: ")):
+                section[line.split(":")[0]] = float(words[-1])
+            elif len(words) >= 5 and words[-4].replace(".", "").isdigit():
+                section["rows"][" ".join(words[:-4])] = [float(w) for w in words[-4:]]
+            elif words[:1] and words[0] in CLASSES and words[1:] and all(
+                    w.isdigit() for w in words[1:]):
+                section["confusion"].append([int(w) for w in words[1:]])
+    return sections
+
+
+def test_metrics_json_holds_every_figure_of_report_txt(tmp_path):
+    probs, labels, track_ids = _random_example(seed=5, num_tracks=20)
+    ev = evaluate.evaluate_predictions(probs, labels, track_ids, CLASSES, temperature=0.8)
+    reports.write_evaluation(ev, str(tmp_path), title="v1")
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    text = (tmp_path / "report.txt").read_text()
+
+    figures = _report_figures(text)
+    assert metrics["classes"] == CLASSES and metrics["title"] == "v1"
+    assert f"temperature {metrics['temperature']:.3f}" in text
+    assert f"track probabilities {metrics['track_ece']:.4f}" in text
+    for level, count in (("segment", len(labels)), ("track", 20)):
+        got, read = metrics[level], figures[level]
+        assert got["count"] == count and f"{level}s: {count}" in text
+        assert round(got["accuracy"], 4) == read["accuracy"]
+        assert round(got["macro_f1"], 4) == read["macro F1"]
+        assert got["confusion"] == read["confusion"]
+        rows = {**got["per_class"], "macro avg": got["macro_avg"],
+                "weighted avg": got["weighted_avg"]}
+        assert set(rows) == set(read["rows"]) == {*CLASSES, "macro avg", "weighted avg"}
+        for name, row in rows.items():
+            assert [round(row["precision"], 4), round(row["recall"], 4), round(row["f1-score"], 4),
+                    row["support"]] == read["rows"][name], name
+    # The mistakes section lists the first (at most) 10 of metrics.json's, in that order.
+    listed = text.split("Most confident mistakes")[1].splitlines()[2:]
+    assert metrics["mistakes"] and len(metrics["mistakes"]) <= 10
+    assert [line.split()[0] for line in listed] == [m["track"] for m in metrics["mistakes"]]
+
+
+def test_predictions_csv_lists_every_track_wrong_ones_first_by_confidence(tmp_path):
+    probs, labels, track_ids = _random_example(seed=6, num_tracks=30)
+    ev = evaluate.evaluate_predictions(probs, labels, track_ids, CLASSES)
+    reports.write_evaluation(ev, str(tmp_path))
+    import csv
+    with open(tmp_path / "predictions.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+
+    assert sorted(r["track"] for r in rows) == sorted(set(track_ids))
+    track_probs, track_labels, ids = evaluate.track_level(probs, labels, track_ids)
+    truth = {t: (CLASSES[l], p) for t, l, p in zip(ids, track_labels, track_probs)}
+    for row in rows:
+        true, p = truth[row["track"]]
+        assert row["true_style"] == true
+        assert row["predicted_style"] == CLASSES[int(np.argmax(p))]
+        assert row["correct"] == str(int(row["true_style"] == row["predicted_style"]))
+        assert [float(row[f"p_{c}"]) for c in CLASSES] == pytest.approx(p, abs=1e-6)
+    correct = [r["correct"] == "1" for r in rows]
+    wrong = sum(not c for c in correct)
+    assert 0 < wrong < len(rows) and correct == [False] * wrong + [True] * (len(rows) - wrong)
+    confidence = [float(r["confidence"]) for r in rows]
+    assert confidence[:wrong] == sorted(confidence[:wrong], reverse=True)
+    assert confidence[wrong:] == sorted(confidence[wrong:])
+
+
+def test_importing_tclf_leaves_matplotlibs_backend_alone():
+    import subprocess
+    import sys
+
+    code = ("import matplotlib; matplotlib.use('svg'); "
+            "import tclf.plots, tclf.reports, tclf.cli; print(matplotlib.get_backend())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "svg"
