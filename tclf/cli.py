@@ -222,9 +222,10 @@ def _train_options(function=None, *, exclude=()):
 @click.option("--resume", "resume", is_flag=False, flag_value="", default=None, metavar="[vN]",
               help="Continue the unfinished run vN (default: the newest) in --models-dir from its "
                    "last completed epoch, stage, optimizer and schedule included, with the "
-                   "options it started with; only --records, --models-dir, --gpus, "
-                   "--cpu-devices, --verbose/-q, --data-service and --cluster-timeout may be "
-                   "given again. In a cluster (TF_CONFIG), name the run, on every worker.")
+                   "options it started with: the same command with --resume added continues "
+                   "it; only --records, --models-dir, --gpus, --cpu-devices, --verbose/-q, "
+                   "--data-service and --cluster-timeout may differ. In a cluster "
+                   "(TF_CONFIG), name the run, on every worker.")
 @_train_options
 @command
 def train_command(hparams_file, quiet, resume, **options):
@@ -247,11 +248,9 @@ def train_command(hparams_file, quiet, resume, **options):
     if quiet and "verbose" not in given:
         given["verbose"] = 0
     if resume is not None:
-        if hparams_file:
-            raise click.UsageError("--hparams cannot be combined with --resume: a resumed run "
-                                   "keeps the options it started with")
+        values = {**(train.load_hparams(hparams_file) if hparams_file else {}), **given}
         config, folder = train.resume_config(options["models"], resume or None,
-                                             **{k: v for k, v in given.items() if k != "models"})
+                                             **{k: v for k, v in values.items() if k != "models"})
         click.echo(f"resuming {folder}", err=True)
     else:
         values = train.load_hparams(hparams_file) if hparams_file else {}

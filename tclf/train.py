@@ -444,13 +444,21 @@ def resume_config(models_dir: str, which: str | None = None,
                          "--resume v3, the same on every worker")
     folder = find_resumable(models_dir, which)
     checkpoint = Checkpoint.load(folder)
-    fixed = sorted(set(overrides) - set(RESUME_OPTIONS))
-    if fixed:
-        raise InputError(f"--resume continues {folder} with the options it started with; "
-                         f"these cannot change: {', '.join(n.replace('_', '-') for n in fixed)}"
-                         f" (allowed: --records, --gpus, --cpu-devices, --models-dir, "
-                         f"--verbose/-q, --data-service, --cluster-timeout)")
     config = TrainConfig().replace(**checkpoint.config)
+    # Options given again with the values the run started with are fine (the same command
+    # with --resume added); only a change is refused.
+    fixed = {name: value for name, value in overrides.items() if name not in RESUME_OPTIONS}
+    given = TrainConfig().replace(**fixed)
+    changed = [field.name for field in dataclasses.fields(TrainConfig)
+               if field.name in fixed and getattr(given, field.name) != getattr(config, field.name)]
+    if changed:
+        listed = "; ".join(f"{name.replace('_', '-')}: the run has {getattr(config, name)!r}, "
+                           f"given {getattr(given, name)!r}" for name in sorted(changed))
+        raise InputError(f"--resume continues {folder} with the options it started with; "
+                         f"these differ: {listed} (may change: --records, --gpus, "
+                         f"--cpu-devices, --models-dir, --verbose/-q, --data-service, "
+                         f"--cluster-timeout)")
+    overrides = {name: value for name, value in overrides.items() if name in RESUME_OPTIONS}
     # The folders as found now, not as typed when the run started (another working folder).
     where = {"models": os.path.dirname(folder.rstrip("/")) or ".",
              "records": overrides.pop("records", None) or checkpoint.state.get("run", {}).get(

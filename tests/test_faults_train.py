@@ -106,8 +106,8 @@ def test_runs_killed_in_either_stage_resume_to_the_uninterrupted_result(records_
     assert state.stage("stage1").finished and state.stage("stage2").epochs_done == 1
     assert (models / "latest.h5").read_bytes() == latest and _digests(models / "v1") == earlier
 
-    # And resumed to the end.
-    done = _tclf_train("--resume", "v2", "--models-dir", str(models), "-q")
+    # And resumed to the end by the command that started it, with --resume added.
+    done = _tclf_train(*common, "--hparams", hparams, "--resume", "v2", "-q")
     assert done.returncode == 0, done.stderr[-2000:]
     assert "trained" in done.stdout and str(v2) in done.stdout
 
@@ -279,8 +279,15 @@ def test_resume_finds_the_run_and_keeps_its_options(tmp_path):
     assert config.precision == "mixed_bfloat16"
     config, folder = train.resume_config(str(models), "1", gpus="none", verbose=2)
     assert folder == str(models / "v1") and config.verbose == 2 and config.seed == 0
-    with pytest.raises(InputError, match="cannot change: stage1-epochs"):
+    with pytest.raises(InputError, match="these differ: stage1-epochs: the run has 1, given 9"):
         train.resume_config(str(models), "v1", stage1_epochs=9)
+    # The options the run started with, given again (the same command with --resume added).
+    config, folder = train.resume_config(str(models), "v2", seed=7, stage1_epochs=1,
+                                         weights="none", gpus="none")
+    assert folder == newest and config.seed == 7 and config.gpus == "none"
+    with pytest.raises(InputError, match="seed: the run has 7, given 8; weights: the run has "
+                                         "'none', given 'imagenet'"):
+        train.resume_config(str(models), "v2", seed=8, weights="imagenet", batch_size=8)
     with pytest.raises(RunError, match="has finished"):
         train.resume_config(str(models), "v4")
     with pytest.raises(RunError, match="no such run"):
@@ -297,10 +304,11 @@ def test_resume_on_the_command_line(tmp_path):
     _unfinished(models, "v1")
     done = runner.invoke(cli.train_command, ["--resume", "v1", "--models-dir", str(models),
                                              "--batch-size", "4"])
-    _one_line_error(done, "cannot change: batch-size")
+    _one_line_error(done, "these differ: batch-size: the run has 8, given 4")
     hparams = _hparams(tmp_path, {"dropout": 0.1})
-    done = runner.invoke(cli.train_command, ["--resume", "--hparams", hparams])
-    assert done.exit_code == 2 and "--hparams cannot be combined with --resume" in done.output
+    done = runner.invoke(cli.train_command, ["--resume", "--hparams", hparams,
+                                             "--models-dir", str(models)])
+    _one_line_error(done, "these differ: dropout: the run has 0.4, given 0.1")
     help_text = " ".join(runner.invoke(cli.train_command, ["--help"]).output.split())
     assert "--resume [vN]" in help_text and "last completed epoch" in help_text
 
