@@ -9,6 +9,22 @@ workers stay light.
 __version__ = "0.1.0"
 
 
+LIBRARIES = ("tensorflow", "keras", "librosa", "numpy")  # What a trained model depends on.
+
+
+def library_versions() -> dict[str, str]:
+    """tclf's and its main libraries' installed versions (from their metadata: no import)."""
+    from importlib import metadata
+
+    found = {"tclf": __version__}
+    for name in LIBRARIES:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = "not installed"
+    return found
+
+
 class UserError(Exception):
     """An error in the user's input or setup, not in tclf.
 

@@ -361,7 +361,8 @@ def tune_command(out_dir, kind, max_trials, objective, space_file, hparams_file,
 @click.command(context_settings={"show_default": True, "help_option_names": ["-h", "--help"]})
 @click.argument("paths", nargs=-1, required=True, type=click.Path())
 @click.option("--model", "model_path", default="models/latest.h5",
-              help="A model.h5 written by tclf-train; its class names are read from it.")
+              help="A model.h5 or model.keras written by tclf-train; its class names are "
+                   "read from it.")
 @click.option("--per-segment", "show_segments", is_flag=True,
               help="Also show each segment's prediction.")
 @click.option("--format", "output_format", type=click.Choice(["table", "json", "csv"]),
@@ -399,7 +400,7 @@ def predict_command(paths, model_path, show_segments, output_format, batch_size,
 
 @click.command(context_settings={"show_default": True, "help_option_names": ["-h", "--help"]})
 @click.option("--model", "model_path", default="models/latest.h5",
-              help="A model.h5 written by tclf-train.")
+              help="A model.h5 or model.keras written by tclf-train.")
 @click.option("--records", "records_dir", default="records", help="Records folder (tclf-pack).")
 @click.option("--split", default="val", type=click.Choice(SPLITS),
               help="Split of the records to evaluate.")
@@ -415,10 +416,14 @@ def eval_command(model_path, records_dir, split, out_dir, batch_size, quiet):
     Works for any model written by tclf-train on any packed split whose
     classes match the model's.
     """
-    from tclf import evaluate, reports
-    from tclf.model import load_model, load_temperature
+    from tclf import evaluate, reports, schema
+    from tclf.model import load_config, load_model, load_temperature, warn_if_librosa_differs
 
     model, classes = load_model(model_path)
+    extraction = schema.load_manifest(records_dir).get("extraction") or {}
+    warn_if_librosa_differs(model_path, load_config(model_path),
+                            extraction.get("librosa_version"),
+                            f"the features of {records_dir} were computed by")
     evaluation = evaluate.evaluate_records(model, classes, records_dir, split, batch_size,
                                            load_temperature(model_path))
     title = f"{model_path}: {split} split of {records_dir}"

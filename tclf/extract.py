@@ -25,7 +25,8 @@ import uuid
 
 import numpy as np
 
-from tclf import InputError, RunError, audio, faults, report_skip, schema, storage
+from tclf import (InputError, RunError, audio, faults, library_versions, report_skip, schema,
+                  storage)
 
 TMP_PREFIX = ".tmp-"
 
@@ -347,6 +348,10 @@ def _warm_up(options):
 
 SETTINGS_NAME = schema.EXTRACTION_SETTINGS_NAME
 PNG_COMPRESSION_KEY = "png_compression"  # In extract.json; absent: audio.PNG_LEGACY.
+# In extract.json: the librosa version that computed the features, for tclf-eval's check.
+# Like the PNG level, it is recorded, not compared: a folder may be extended after an upgrade.
+LIBROSA_KEY = "librosa_version"
+RECORDED_KEYS = (PNG_COMPRESSION_KEY, LIBROSA_KEY)
 
 
 def record_settings(data_dir: str, options: dict,
@@ -371,7 +376,7 @@ def record_settings(data_dir: str, options: dict,
     path = os.path.join(data_dir, SETTINGS_NAME)
     if os.path.exists(path):
         existing = storage.read_json(path)
-        analysis = ({k: v for k, v in existing.items() if k != PNG_COMPRESSION_KEY}
+        analysis = ({k: v for k, v in existing.items() if k not in RECORDED_KEYS}
                     if isinstance(existing, dict) else existing)
         if analysis != options:
             raise InputError(f"{data_dir} was extracted with {analysis}, not {options}; use the "
@@ -388,7 +393,8 @@ def record_settings(data_dir: str, options: dict,
     if png_compression is None:
         png_compression = audio.PNG_COMPRESSION
     os.makedirs(data_dir, exist_ok=True)
-    storage.write_atomic(path, json.dumps({**options, PNG_COMPRESSION_KEY: png_compression},
+    storage.write_atomic(path, json.dumps({**options, PNG_COMPRESSION_KEY: png_compression,
+                                           LIBROSA_KEY: library_versions()["librosa"]},
                                           indent=1))
     return png_compression
 

@@ -335,19 +335,38 @@ def unfreeze_top(model, num_layers: int = 20) -> list[str]:
     return unfrozen
 
 
+KERAS_METADATA = "tclf.json"  # model.keras: the zip entry holding what model.h5's attributes do.
+
+
 def save_model(model, path: str, class_names, config: dict | None = None,
                temperature: float = 1.0) -> None:
-    """Save model.h5 (no optimizer) with the class names, the training configuration and
-    the calibration temperature as HDF5 attributes, atomically.
+    """Save ``path`` (no optimizer) with the class names, the training configuration and the
+    calibration temperature, atomically: model.h5 (HDF5, the format the spec asks for) keeps
+    them as HDF5 attributes, model.keras (Keras 3's own format, a zip) as its tclf.json.
 
     Written, tagged, then renamed into place (tclf.storage.staged), so ``path``
     may be remote and is never half-written.
     """
-    import h5py
+    import zipfile
 
     from tclf import storage
 
+    metadata = {CLASS_NAMES_ATTRIBUTE: json.dumps(list(class_names)),
+                TEMPERATURE_ATTRIBUTE: float(temperature)}
+    if config is not None:
+        metadata[CONFIG_ATTRIBUTE] = json.dumps(config, default=str)
+    keras_format = path.endswith(".keras")
     with storage.staged(path) as local:
+        if keras_format:  # Keras picks the format by the name's ending.
+            staging = local if local.endswith(".keras") else local + ".keras"
+            model.save(staging, include_optimizer=False)
+            with zipfile.ZipFile(staging, "a") as archive:
+                archive.writestr(KERAS_METADATA, json.dumps(metadata))
+            if staging != local:
+                os.replace(staging, local)
+            return
+        import h5py
+
         absl_logger = logging.getLogger("absl")
         absl_logger.addFilter(_h5_notice)
         try:
@@ -355,10 +374,8 @@ def save_model(model, path: str, class_names, config: dict | None = None,
         finally:
             absl_logger.removeFilter(_h5_notice)
         with h5py.File(local, "a") as f:
-            f.attrs[CLASS_NAMES_ATTRIBUTE] = json.dumps(list(class_names))
-            if config is not None:
-                f.attrs[CONFIG_ATTRIBUTE] = json.dumps(config, default=str)
-            f.attrs[TEMPERATURE_ATTRIBUTE] = float(temperature)
+            for name, value in metadata.items():
+                f.attrs[name] = value
 
 
 def _h5_notice(record: logging.LogRecord) -> bool:
@@ -376,51 +393,92 @@ def _local_copy(path: str, tmp: str) -> str:
     return local
 
 
-def load_class_names(path: str) -> list[str]:
-    """The class names stored in a model.h5 written by tclf-train."""
+def _is_keras_zip(local: str) -> bool:
+    import zipfile
+
+    return zipfile.is_zipfile(local)
+
+
+def _metadata(path: str) -> dict:
+    """What tclf-train stored in a model file, model.h5 or model.keras: {attribute: value}."""
+    import zipfile
+
     import h5py
 
     with tempfile.TemporaryDirectory() as tmp:
-        with h5py.File(_local_copy(path, tmp), "r") as f:
-            if CLASS_NAMES_ATTRIBUTE not in f.attrs:
-                raise InputError(f"{path}: no class names in the file (not written by tclf-train)")
-            return json.loads(f.attrs[CLASS_NAMES_ATTRIBUTE])
+        local = _local_copy(path, tmp)
+        if _is_keras_zip(local):
+            with zipfile.ZipFile(local) as archive:
+                if KERAS_METADATA not in archive.namelist():
+                    return {}
+                return json.loads(archive.read(KERAS_METADATA))
+        with h5py.File(local, "r") as f:
+            return dict(f.attrs)
+
+
+def load_class_names(path: str) -> list[str]:
+    """The class names stored in a model file written by tclf-train."""
+    value = _metadata(path).get(CLASS_NAMES_ATTRIBUTE)
+    if value is None:
+        raise InputError(f"{path}: no class names in the file (not written by tclf-train)")
+    return json.loads(value)
 
 
 def load_config(path: str) -> dict | None:
-    """The training configuration stored in a model.h5 by tclf-train (None if absent)."""
-    import h5py
-
-    with tempfile.TemporaryDirectory() as tmp:
-        with h5py.File(_local_copy(path, tmp), "r") as f:
-            value = f.attrs.get(CONFIG_ATTRIBUTE)
+    """The training configuration stored in a model file by tclf-train (None if absent)."""
+    value = _metadata(path).get(CONFIG_ATTRIBUTE)
     return json.loads(value) if value is not None else None
 
 
-def load_temperature(path: str) -> float:
-    """The calibration temperature stored in a model.h5 by tclf-train (1.0 if absent)."""
-    import h5py
+def trained_librosa(config: dict | None) -> str | None:
+    """The librosa version that computed the features of a model's training data (from the
+    extraction settings, else the training process's), None for a model that does not say."""
+    config = config or {}
+    return ((config.get("extraction") or {}).get("librosa_version")
+            or (config.get("library_versions") or {}).get("librosa"))
 
-    with tempfile.TemporaryDirectory() as tmp:
-        with h5py.File(_local_copy(path, tmp), "r") as f:
-            return float(f.attrs.get(TEMPERATURE_ATTRIBUTE, 1.0))
+
+def warn_if_librosa_differs(model_path: str, config: dict | None, version: str | None,
+                            computed_by: str) -> None:
+    """Warn (once: call it once per command) when the features given to the model come from
+    another librosa than its training data's: they may differ slightly, and so may results."""
+    import warnings
+
+    trained = trained_librosa(config)
+    if trained and version and trained != version:
+        warnings.warn(f"{model_path} was trained on features computed by librosa {trained}; "
+                      f"{computed_by} librosa {version}, so results may differ slightly",
+                      stacklevel=2)
+
+
+def load_temperature(path: str) -> float:
+    """The calibration temperature stored in a model file by tclf-train (1.0 if absent)."""
+    return float(_metadata(path).get(TEMPERATURE_ATTRIBUTE, 1.0))
 
 
 def load_model(path: str):
-    """(model, class_names) from a model.h5 written by tclf-train; not compiled."""
+    """(model, class_names) from a model.h5 or model.keras written by tclf-train; not
+    compiled."""
     import keras
     import tensorflow as tf
 
     if not tf.io.gfile.exists(path):
         raise FileNotFoundError(f"model file {path} not found (train one with tclf-train, or "
                                 f"pass --model)")
+    if tf.io.gfile.isdir(path):
+        raise InputError(f"{path} is a folder; --model takes a model file (model.h5 or "
+                         f"model.keras in it)")
     with tempfile.TemporaryDirectory() as tmp:
         local = _local_copy(path, tmp)
         import h5py
 
-        if not h5py.is_hdf5(local):
-            raise InputError(f"{path}: not an HDF5 file (tclf-train writes model.h5 as HDF5; "
-                             f"is it truncated or another kind of file?)")
+        if _is_keras_zip(local):
+            if not local.endswith(".keras"):  # Keras reads a zip only under that name.
+                os.symlink(os.path.abspath(local), os.path.join(tmp, "model.keras"))
+                local = os.path.join(tmp, "model.keras")
+        elif not h5py.is_hdf5(local):
+            raise InputError(f"{path}: not an HDF5 file (model.h5) nor a Keras zip "
+                             f"(model.keras); is it truncated or another kind of file?")
         try:
             model = keras.models.load_model(local, compile=False)
         except Exception as error:

@@ -30,7 +30,7 @@ import time
 
 import numpy as np
 
-from tclf import InputError, audio, report_skip
+from tclf import InputError, audio, library_versions, report_skip
 from tclf.schema import FEATURES_KEY, SPECTROGRAM_KEY
 
 _PART = re.compile(r"^part_(\d+)\.png$")
@@ -188,11 +188,14 @@ def predict_paths(paths, model_path: str = "models/latest.h5", batch_size: int =
 
     from tclf.data import resize_image
     from tclf.calibration import apply_temperature
-    from tclf.model import image_size_of, load_model, load_temperature
+    from tclf.model import (image_size_of, load_config, load_model, load_temperature,
+                            warn_if_librosa_differs)
 
     started = time.perf_counter()
+    config = None  # The stored training configuration, when the model is loaded here.
     if model is None:
         model, class_names = load_model(model_path)
+        config = load_config(model_path) or {}
         extraction = extraction_settings(model_path)
         if temperature is None:
             temperature = load_temperature(model_path)
@@ -203,6 +206,10 @@ def predict_paths(paths, model_path: str = "models/latest.h5", batch_size: int =
     items, failed = collect_inputs(paths)
     for _, error in failed:
         report_skip(error)
+    if config is not None and any(kind == "audio" for kind, _ in items):
+        warn_if_librosa_differs(model_path, config,
+                                library_versions()["librosa"], "this tclf-predict analyses "
+                                "audio with")
     result = PredictionResult(model_path, list(class_names), [], failed)
 
     pending = []  # (track number, index, start, image, features) waiting for a batch.

@@ -580,9 +580,10 @@ def _run(config: TrainConfig, resume: str | None, strategy, devices: str, on_gpu
             evaluation = calibrated_evaluation(model, config, manifest["classes"])
             write_report_set(run, evaluation)
 
-            # --- The model last: its presence marks the folder complete ------------------------
-            save_model(model, run.path("model.h5"), manifest["classes"], run.record(evaluation),
-                       evaluation.temperature)
+            # --- The model last: model.h5's presence marks the folder complete -----------------
+            for name in ("model.keras", "model.h5"):
+                save_model(model, run.path(name), manifest["classes"], run.record(evaluation),
+                           evaluation.temperature)
             storage.publish(run.path("model.h5"), storage.join(config.models, "latest.h5"))
             run.complete()
     except BaseException as error:

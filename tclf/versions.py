@@ -183,6 +183,7 @@ class RunFolder:
         return {**dataclasses.asdict(self.config), "classes": self.manifest["classes"],
                 "devices": self.devices, "extraction": self.manifest.get("extraction"),
                 "resolved_precision": self.precision, "tclf_version": tclf.__version__,
+                "library_versions": tclf.library_versions(),
                 "version_dir": self.folder, "evaluation": evaluation.to_dict()}
 
     def complete(self) -> None:

@@ -163,9 +163,9 @@ def test_concurrent_claims_get_different_folders(tmp_path):
 
 def test_full_run_writes_every_file(trained):
     folder = trained.version_dir
-    expected = ["model.h5", "accuracy.png", "loss.png", "confusion_matrix.png", "report.txt",
-                "metrics.json", "predictions.csv", "training_log.txt", "training_progress.txt",
-                "config.json"]
+    expected = ["model.h5", "model.keras", "accuracy.png", "loss.png", "confusion_matrix.png",
+                "report.txt", "metrics.json", "predictions.csv", "training_log.txt",
+                "training_progress.txt", "config.json"]
     for name in expected:
         assert os.path.getsize(os.path.join(folder, name)) > 0, name
     for name in ["accuracy.png", "loss.png", "confusion_matrix.png", "report.txt",

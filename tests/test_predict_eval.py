@@ -144,3 +144,58 @@ def test_eval_equals_the_training_report(trained, records_dir, tmp_path):
 def test_model_carries_the_extraction_settings(trained):
     assert predict.extraction_settings(trained.model_path) == {
         "num_segments": 6, "segment_seconds": 10.0, "sample_rate": 22050, "skip_fraction": 0.1}
+
+
+def test_model_keras_and_model_h5_carry_the_same_model(trained, audio_dir, tmp_path):
+    from tclf import library_versions
+    from tclf import model as tclf_model
+
+    h5 = trained.model_path
+    keras_file = os.path.join(trained.version_dir, "model.keras")
+    for path in (h5, keras_file):  # Both name the classes and keep the options and versions.
+        assert tclf_model.load_class_names(path) == trained.evaluation.class_names
+        config = tclf_model.load_config(path)
+        assert config["library_versions"] == library_versions()
+        assert config["extraction"]["librosa_version"] == library_versions()["librosa"]
+        assert config["seed"] == 0 and config["image_size"] == 32
+    assert tclf_model.load_temperature(keras_file) == tclf_model.load_temperature(h5)
+    assert json.load(open(os.path.join(trained.version_dir, "config.json")))[
+        "library_versions"] == library_versions()
+    good, _ = _audio_file(audio_dir)
+    results = [predict.predict_paths([good], path) for path in (h5, keras_file)]
+    np.testing.assert_array_equal(results[0].tracks[0].probabilities,
+                                  results[1].tracks[0].probabilities)
+    # --model takes either, whatever its name.
+    renamed = str(tmp_path / "mine.bin")
+    open(renamed, "wb").write(open(keras_file, "rb").read())
+    done = CliRunner().invoke(cli.predict_command,
+                              [good, "--model", renamed, "--format", "json", "-q"])
+    assert done.exit_code == 0, done.output
+    shown = json.loads(done.stdout)["tracks"][0]["probabilities"]
+    assert list(shown.values()) == pytest.approx(list(results[0].tracks[0].probabilities),
+                                                 abs=1e-6)
+    done = CliRunner().invoke(cli.eval_command, ["--model", trained.version_dir, "-q"])
+    assert done.exit_code == 1 and "is a folder" in done.output
+
+
+def test_a_model_trained_with_another_librosa_is_said_once(trained, audio_dir, records_dir,
+                                                          tmp_path):
+    import h5py
+
+    from tclf import model as tclf_model
+
+    old = str(tmp_path / "old.h5")
+    open(old, "wb").write(open(trained.model_path, "rb").read())
+    config = tclf_model.load_config(old)
+    config["extraction"]["librosa_version"] = "0.9.0"
+    with h5py.File(old, "a") as f:
+        f.attrs[tclf_model.CONFIG_ATTRIBUTE] = json.dumps(config)
+    good, _ = _audio_file(audio_dir)
+    runner = CliRunner()
+    for model, said in ((trained.model_path, 0), (old, 1)):
+        done = runner.invoke(cli.predict_command, [good, good, "--model", model, "-q"])
+        assert done.exit_code == 0, done.output
+        assert done.stderr.count("trained on features computed by librosa 0.9.0") == said
+        done = runner.invoke(cli.eval_command, ["--model", model, "--records", records_dir, "-q"])
+        assert done.exit_code == 0, done.output
+        assert done.stderr.count("trained on features computed by librosa 0.9.0") == said
