@@ -146,6 +146,13 @@ class TrainConfig:
         "After training, fit a temperature to the validation segments so that the "
         "probabilities match how often the model is right; stored in model.h5, applied by "
         "tclf-eval and tclf-predict (README: Learning from real music).")
+    deterministic: bool = option(
+        False,
+        "TensorFlow's op determinism (and a deterministic input pipeline): with the same "
+        "--seed, records, machine and software, a run repeats bit for bit, on the CPU and on "
+        "GPUs, at some cost in speed. Without it, --seed fixes the initial weights, the "
+        "split of the data and its order, but parallel reading and GPU kernels still vary "
+        "the results slightly. Stays on for the rest of the process.")
     verbose: int = option(
         1,
         "Keras progress output: 0 silent, 1 progress bar, 2 one line per epoch.")
@@ -552,7 +559,7 @@ def _run(config: TrainConfig, resume: str | None, strategy, devices: str, on_gpu
     devices += _batch_split(config.batch_size, strategy.num_replicas_in_sync)
     precision = resolve_precision(config.precision, on_gpu)
     keras.mixed_precision.set_global_policy(precision)
-    keras.utils.set_random_seed(config.seed)
+    seed_everything(config)
 
     # --- Input pipeline ------------------------------------------------------------------------
     manifest = _training_manifest(config.records)
@@ -653,6 +660,18 @@ def make_datasets(config: TrainConfig, cluster=None):
                                  image_size=config.image_size, cache=config.cache,
                                  workers=workers)
     return train_data, val_data
+
+
+def seed_everything(config: TrainConfig) -> None:
+    """Python's, NumPy's and TensorFlow's seeds from --seed; with --deterministic also
+    TensorFlow's op determinism, which also makes tf.data deterministic (for the process:
+    TensorFlow offers no public way back)."""
+    import keras
+    import tensorflow as tf
+
+    keras.utils.set_random_seed(config.seed)
+    if config.deterministic:
+        tf.config.experimental.enable_op_determinism()
 
 
 def model_for(config: TrainConfig, manifest: dict, calibrate: bool = True):

@@ -36,7 +36,7 @@ import time
 import traceback
 
 from tclf import InputError, RunError, faults, storage
-from tclf.train import TrainConfig
+from tclf.train import TrainConfig, seed_everything
 
 PROJECT = "search"  # Keras Tuner's project folder inside DIR.
 TUNERS = ("random", "bayesian", "hyperband")
@@ -252,7 +252,7 @@ def make_hypermodel(base: TrainConfig, space: dict, shared: _Shared, logs_dir: s
             config = self.trial_config(hp)
             config.validate()
             keras.mixed_precision.set_global_policy(shared.precision)
-            keras.utils.set_random_seed(config.seed)
+            seed_everything(config)
             with shared.strategy.scope():
                 # The outputs' backbone replaces this one's: no need to calibrate it.
                 model = model_for(config, shared.manifest,
@@ -687,7 +687,7 @@ def _prepare(base: TrainConfig, progress: bool, announce) -> _Shared:
     tf.get_logger().setLevel(logging.ERROR)
     announce(devices, precision)
     if base.stage1_cache:
-        keras.utils.set_random_seed(base.seed)
+        seed_everything(base)
         with strategy.scope():
             model = model_for(base, shared.manifest)
         freeze_backbone(model)

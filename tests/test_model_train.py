@@ -263,3 +263,24 @@ def test_records_schema_manifest_is_used_for_normalization(trained, records_dir)
     manifest = records.load_manifest(records_dir)
     layer = trained.model.get_layer("feature_normalization")
     np.testing.assert_allclose(np.ravel(layer.mean), manifest["feature_mean"], rtol=1e-5)
+
+
+def test_deterministic_runs_repeat_bit_for_bit(records_dir, tmp_path):
+    """--deterministic: the same command twice gives the same weights (fresh processes: op
+    determinism stays on in a process once set)."""
+    hparams = tmp_path / "tiny.json"
+    hparams.write_text(json.dumps({**TINY_TRAINING, "stage1_epochs": 2, "gpus": "none"}))
+    weights = []
+    for run in ("a", "b"):
+        done = subprocess.run(
+            [sys.executable, "-m", "tclf", "train", "--records", records_dir, "--models-dir",
+             str(tmp_path / run), "--hparams", str(hparams), "--deterministic", "-q"],
+            capture_output=True, text=True, timeout=600,
+            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+        assert done.returncode == 0, done.stderr[-3000:]
+        model, _ = tclf_model.load_model(str(tmp_path / run / "latest.h5"))
+        weights.append(model.get_weights())
+        assert json.load(open(tmp_path / run / "v1" / "config.json"))["deterministic"] is True
+    assert len(weights[0]) == len(weights[1])
+    for first, second in zip(*weights):
+        np.testing.assert_array_equal(first, second)
