@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
 import keras
@@ -141,3 +142,39 @@ class OffsetEpochs(keras.callbacks.Callback):
 
     def on_train_batch_end(self, batch, logs=None):
         self.callback.on_train_batch_end(batch, logs)
+
+    def on_test_batch_end(self, batch, logs=None):
+        self.callback.on_test_batch_end(batch, logs)
+
+
+class StallWatch(keras.callbacks.Callback):
+    """Calls ``on_stall(message)`` from a thread when no batch (training or validation) has
+    ended for ``seconds`` while the model trains: a bounded wait for an input that may never
+    come (a stopped tf.data service). Epoch ends count as progress too."""
+
+    def __init__(self, seconds: float, on_stall, message: str):
+        super().__init__()
+        self.seconds, self.on_stall, self.message = seconds, on_stall, message
+        self._last, self._stop = time.monotonic(), threading.Event()
+        self._thread = None
+
+    def _progress(self, *_, **__) -> None:
+        self._last = time.monotonic()
+
+    on_train_batch_end = on_test_batch_end = on_epoch_begin = on_epoch_end = _progress
+
+    def on_train_begin(self, logs=None) -> None:
+        self._progress()
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._watch, name="tclf-stall-watch",
+                                        daemon=True)
+        self._thread.start()
+
+    def on_train_end(self, logs=None) -> None:
+        self._stop.set()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(min(1.0, self.seconds / 4)):
+            if time.monotonic() - self._last > self.seconds:
+                self.on_stall(self.message)
+                return

@@ -248,6 +248,10 @@ def train_command(hparams_file, quiet, resume, **options):
     if quiet and "verbose" not in given:
         given["verbose"] = 0
     if resume is not None:
+        finished = versions.finish_if_unpublished(options["models"], resume or None)
+        if finished:  # Killed after its model.h5: only its end was left to do.
+            click.echo(finished)
+            return
         values = {**(train.load_hparams(hparams_file) if hparams_file else {}), **given}
         config, folder = train.resume_config(options["models"], resume or None,
                                              **{k: v for k, v in values.items() if k != "models"})
@@ -390,6 +394,8 @@ def predict_command(paths, model_path, show_segments, output_format, batch_size,
     result = predict.predict_paths(list(paths), model_path, batch_size=batch_size,
                                    progress=not quiet, min_confidence=min_confidence)
     if not result.tracks:
+        if output_format == "json":  # A script still gets the failed list.
+            click.echo(predict.format_json(result, show_segments), nl=False)
         raise click.ClickException(f"no track could be classified ({len(result.failed)} failed)")
     click.echo(predict.FORMATTERS[output_format](result, show_segments), nl=False)
     if not quiet:
@@ -465,6 +471,11 @@ def data_service_dispatcher(port, work_dir):
 
     import tensorflow as tf
 
+    from tclf.cluster import port_taken
+
+    if port_taken(port):
+        raise click.ClickException(f"port {port} is in use on this machine (another "
+                                   f"dispatcher?); choose another --port, or 0 for any free one")
     service = tf.data.experimental.service
     server = service.DispatchServer(service.DispatcherConfig(
         port=port, work_dir=work_dir, fault_tolerant_mode=bool(work_dir)))
@@ -481,17 +492,26 @@ def data_service_dispatcher(port, work_dir):
               help="Port to listen on (0: any free port).")
 @click.option("--host", default=None,
               help="This machine's name as the trainers reach it. [default: its hostname]")
+@click.option("--timeout", default=300.0, type=click.FloatRange(min=1.0),
+              help="Seconds the worker waits for an unreachable dispatcher (at the start, and "
+                   "when it stops answering) before it exits with one line.")
 @command
-def data_service_worker(dispatcher, port, host):
+def data_service_worker(dispatcher, port, host, timeout):
     """Run a worker until interrupted (Ctrl-C)."""
     import socket
 
     import tensorflow as tf
 
-    from tclf.data import service_address
+    from tclf.cluster import port_taken, service_watchdog
+    from tclf.data import check_service, service_address
 
+    if port_taken(port):
+        raise click.ClickException(f"port {port} is in use on this machine; choose another "
+                                   f"--port, or 0 for any free one")
+    check_service(dispatcher, timeout)  # Nothing there: one line, not a silent wait.
     service = tf.data.experimental.service
     address = service_address(dispatcher).split("://", 1)[1]
+    service_watchdog(address, timeout)  # Ends this process if the dispatcher goes away.
     server = service.WorkerServer(service.WorkerConfig(
         dispatcher_address=address, worker_address=f"{host or socket.gethostname()}:%port%",
         port=port))

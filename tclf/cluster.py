@@ -20,6 +20,7 @@ that is removed when they finish (tclf.train).
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
 import re
@@ -59,6 +60,10 @@ def from_env(environ=None) -> Cluster | None:
         raise InputError(f"TF_CONFIG is not a valid cluster description ({error}); expected "
                          f'{{"cluster": {{"worker": ["host:port", ...]}}, '
                          f'"task": {{"type": "worker", "index": 0}}}}') from None
+    for job, tasks in cluster.items():  # A list of "host:port", one per task.
+        if not (isinstance(tasks, list) and all(isinstance(t, str) and ":" in t for t in tasks)):
+            raise InputError(f"TF_CONFIG: the {job!r} job must be a list of \"host:port\" "
+                             f"strings, one per task, got {tasks!r}")
     other = sorted(set(cluster) - set(TRAINING_JOBS))
     if other:
         raise InputError(f"TF_CONFIG: jobs {other} are not supported; tclf-train's clusters "
@@ -104,6 +109,11 @@ def make_strategy(cluster: Cluster, timeout_seconds: float):
     # TensorFlow waits for every task at start-up without a bound (the registration timeout
     # above does not end that wait in TF 2.21), in C++ that holds the GIL: no Python thread
     # or signal handler runs meanwhile. A watchdog process ends the wait.
+    own = spec.task_address(cluster.task_type, cluster.task_id)
+    if port_taken(int(own.rsplit(":", 1)[1])):
+        raise InputError(f"TF_CONFIG: {cluster.name}'s address {own} has its port in use on "
+                         f"this machine: is another task with the same type and index running "
+                         f"here? Every task needs its own index and address")
     addresses = ", ".join(f"{job} {i} at {address}" for job in TRAINING_JOBS
                           if job in spec.jobs for i, address in enumerate(spec.job_tasks(job)))
     watchdog = _watchdog(timeout_seconds, (
@@ -120,6 +130,26 @@ def make_strategy(cluster: Cluster, timeout_seconds: float):
         watchdog.wait()
 
 
+def port_taken(port: int) -> bool:
+    """Whether a process of this machine listens on TCP ``port`` (any address). A gRPC server
+    sharing the port (SO_REUSEPORT) would start and then fail obscurely: this asks first."""
+    import socket
+
+    if not port:
+        return False
+    for family, address in ((socket.AF_INET6, "::"), (socket.AF_INET, "")):
+        try:
+            with socket.socket(family, socket.SOCK_STREAM) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                probe.bind((address, port))
+            return False
+        except OSError as error:
+            if error.errno == errno.EADDRINUSE:
+                return True
+            continue  # No IPv6 here: try IPv4.
+    return False
+
+
 _WATCHDOG = """
 import os, signal, sys, time
 parent, deadline = int(sys.argv[1]), time.monotonic() + float(sys.argv[2])
@@ -131,6 +161,37 @@ sys.stderr.write("Error: RunError: " + sys.argv[3] + "\\n")
 sys.stderr.flush()
 os.kill(parent, signal.SIGKILL)
 """
+
+
+_SERVICE_WATCHDOG = """
+import os, signal, socket, sys, time
+parent, host, port, seconds = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
+last = time.monotonic()
+while os.getppid() == parent:
+    try:
+        socket.create_connection((host, port), timeout=5).close()
+        last = time.monotonic()
+    except OSError:
+        if time.monotonic() - last > seconds:
+            sys.stderr.write(f"Error: RunError: the tf.data service dispatcher at {host}:{port} "
+                             f"has not answered for {seconds:g} s (--timeout): this worker "
+                             f"stops; start it again once the dispatcher runs\\n")
+            sys.stderr.flush()
+            os.kill(parent, signal.SIGKILL)
+            break
+    time.sleep(2)
+"""
+
+
+def service_watchdog(address: str, seconds: float):
+    """A small process that kills this one (a tf.data service worker, waiting in TensorFlow)
+    with one line when the dispatcher at ``address`` (host:port) has not accepted a
+    connection for ``seconds``; it ends with this process."""
+    import subprocess
+
+    host, port = address.rsplit(":", 1)
+    return subprocess.Popen([sys.executable, "-c", _SERVICE_WATCHDOG, str(os.getpid()), host,
+                             port, str(seconds)], stdin=subprocess.DEVNULL)
 
 
 def _watchdog(seconds: float, message: str):

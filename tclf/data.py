@@ -191,6 +191,29 @@ def service_address(address: str) -> str:
     return address if address.startswith("grpc://") else f"grpc://{address}"
 
 
+def check_service(address: str, timeout: float) -> None:
+    """Fail with one line unless something answers at the dispatcher's address (a TCP
+    connection) within ``timeout`` seconds: a typo or a stopped dispatcher is said at once
+    instead of a silent wait."""
+    import socket
+    import time
+
+    host, port = service_address(address).split("://", 1)[1].rsplit(":", 1)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection((host, int(port)), timeout=min(10.0, timeout)).close()
+            return
+        except OSError as error:
+            if time.monotonic() + 1.0 > deadline:
+                raise RunError(f"--data-service {address}: no tf.data service dispatcher "
+                               f"answers there within {timeout:g} s "
+                               f"({error.strerror or error}); start one with `tclf "
+                               f"data-service dispatcher --port {port}`, or check the "
+                               f"address") from None
+            time.sleep(1.0)
+
+
 def _service_job(workers, split: str, seed, *settings) -> str | None:
     """One shared job for the tasks of a cluster (each batch to one of them): named by the
     cluster (TF_CONFIG without its task) and the reader's settings, the same on every task;

@@ -37,7 +37,7 @@ import tempfile
 
 import numpy as np
 
-from tclf import InputError, RunError
+from tclf import InputError, RunError, faults
 from tclf.schema import FEATURE_SHAPE, FEATURES_KEY, IMAGE_SIZE, SPECTROGRAM_KEY
 
 BACKBONE_NAME = "efficientnetb0"
@@ -364,6 +364,7 @@ def save_model(model, path: str, class_names, config: dict | None = None,
                 archive.writestr(KERAS_METADATA, json.dumps(metadata))
             if staging != local:
                 os.replace(staging, local)
+            faults.point("model.saved_staged")
             return
         import h5py
 
@@ -376,6 +377,7 @@ def save_model(model, path: str, class_names, config: dict | None = None,
         with h5py.File(local, "a") as f:
             for name, value in metadata.items():
                 f.attrs[name] = value
+        faults.point("model.saved_staged")  # Written whole, not yet renamed into place.
 
 
 def _h5_notice(record: logging.LogRecord) -> bool:

@@ -15,9 +15,12 @@ import contextlib
 import json
 import os
 import posixpath
+import re
 import shutil
 import tempfile
 import uuid
+
+from tclf import faults
 
 
 def is_remote(path: str) -> bool:
@@ -45,6 +48,10 @@ def _gfile():
 
 def exists(path: str) -> bool:
     return _gfile().exists(path) if is_remote(path) else os.path.exists(path)
+
+
+def isdir(path: str) -> bool:
+    return _gfile().isdir(path) if is_remote(path) else os.path.isdir(path)
 
 
 def listdir(path: str) -> list[str]:
@@ -94,11 +101,44 @@ def read_bytes(path: str) -> bytes:
 
 
 def _staging_name(path: str) -> str:
-    """``dir/.name.tmp-<random>.ext``: beside the target, hidden (a folder scan skips a
-    leftover of a killed process), and with its extension (Keras picks the format from it)."""
+    """``dir/.name.tmp-<pid>-<random>.ext``: beside the target, hidden (a folder scan skips a
+    leftover of a killed process), naming its writer (:func:`remove_dead_staging` clears a
+    dead one's), and with its extension (Keras picks the format from it)."""
     folder, name = (posixpath if is_remote(path) else os.path).split(path)
     root, ext = os.path.splitext(name)
-    return join(folder or ".", f".{root}.tmp-{uuid.uuid4().hex[:12]}{ext}")
+    return join(folder or ".", f".{root}.tmp-{os.getpid()}-{uuid.uuid4().hex[:12]}{ext}")
+
+
+_STAGING = re.compile(r"^\..+\.tmp-(\d+)-[0-9a-f]{12}(\.[^.]*)?$")
+
+
+def remove_dead_staging(folder: str) -> list[str]:
+    """Remove the staging files in a local ``folder`` whose writing process no longer runs
+    (killed mid-write); returns their names. Remote folders are left alone (no pids)."""
+    if is_remote(folder) or not os.path.isdir(folder):
+        return []
+    removed = []
+    for name in sorted(os.listdir(folder)):
+        match = _STAGING.match(name)
+        if match and not process_alive(int(match.group(1))):
+            remove_quietly(os.path.join(folder, name))
+            removed.append(name)
+    return removed
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs on this host (a zombie, killed and not reaped, does not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8", errors="replace") as f:
+            return f.read().split(") ")[-1][:1] != "Z"
+    except OSError:
+        return True
 
 
 def read_json(path: str):
@@ -143,6 +183,7 @@ def staged(path: str):
         staging = _staging_name(path)
         try:
             yield staging
+            faults.point("storage.staged_written")
             os.replace(staging, path)
         except BaseException:
             remove_quietly(staging)
@@ -175,6 +216,7 @@ def publish(source: str, target: str) -> None:
             _gfile().rename(staging, target, overwrite=True)
         else:
             shutil.copyfile(source, staging)
+            faults.point(f"storage.publish_staged.{os.path.basename(target)}")
             os.replace(staging, target)
     except BaseException:
         remove_quietly(staging)

@@ -21,12 +21,13 @@ import inspect
 import math
 import numbers
 import os
+import sys
 import time
 import warnings
 
-from tclf import InputError, schema, storage
+from tclf import InputError, RunError, faults, schema, storage
 from tclf.devices import PRECISIONS, configure_devices, resolve_precision
-from tclf.versions import RunFolder, write_report_set
+from tclf.versions import RunFolder, tidy_models_dir, write_report_set
 
 
 def option(default, help: str, flag: str | None = None):
@@ -70,6 +71,10 @@ class TrainConfig:
         "",
         "host:port of a tf.data service dispatcher (tclf-data-service): its workers read and "
         "decode the training records instead of this process (README: Training on a cluster).")
+    data_service_timeout: float = option(
+        300.0,
+        "With --data-service: seconds the run waits for the service (its dispatcher at the "
+        "start, a batch from it while training) before it fails with one line, resumable.")
     cluster_timeout: float = option(
         600.0,
         "Multi-worker runs (TF_CONFIG): seconds a worker waits for the others (at start-up, at "
@@ -435,7 +440,7 @@ def train(config: TrainConfig, resume: str | None = None) -> TrainResult:
 # --records too: where this machine sees the pack (a cluster's workers may mount it
 # elsewhere); a pack other than the run's is refused by its manifest's stamp.
 RESUME_OPTIONS = ("models", "records", "gpus", "cpu_devices", "verbose", "data_service",
-                  "cluster_timeout")
+                  "data_service_timeout", "cluster_timeout")
 
 
 def resume_config(models_dir: str, which: str | None = None,
@@ -470,6 +475,7 @@ def resume_config(models_dir: str, which: str | None = None,
     where = {"models": os.path.dirname(folder.rstrip("/")) or ".",
              "records": overrides.pop("records", None) or checkpoint.state.get("run", {}).get(
                  "records_path", config.records)}
+
     return config.replace(**{**overrides, **where}, precision=checkpoint.state["precision"]), folder
 
 
@@ -562,7 +568,13 @@ def _run(config: TrainConfig, resume: str | None, strategy, devices: str, on_gpu
     seed_everything(config)
 
     # --- Input pipeline ------------------------------------------------------------------------
+    if resume and not storage.exists(storage.join(config.records, schema.MANIFEST_NAME)):
+        raise RunError(f"{config.records}: the records {resume} was trained on are not there "
+                       f"(no {schema.MANIFEST_NAME}); give --records where that pack is now "
+                       f"(packing again makes another pack, which a resume refuses)")
     manifest = _training_manifest(config.records)
+    if config.data_service:  # A wrong address fails now, before a folder is claimed.
+        data.check_service(config.data_service, config.data_service_timeout)
     if cluster:
         clusters.agree(cluster, _what_runs(config, resume, checkpoint, manifest, precision,
                                            strategy), config.cluster_timeout)
@@ -570,6 +582,9 @@ def _run(config: TrainConfig, resume: str | None, strategy, devices: str, on_gpu
 
     # --- Version folder ------------------------------------------------------------------------
     weights = class_weights(manifest["splits"]["train"]["counts"], manifest["classes"])
+    if writes:  # What runs killed at their very end left: completed or removed first.
+        for line in tidy_models_dir(config.models):
+            print(f"note: {line}", file=sys.stderr)
     if checkpoint:
         run = RunFolder.reopen(resume, config, manifest, devices, precision, weights, checkpoint)
     else:
@@ -586,12 +601,16 @@ def _run(config: TrainConfig, resume: str | None, strategy, devices: str, on_gpu
             # --- Reports -----------------------------------------------------------------------
             evaluation = calibrated_evaluation(model, config, manifest["classes"])
             write_report_set(run, evaluation)
+            faults.point("train.reports_written")
 
-            # --- The model last: model.h5's presence marks the folder complete -----------------
+            # --- The model last: model.h5's presence marks the run finished. A kill after it
+            # leaves the publication to a later run or --resume (versions.finish_publication).
             for name in ("model.keras", "model.h5"):
                 save_model(model, run.path(name), manifest["classes"], run.record(evaluation),
                            evaluation.temperature)
+                faults.point(f"train.{name.replace('.', '_')}_written")
             storage.publish(run.path("model.h5"), storage.join(config.models, "latest.h5"))
+            faults.point("train.latest_published")
             run.complete()
     except BaseException as error:
         if cluster and isinstance(error, tf.errors.OpError) and clusters.is_lost_worker(error):
@@ -735,9 +754,24 @@ def run_schedule(model, train_data, val_data, config: TrainConfig, run: RunFolde
                  workers: tuple[int, int] | None = None) -> None:
     """tclf-train's :func:`two_stages`: progress in the run's training_progress.txt, logs in
     its logs/, the checkpoint after every epoch, and the log rewritten after stage 1."""
+    callbacks = []
+    if config.data_service:
+        from tclf.callbacks import StallWatch
+
+        def stalled(message: str) -> None:  # From the watch's thread: the run is stuck.
+            error = RunError(message)
+            run.fail(error)
+            print(f"Error: RunError: {message}", file=sys.stderr, flush=True)
+            os._exit(1)  # The main thread waits in TensorFlow for a batch that will not come.
+
+        callbacks.append(StallWatch(config.data_service_timeout, stalled, (
+            f"no batch from the tf.data service at {config.data_service} for "
+            f"{config.data_service_timeout:g} s (--data-service-timeout): its dispatcher or "
+            f"workers stopped or cannot be reached; {run.resume_command()} continues the run "
+            f"(with a running service, or --data-service '' to read the records here)")))
     two_stages(model, train_data, val_data, config, run.manifest, logs_dir=run.path("logs"),
                progress_path=run.path("training_progress.txt"), checkpoint=run.checkpoint,
-               scratch=run.folder, stages=run.stages,
+               scratch=run.folder, stages=run.stages, callbacks=callbacks,
                after_stage1=run.write_log, workers=workers)
 
 

@@ -35,8 +35,9 @@ import threading
 import time
 import traceback
 
-from tclf import InputError, RunError, faults, storage
+from tclf import InputError, RunError, faults, report_skip, storage
 from tclf.train import TrainConfig, seed_everything
+from tclf.versions import lock_folder, unlock_folder
 
 PROJECT = "search"  # Keras Tuner's project folder inside DIR.
 TUNERS = ("random", "bayesian", "hyperband")
@@ -119,6 +120,10 @@ def search_space(overrides: dict | None = None, fixed=None,
             spec = {"values": [value]}
         space[name] = _checked(name, spec, kind, base)
     for name in fixed or ():
+        if name in (overrides or {}):  # Both say something: the command line's value wins.
+            report_skip(f"--space: {name} is also given as an option ({name.replace('_', '-')} "
+                        f"{getattr(base, name)!r}), which every trial uses; the --space entry "
+                        f"{overrides[name]!r} is ignored")
         space.pop(name, None)
     for name, spec in space.items():
         spec["default"] = _nearest(spec, getattr(defaults, name))
@@ -640,16 +645,21 @@ def tune(base: TrainConfig, out_dir: str, *, kind: str = "random", max_trials: i
     space = search_space() if space is None else space
     base.validate()
     where, tuner_id = role()
-    if where != "worker":
-        _check_settings(out_dir, _settings(base, space, kind, objective), overwrite)
-    if overwrite and where != "worker":
-        for name in (PROJECT, "logs", ".workers"):
-            storage.rmtree(storage.join(out_dir, name))
-        for name in ("trials.csv", "best_hparams.json"):
-            storage.remove_quietly(storage.join(out_dir, name))
-
+    owner = where != "worker"  # The search's one owner of --out: a local search or the chief.
+    if owner:
+        if storage.exists(out_dir) and not storage.isdir(out_dir):
+            raise InputError(f"--out {out_dir} is a file; give a folder for the search")
+        storage.makedirs(out_dir)
+        lock_folder(out_dir, "is being searched")  # Before anything in it is touched.
     previous_policy = keras.mixed_precision.global_policy()
     try:
+        if owner:
+            _check_settings(out_dir, _settings(base, space, kind, objective), overwrite)
+        if overwrite and owner:
+            for name in (PROJECT, "logs", ".workers"):
+                storage.rmtree(storage.join(out_dir, name))
+            for name in ("trials.csv", "best_hparams.json"):
+                storage.remove_quietly(storage.join(out_dir, name))
         if where == "chief":
             return _chief(base, out_dir, space, kind, objective, max_trials, worker_timeout,
                           echo, started)
@@ -657,6 +667,8 @@ def tune(base: TrainConfig, out_dir: str, *, kind: str = "random", max_trials: i
                            progress, echo, started)
     finally:
         keras.mixed_precision.set_global_policy(previous_policy)
+        if owner:
+            unlock_folder(out_dir)
 
 
 def _prepare(base: TrainConfig, progress: bool, announce) -> _Shared:

@@ -17,7 +17,7 @@ import re
 import time
 
 import tclf
-from tclf import RunError, storage
+from tclf import RunError, faults, storage
 
 _VERSION = re.compile(r"^v(\d+)$")
 UNFINISHED_NAME = "UNFINISHED"
@@ -140,6 +140,7 @@ class RunFolder:
                checkpoint) -> "RunFolder":
         """An unfinished models/vX/ whose run continues in this process (``--resume``)."""
         _lock(folder)
+        storage.remove_dead_staging(folder)  # What a kill mid-write left (model.tmp-*.h5).
         saved = checkpoint.state["run"]
         if saved.get("records_created") != manifest.get("created"):
             _unlock(folder)
@@ -193,7 +194,10 @@ class RunFolder:
         if self.checkpoint is not None:
             self.checkpoint.remove()
         remove_scratch(self.folder)  # Left by a killed stage 1, if any.
+        faults.point("train.checkpoint_removed")
+        storage.remove_dead_staging(self.folder)  # Left by a kill mid-write before a resume.
         storage.remove_quietly(self.path(UNFINISHED_NAME))
+        faults.point("train.unfinished_removed")
         _unlock(self.folder)
 
     def fail(self, error: BaseException) -> None:
@@ -219,8 +223,9 @@ def _owner() -> str:
     return f"{os.getpid()}@{socket.gethostname()}"
 
 
-def _lock(folder: str) -> None:
-    """Mark ``folder`` as trained by this process; refuse if a live process holds it.
+def _lock(folder: str, busy: str = "is being trained") -> None:
+    """Mark ``folder`` as worked on by this process; refuse if a live process holds it
+    (the message says the folder ``busy`` by that process).
 
     Locally the lock file is created with O_EXCL; a lock left by a process that no longer
     runs on this host is taken over. On remote storage (no O_EXCL) it is best effort.
@@ -240,12 +245,22 @@ def _lock(folder: str) -> None:
             if host == socket.gethostname() and pid.isdigit() and not _alive(int(pid)):
                 storage.remove_quietly(path)  # Its process is gone: a stale lock.
                 continue
-            raise RunError(f"{folder} is being trained by process {owner or '?'} (its "
+            raise RunError(f"{folder} {busy} by process {owner or '?'} (its "
                            f"{LOCK_NAME} file); wait for it, or delete that file if the "
                            f"process is gone") from None
         with os.fdopen(descriptor, "w") as f:
             f.write(_owner())
         return
+
+
+def lock_folder(folder: str, busy: str) -> None:
+    """:func:`_lock` for other commands' folders (a search's --out); :func:`unlock_folder`
+    ends it."""
+    _lock(folder, busy)
+
+
+def unlock_folder(folder: str) -> None:
+    _unlock(folder)
 
 
 def _unlock(folder: str) -> None:
@@ -263,15 +278,7 @@ def _read_text(path: str) -> str:
 
 
 def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    if os.path.exists(f"/proc/{pid}/stat"):  # A zombie (killed, not yet reaped) is gone.
-        return _read_text(f"/proc/{pid}/stat").split(") ")[-1][:1] != "Z"
-    return True
+    return storage.process_alive(pid)
 
 
 def _versions(models_dir: str) -> list[tuple[int, str]]:
@@ -315,14 +322,96 @@ def find_resumable(models_dir: str, which: str | None = None) -> str:
             raise RunError(f"no unfinished run to resume in {models_dir} (a vN folder without "
                            f"model.h5 that has a checkpoint/ folder)")
         return found[0]
-    folder = which
-    if which.isdigit() or _VERSION.match(which):
-        folder = storage.join(models_dir, which if which.startswith("v") else f"v{which}")
+    folder = _folder_named(models_dir, which)
     if not storage.exists(folder):
         raise RunError(f"{folder}: no such run folder to resume")
     if storage.exists(storage.join(folder, "model.h5")):
         raise RunError(f"{folder} has finished (it holds model.h5): nothing to resume")
     return folder
+
+
+# ---------------------------------------------------------------------------
+# The end of a run: model.h5 written, then latest.h5, then the cleanup. A kill after model.h5
+# leaves a finished run whose publication a later run or --resume completes.
+# ---------------------------------------------------------------------------
+
+_LEFT_BY_A_RUN = (UNFINISHED_NAME, LOCK_NAME)
+
+
+def unpublished_runs(models_dir: str) -> list[str]:
+    """The vN folders of models_dir that hold model.h5 and still what their run removes at
+    its very end (UNFINISHED, checkpoint/, .lock), with no live process in them, oldest
+    first: runs killed after writing model.h5."""
+    from tclf.checkpoints import FOLDER_NAME
+
+    found = []
+    for _, name in reversed(_versions(models_dir)):
+        folder = storage.join(models_dir, name)
+        if (storage.exists(storage.join(folder, "model.h5")) and not _trained_now(folder)
+                and any(storage.exists(storage.join(folder, n))
+                        for n in (*_LEFT_BY_A_RUN, FOLDER_NAME))):
+            found.append(folder)
+    return found
+
+
+def finish_publication(folder: str, models_dir: str) -> str:
+    """Complete the end of a run killed after its model.h5: latest.h5 becomes its model if
+    no newer version has finished, then what the run would have removed goes. Returns a
+    line saying what was done."""
+    from tclf.backbone_cache import remove_scratch
+    from tclf.checkpoints import FOLDER_NAME
+
+    _lock(folder)  # Takes over the dead run's lock; refuses a live one's.
+    try:
+        name = os.path.basename(folder.rstrip("/"))
+        newer = [n for number, n in _versions(models_dir)
+                 if number > int(name[1:]) and storage.exists(
+                     storage.join(models_dir, n, "model.h5"))]
+        latest = storage.join(models_dir, "latest.h5")
+        if newer:
+            done = f"latest.h5 left to the newer {newer[0]}"
+        else:
+            storage.publish(storage.join(folder, "model.h5"), latest)
+            done = "latest.h5 is its model.h5"
+        storage.rmtree(storage.join(folder, FOLDER_NAME), ignore_errors=True)
+        remove_scratch(folder)
+        storage.remove_dead_staging(folder)
+        storage.remove_dead_staging(models_dir)  # A latest.h5 copy cut short.
+        storage.remove_quietly(storage.join(folder, UNFINISHED_NAME))
+    finally:
+        _unlock(folder)
+    return f"{folder} had finished (model.h5) when it was stopped; completed its end: {done}"
+
+
+def _folder_named(models_dir: str, which: str) -> str:
+    """The run folder ``--resume which`` names: vN, N or a folder path."""
+    if which.isdigit() or _VERSION.match(which):
+        return storage.join(models_dir, which if which.startswith("v") else f"v{which}")
+    return which
+
+
+def finish_if_unpublished(models_dir: str, which: str | None = None) -> str | None:
+    """``--resume [which]`` of a run killed after its model.h5: complete its end and say so
+    (None: not such a run). Without ``which``, when no run is unfinished: every such run."""
+    if which is None:
+        if unfinished_runs(models_dir):
+            return None
+        return "\n".join(tidy_models_dir(models_dir)) or None
+    folder = _folder_named(models_dir, which)
+    if os.path.normpath(folder) in map(os.path.normpath, unpublished_runs(models_dir)):
+        return finish_publication(folder, models_dir)
+    return None
+
+
+def tidy_models_dir(models_dir: str) -> list[str]:
+    """Before a run: complete the runs killed after their model.h5, oldest first, and remove
+    the staging files of dead processes (a latest.h5 copy cut short). Lines saying what."""
+    if not storage.exists(models_dir):
+        return []
+    said = [finish_publication(folder, models_dir) for folder in unpublished_runs(models_dir)]
+    said += [f"removed {storage.join(models_dir, name)}, left by a stopped run"
+             for name in storage.remove_dead_staging(models_dir)]
+    return said
 
 
 def write_report_set(run: RunFolder, evaluation) -> None:

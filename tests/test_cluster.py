@@ -346,3 +346,105 @@ def test_data_service_command_help_and_errors():
     assert done.output.strip().splitlines() == [
         "Error: InputError: --data-service 'nohost': expected the dispatcher's host:port, "
         "e.g. grpc://10.0.0.5:5050"]
+
+
+# --- Bounded waits and one-line errors (the service, ports, TF_CONFIG) -------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("", 0))
+        return probe.getsockname()[1]
+
+
+def _tclf(*args, env=None, timeout=300):
+    return subprocess.run([sys.executable, "-m", "tclf", *args], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3",
+                                                **(env or {})})
+
+
+def _one_line(done, *words):
+    assert done.returncode == 1, done.stdout + done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), done.stderr[-3000:]
+    for word in words:
+        assert word in lines[0], (word, lines[0])
+
+
+def test_nothing_at_the_data_service_address_is_one_line_at_once(records_dir, tmp_path):
+    port = _free_port()
+    started = time.monotonic()
+    done = _tclf("train", "--records", records_dir, "--models-dir", str(tmp_path / "m"),
+                 "--data-service", f"127.0.0.1:{port}", "--data-service-timeout", "3", "-q")
+    _one_line(done, f"--data-service 127.0.0.1:{port}", "no tf.data service dispatcher",
+              "within 3 s")
+    assert time.monotonic() - started < 120 and not (tmp_path / "m").exists()
+    done = _tclf("data-service", "worker", "--dispatcher", f"127.0.0.1:{port}", "--timeout", "2")
+    _one_line(done, "no tf.data service dispatcher answers there within 2 s")
+
+
+def test_ports_in_use_and_a_string_worker_list_are_one_line(records_dir, tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        _one_line(_tclf("data-service", "dispatcher", "--port", str(port)),
+                  f"port {port} is in use")
+        # Two workers given the same index: the second finds its port taken.
+        env = {"TF_CONFIG": _tf_config([port, _free_port()], 0)}
+        _one_line(_tclf("train", "--records", records_dir, "--models-dir", str(tmp_path / "m"),
+                        "--gpus", "none", env=env),
+                  f"localhost:{port} has its port in use", "same type and index")
+    env = {"TF_CONFIG": json.dumps({"cluster": {"worker": "a:1,b:2"},
+                                    "task": {"type": "worker", "index": 0}})}
+    _one_line(_tclf("train", "--records", records_dir, env=env),
+              "the 'worker' job must be a list")
+
+
+@pytest.mark.slow
+def test_a_dispatcher_killed_mid_training_fails_the_run_in_bounded_time_and_it_resumes(
+        records_dir, tmp_path):
+    from tclf import versions
+
+    port, models = _free_port(), tmp_path / "models"
+    service = [subprocess.Popen([sys.executable, "-m", "tclf", "data-service", *args],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+               for args in (["dispatcher", "--port", str(port)],
+                            ["worker", "--dispatcher", f"localhost:{port}"])]
+    hparams = tmp_path / "tiny.json"
+    hparams.write_text(json.dumps({**TINY_TRAINING, "stage1_cache": False, "stage1_epochs": 3,
+                                   "gpus": "none"}))
+    trainer = subprocess.Popen(
+        [sys.executable, "-m", "tclf", "train", "--records", records_dir, "--models-dir",
+         str(models), "--hparams", str(hparams), "--data-service", f"localhost:{port}",
+         "--data-service-timeout", "20", "-q"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    try:
+        progress = models / "v1" / "training_progress.txt"
+        deadline = time.monotonic() + 240
+        while not (progress.exists() and progress.read_text().strip()):
+            assert trainer.poll() is None and time.monotonic() < deadline, trainer.communicate()
+            time.sleep(0.5)
+        service[0].kill()  # The dispatcher, after stage 1's first epoch.
+        killed = time.monotonic()
+        _, stderr = trainer.communicate(timeout=240)
+    finally:
+        for process in (*service, trainer):
+            process.kill()
+            process.wait()
+    assert trainer.returncode == 1, stderr[-3000:]
+    assert time.monotonic() - killed < 200
+    lines = stderr.strip().splitlines()
+    assert lines[-1].startswith("Error: RunError: no batch from the tf.data service at "
+                                f"localhost:{port} for 20 s"), stderr[-3000:]
+    log = (models / "v1" / "training_log.txt").read_text()
+    assert "FAILED: RunError: no batch from the tf.data service" in log
+    assert not (models / "v1" / ".lock").exists()
+    assert versions.unfinished_runs(str(models)) == [str(models / "v1")]
+    # Resumed without the service: it reads the records itself, and finishes.
+    done = _tclf("train", "--resume", "v1", "--models-dir", str(models), "--data-service", "",
+                 "-q")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (models / "v1" / "model.h5").exists() and not (models / "v1" / "UNFINISHED").exists()

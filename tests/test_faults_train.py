@@ -309,6 +309,10 @@ def test_resume_on_the_command_line(tmp_path):
     done = runner.invoke(cli.train_command, ["--resume", "--hparams", hparams,
                                              "--models-dir", str(models)])
     _one_line_error(done, "these differ: dropout: the run has 0.4, given 0.1")
+    # The records moved since: said as such, with the option that fixes it.
+    done = runner.invoke(cli.train_command, ["--resume", "v1", "--models-dir", str(models),
+                                             "--gpus", "none"])
+    _one_line_error(done, "/data/r: the records", "give --records where that pack is now")
     help_text = " ".join(runner.invoke(cli.train_command, ["--help"]).output.split())
     assert "--resume [vN]" in help_text and "last completed epoch" in help_text
 
@@ -338,3 +342,65 @@ def test_stage2_min_may_equal_max_but_not_exceed_it():
     with pytest.raises(InputError, match=r"stage2_min_epochs \(3\) must not exceed "
                                          r"stage2_max_epochs \(2\)"):
         train.TrainConfig(stage2_min_epochs=3, stage2_max_epochs=2).validate()
+
+
+END_OF_RUN = {**TINY_TRAINING, "stage2_random_backbone": False}  # Stage 2 skipped: quicker.
+# (fault point, what the kill leaves, how it is recovered). In order: each "later run" is the
+# next case's run (or the last one), which must complete the killed run's end first.
+END_KILLS = [
+    ("train.reports_written", "unfinished", "resume"),
+    ("model.saved_staged:2", "unfinished", "resume"),  # model.h5 written, not renamed yet.
+    ("train.model_h5_written", "finished", "resume"),
+    ("storage.publish_staged.latest.h5", "finished", "resume"),  # latest.h5's copy not renamed.
+    ("train.latest_published", "published", "later run"),
+    ("train.checkpoint_removed", "published", "resume"),
+    ("train.unfinished_removed", "published", "later run"),
+]
+
+
+def _left_behind(folder) -> list[str]:
+    return sorted(n for n in os.listdir(folder)
+                  if n in ("UNFINISHED", "checkpoint", ".lock") or ".tmp-" in n)
+
+
+@pytest.mark.slow
+def test_a_kill_at_any_step_of_the_end_of_a_run_leaves_it_resumable_or_finished(records_dir,
+                                                                                tmp_path):
+    models = tmp_path / "models"
+    common = ["--records", records_dir, "--models-dir", str(models), "--hparams",
+              _hparams(tmp_path, END_OF_RUN), "-q"]
+    assert _tclf_train(*common).returncode == 0  # v1
+    pending = None  # A killed run that the next run must complete.
+    for number, (point, state, recovery) in enumerate(END_KILLS, start=2):
+        before = (models / "latest.h5").read_bytes()
+        done = _tclf_train(*common, kill_at=point)
+        assert done.returncode == -9, (point, done.stderr[-2000:])
+        if pending:  # This run completed the previous killed one's end before training.
+            assert f"{pending} had finished" in done.stderr, done.stderr[-2000:]
+            assert _left_behind(pending) == [], point
+            pending = None
+        folder = models / f"v{number}"
+        assert (folder / "model.h5").exists() == (state != "unfinished"), point
+        published = ((folder / "model.h5").exists() and (models / "latest.h5").read_bytes()
+                     == (folder / "model.h5").read_bytes())
+        assert published == (state == "published"), point
+        assert "UNFINISHED" in _left_behind(folder) or state == "published", point
+        if recovery == "later run":
+            pending = folder
+            continue
+        done = _tclf_train(*common, "--resume", f"v{number}")
+        assert done.returncode == 0, (point, done.stderr[-2000:])
+        if state == "unfinished":
+            assert "trained" in done.stdout, point
+        else:
+            assert "had finished" in done.stdout and "latest.h5 is its model.h5" in done.stdout
+        assert _left_behind(folder) == [], point
+        assert (models / "latest.h5").read_bytes() == (folder / "model.h5").read_bytes(), point
+        assert before != (models / "latest.h5").read_bytes() or state == "published", point
+        assert not [n for n in os.listdir(models) if ".tmp-" in n], point
+    done = _tclf_train(*common)  # The last later run.
+    assert done.returncode == 0 and f"{pending} had finished" in done.stderr
+    assert _left_behind(pending) == [] and not [n for n in os.listdir(models) if ".tmp-" in n]
+    last = models / f"v{len(END_KILLS) + 2}"
+    assert (models / "latest.h5").read_bytes() == (last / "model.h5").read_bytes()
+    assert versions.unfinished_runs(str(models)) == [] == versions.unpublished_runs(str(models))

@@ -18,7 +18,7 @@ import tensorflow as tf
 from PIL import Image
 
 from tclf import model as tclf_model
-from tclf import records, train, versions
+from tclf import records, reports, train, versions
 from tests.conftest import STYLES, TINY_TRAINING
 
 
@@ -190,10 +190,16 @@ def test_full_run_writes_every_file(trained):
     assert metrics["segment"]["accuracy"] == trained.evaluation.segment_accuracy
     assert metrics["track"]["accuracy"] == trained.evaluation.track_accuracy
     assert metrics["segment"]["count"] == trained.evaluation.num_segments
+    headline = {f"{level}_{name}": round(metrics[level][name], 4)
+                for level in ("segment", "track") for name in ("accuracy", "macro_f1")}
+    assert reports.parse_report_metrics(report) == headline  # metrics.json says what it says.
     with open(os.path.join(folder, "predictions.csv"), newline="") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == trained.evaluation.num_tracks == len({r["track"] for r in rows})
     assert {r["true_style"] for r in rows} <= set(STYLES)
+    order = [(r["correct"] == "1", float(r["confidence"]) * (1 if r["correct"] == "1" else -1))
+             for r in rows]  # Wrong ones first, most confident first; then the right ones.
+    assert order == sorted(order)
     log = open(os.path.join(folder, "training_log.txt")).read()
     for needle in ("devices: CPU", "precision: float32", "class weights:", "stage1: ",
                    "stage2: ", "stopped: ", "validation accuracy (tracks)", "image_size: 32"):

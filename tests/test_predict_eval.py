@@ -117,10 +117,14 @@ def test_predict_cli(trained, audio_dir, tmp_path):
                                                "--format", "json", "-q"])
     assert done.exit_code == 0, done.output
     assert json.loads(done.stdout)["tracks"][0]["source"] == good
+    assert done.stdout.endswith("}\n")  # A line like any other command's output.
     (tmp_path / "x.wav").write_text("nope")
     done = runner.invoke(cli.predict_command, [str(tmp_path / "x.wav"), "--model",
                                                trained.model_path, "-q"])
-    assert done.exit_code != 0 and "no track could be classified" in done.output
+    assert done.exit_code != 0 and "no track could be classified" in done.stderr
+    shown = json.loads(done.stdout)  # A script still gets the failed list, as JSON.
+    assert shown["tracks"] == [] and [f["source"] for f in shown["failed"]] == [
+        str(tmp_path / "x.wav")]
     done = runner.invoke(cli.predict_command, [good, "--model", str(tmp_path / "none.h5")])
     assert done.exit_code == 1 and "not found" in done.output and "Traceback" not in done.output
 

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from tclf import InputError, tune
+from tclf import InputError, RunError, storage, tune
 from tests.conftest import TINY_TRAINING
 
 # Every trial tiny (TINY_TRAINING's sizes are options, so they are fixed, not searched); the
@@ -141,6 +141,10 @@ def test_search_killed_mid_trial_resumes_repeats_nothing_and_trains_with_the_bes
     first = _trial_record(out, "0")
     assert first["status"] == "COMPLETED"
     assert _trial_record(out, "1")["status"] == "RUNNING"
+    # The killed search's lock is left, naming a dead process: the next search takes it over.
+    owner = open(os.path.join(out, ".lock")).read()
+    assert owner.endswith(f"@{socket.gethostname()}")
+    assert not storage.process_alive(int(owner.split("@")[0]))
 
     # The same command: trial 1 runs again, trial 0 does not.
     resumed = _tclf("tune_command", *args)
@@ -148,6 +152,7 @@ def test_search_killed_mid_trial_resumes_repeats_nothing_and_trains_with_the_bes
     assert "1 to run again (1)" in resumed.stdout
     assert "trial 1  completed" in resumed.stdout and "trial 0  completed" not in resumed.stdout
     assert _trial_record(out, "0") == first
+    assert not os.path.exists(os.path.join(out, ".lock"))  # Released at the end.
     rows = _rows(out)
     assert sorted(r["trial"] for r in rows) == ["0", "1"]
     assert all(r["status"] == "COMPLETED" for r in rows)
@@ -297,3 +302,38 @@ def test_a_chief_left_without_workers_stops_and_a_restart_finishes_the_search(
             if line.startswith("trial ")] == ["1"]
     assert _trial_record(out, "0") == first
     assert all(r["status"] == "COMPLETED" for r in _rows(out)) and len(_rows(out)) == 2
+
+
+def test_a_search_folder_is_owned_by_one_live_search(records_dir, tmp_path):
+    """A second search into the --out of a live one is refused, naming it; nothing of the
+    first's is touched, not even with --overwrite. A file as --out is one line too."""
+    out = tmp_path / "search"
+    out.mkdir()
+    (out / "trials.csv").write_text("the first search's\n")
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:  # A live process of this host holds the folder.
+        (out / ".lock").write_text(f"{sleeper.pid}@{socket.gethostname()}")
+        base = tune.TrainConfig(records=records_dir, **TINY_TRAINING)
+        for overwrite in (False, True):
+            with pytest.raises(RunError, match=f"is being searched by process {sleeper.pid}@"):
+                tune.tune(base, str(out), max_trials=1, overwrite=overwrite, progress=False)
+        assert (out / "trials.csv").read_text() == "the first search's\n"
+        assert (out / ".lock").read_text().startswith(f"{sleeper.pid}@")
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    (tmp_path / "a-file").write_text("")
+    done = _tclf("tune_command", "--records", records_dir, "--out", str(tmp_path / "a-file"))
+    assert done.returncode == 1 and "is a file; give a folder" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+def test_an_option_given_twice_says_which_value_wins():
+    from tclf import DataWarning
+
+    base = tune.TrainConfig(dropout=0.3)
+    with pytest.warns(DataWarning, match=r"--space: dropout is also given as an option "
+                                         r"\(dropout 0.3\).*entry 0.2 is ignored"):
+        space = tune.search_space({"dropout": 0.2, "stage1_lr": [1e-4, 3e-4]},
+                                  fixed={"dropout"}, base=base)
+    assert "dropout" not in space and "stage1_lr" in space
