@@ -408,7 +408,12 @@ def tidy_models_dir(models_dir: str) -> list[str]:
     the staging files of dead processes (a latest.h5 copy cut short). Lines saying what."""
     if not storage.exists(models_dir):
         return []
-    said = [finish_publication(folder, models_dir) for folder in unpublished_runs(models_dir)]
+    said = []
+    for folder in unpublished_runs(models_dir):
+        try:
+            said.append(finish_publication(folder, models_dir))
+        except RunError:  # Locked by a live process of another host, at its own end.
+            continue
     said += [f"removed {storage.join(models_dir, name)}, left by a stopped run"
              for name in storage.remove_dead_staging(models_dir)]
     return said
