@@ -439,8 +439,11 @@ def train(config: TrainConfig, resume: str | None = None) -> TrainResult:
 # it computes. The precision is the one the run resolved when it started.
 # --records too: where this machine sees the pack (a cluster's workers may mount it
 # elsewhere); a pack other than the run's is refused by its manifest's stamp.
-RESUME_OPTIONS = ("models", "records", "gpus", "cpu_devices", "verbose", "data_service",
-                  "data_service_timeout", "cluster_timeout")
+# Where a run goes, not what it computes: these may change on --resume, and a search leaves
+# them out of best_hparams.json and of the settings a resumed search must keep.
+PLACE_OPTIONS = ("models", "records", "gpus", "cpu_devices", "verbose", "data_service",
+                 "data_service_timeout", "cluster_timeout")
+RESUME_OPTIONS = PLACE_OPTIONS
 
 
 def resume_config(models_dir: str, which: str | None = None,

@@ -36,7 +36,7 @@ import time
 import traceback
 
 from tclf import InputError, RunError, faults, report_skip, storage
-from tclf.train import TrainConfig, seed_everything
+from tclf.train import PLACE_OPTIONS, TrainConfig, seed_everything
 from tclf.versions import lock_folder, unlock_folder
 
 PROJECT = "search"  # Keras Tuner's project folder inside DIR.
@@ -66,9 +66,6 @@ SPACE = {
     "stage2_layers": {"min": 0, "max": 80, "step": 10},
 }
 
-# Options a search never passes on to best_hparams.json: where and how a run goes, not what
-# it computes.
-PLACE_OPTIONS = ("records", "models", "gpus", "cpu_devices", "verbose")
 # Worker heartbeats (distributed search): written every HEARTBEAT_SECONDS; the chief gives
 # a worker up after --worker-timeout seconds without one.
 HEARTBEAT_SECONDS = float(os.environ.get("TCLF_TUNE_HEARTBEAT_SECONDS", 15))

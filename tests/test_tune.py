@@ -185,6 +185,8 @@ def test_search_killed_mid_trial_resumes_repeats_nothing_and_trains_with_the_bes
         best = json.load(file)
     assert best["dropout"] == float(rows[0]["dropout"])
     assert best["image_size"] == TRIAL_OPTIONS["image_size"] and "records" not in best
+    # Where the search ran is not a hyperparameter: no place option in the file.
+    assert not {"data_service", "cluster_timeout", "gpus", "models"} & set(best)
     models = str(tmp_path / "models")
     trained = _tclf("train_command", "--hparams", os.path.join(out, "best_hparams.json"),
                     "--records", records_dir, "--models-dir", models, "--gpus", "none")
