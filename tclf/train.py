@@ -435,12 +435,11 @@ def train(config: TrainConfig, resume: str | None = None) -> TrainResult:
         keras.mixed_precision.set_global_policy(previous_policy)
 
 
-# What `--resume` lets a user change: where and how verbosely the run continues, never what
-# it computes. The precision is the one the run resolved when it started.
-# --records too: where this machine sees the pack (a cluster's workers may mount it
-# elsewhere); a pack other than the run's is refused by its manifest's stamp.
-# Where a run goes, not what it computes: these may change on --resume, and a search leaves
-# them out of best_hparams.json and of the settings a resumed search must keep.
+# Where and how verbosely a run goes, never what it computes: `--resume` may change these
+# (the precision stays the one the run resolved), and a search leaves them out of
+# best_hparams.json and of the settings a resumed search must keep. --records is where this
+# machine sees the pack (a cluster's workers may mount it elsewhere); a pack other than the
+# run's is refused by its manifest's stamp.
 PLACE_OPTIONS = ("models", "records", "gpus", "cpu_devices", "verbose", "data_service",
                  "data_service_timeout", "cluster_timeout")
 RESUME_OPTIONS = PLACE_OPTIONS
@@ -478,7 +477,6 @@ def resume_config(models_dir: str, which: str | None = None,
     where = {"models": os.path.dirname(folder.rstrip("/")) or ".",
              "records": overrides.pop("records", None) or checkpoint.state.get("run", {}).get(
                  "records_path", config.records)}
-
     return config.replace(**{**overrides, **where}, precision=checkpoint.state["precision"]), folder
 
 
