@@ -242,7 +242,8 @@ def _lock(folder: str, busy: str = "is being trained") -> None:
         except FileExistsError:
             owner = _read_text(path)
             pid, _, host = owner.partition("@")
-            if host == socket.gethostname() and pid.isdigit() and not _alive(int(pid)):
+            if (host == socket.gethostname() and pid.isdigit()
+                    and not storage.process_alive(int(pid))):
                 storage.remove_quietly(path)  # Its process is gone: a stale lock.
                 continue
             raise RunError(f"{folder} {busy} by process {owner or '?'} (its "
@@ -277,10 +278,6 @@ def _read_text(path: str) -> str:
         return ""
 
 
-def _alive(pid: int) -> bool:
-    return storage.process_alive(pid)
-
-
 def _versions(models_dir: str) -> list[tuple[int, str]]:
     """(N, name) of the vN folders in models_dir, newest first."""
     names = storage.listdir(models_dir)
@@ -295,7 +292,7 @@ def _trained_now(folder: str) -> bool:
     if storage.is_remote(folder):
         return False
     pid, _, host = _read_text(storage.join(folder, LOCK_NAME)).partition("@")
-    return host == socket.gethostname() and pid.isdigit() and _alive(int(pid))
+    return host == socket.gethostname() and pid.isdigit() and storage.process_alive(int(pid))
 
 
 def unfinished_runs(models_dir: str) -> list[str]:
