@@ -357,26 +357,23 @@ def save_model(model, path: str, class_names, config: dict | None = None,
         metadata[CONFIG_ATTRIBUTE] = json.dumps(config, default=str)
     keras_format = path.endswith(".keras")
     with storage.staged(path) as local:
-        if keras_format:  # Keras picks the format by the name's ending.
-            staging = local if local.endswith(".keras") else local + ".keras"
-            model.save(staging, include_optimizer=False)
-            with zipfile.ZipFile(staging, "a") as archive:
-                archive.writestr(KERAS_METADATA, json.dumps(metadata))
-            if staging != local:
-                os.replace(staging, local)
-            faults.point("model.saved_staged")
-            return
-        import h5py
-
-        absl_logger = logging.getLogger("absl")
-        absl_logger.addFilter(_h5_notice)
-        try:
+        # The staging name keeps the ending, from which Keras picks the format.
+        if keras_format:
             model.save(local, include_optimizer=False)
-        finally:
-            absl_logger.removeFilter(_h5_notice)
-        with h5py.File(local, "a") as f:
-            for name, value in metadata.items():
-                f.attrs[name] = value
+            with zipfile.ZipFile(local, "a") as archive:
+                archive.writestr(KERAS_METADATA, json.dumps(metadata))
+        else:
+            import h5py
+
+            absl_logger = logging.getLogger("absl")
+            absl_logger.addFilter(_h5_notice)
+            try:
+                model.save(local, include_optimizer=False)
+            finally:
+                absl_logger.removeFilter(_h5_notice)
+            with h5py.File(local, "a") as f:
+                for name, value in metadata.items():
+                    f.attrs[name] = value
         faults.point("model.saved_staged")  # Written whole, not yet renamed into place.
 
 
@@ -395,12 +392,6 @@ def _local_copy(path: str, tmp: str) -> str:
     return local
 
 
-def _is_keras_zip(local: str) -> bool:
-    import zipfile
-
-    return zipfile.is_zipfile(local)
-
-
 def _metadata(path: str) -> dict:
     """What tclf-train stored in a model file, model.h5 or model.keras: {attribute: value}."""
     import zipfile
@@ -409,7 +400,7 @@ def _metadata(path: str) -> dict:
 
     with tempfile.TemporaryDirectory() as tmp:
         local = _local_copy(path, tmp)
-        if _is_keras_zip(local):
+        if zipfile.is_zipfile(local):
             with zipfile.ZipFile(local) as archive:
                 if KERAS_METADATA not in archive.namelist():
                     return {}
@@ -472,9 +463,11 @@ def load_model(path: str):
                          f"model.keras in it)")
     with tempfile.TemporaryDirectory() as tmp:
         local = _local_copy(path, tmp)
+        import zipfile
+
         import h5py
 
-        if _is_keras_zip(local):
+        if zipfile.is_zipfile(local):
             if not local.endswith(".keras"):  # Keras reads a zip only under that name.
                 os.symlink(os.path.abspath(local), os.path.join(tmp, "model.keras"))
                 local = os.path.join(tmp, "model.keras")
