@@ -12,8 +12,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import click  # noqa: E402
 
-from tclf import UserError, __version__, audio  # noqa: E402
-from tclf.schema import SPLITS  # noqa: E402
+from tclf import UserError, __version__  # noqa: E402
+from tclf.data import audio
+from tclf.data.schema import SPLITS  # noqa: E402
 
 # Errors that mean "the user's input or setup is wrong": one line, no traceback. Anything else
 # is a bug in tclf and keeps its traceback.
@@ -140,7 +141,7 @@ def extract_command(audio_dir, data_dir, num_segments, training_segments, segmen
     The settings are recorded in DATA_DIR/extract.json; a later run with
     other settings into the same folder is refused.
     """
-    from tclf import extract
+    from tclf.data import extract
 
     summary = extract.extract(audio_dir, data_dir, num_segments=num_segments,
                               training_segments=training_segments,
@@ -179,7 +180,7 @@ def pack_command(data_dir, records_dir, val_fraction, seed, groups_file, shard_m
     counts, shards, track ids per split, feature statistics). Bad or
     unpaired files are skipped with a warning naming them.
     """
-    from tclf import records
+    from tclf.data import records
 
     manifest = records.pack(data_dir, records_dir, val_fraction=val_fraction, seed=seed,
                             groups_file=groups_file, shard_megabytes=shard_megabytes,
@@ -195,8 +196,8 @@ def pack_command(data_dir, records_dir, val_fraction, seed, groups_file, shard_m
 def _train_options(function=None, *, exclude=()):
     import dataclasses
 
-    from tclf.devices import PRECISIONS
-    from tclf.train import TrainConfig
+    from tclf.training.devices import PRECISIONS
+    from tclf.training.train import TrainConfig
 
     if function is None:
         return functools.partial(_train_options, exclude=exclude)
@@ -239,7 +240,7 @@ def train_command(hparams_file, quiet, resume, **options):
     """
     from click.core import ParameterSource
 
-    from tclf import cluster as clusters, train, versions
+    from tclf.training import cluster as clusters, train, versions
 
     cluster = clusters.from_env()
     context = click.get_current_context()
@@ -341,7 +342,8 @@ def tune_command(out_dir, kind, max_trials, objective, space_file, hparams_file,
     """
     from click.core import ParameterSource
 
-    from tclf import train, tune
+    from tclf.training import train
+    from tclf.tune import search as tune
 
     context = click.get_current_context()
     given = {k: v for k, v in options.items()
@@ -422,7 +424,8 @@ def eval_command(model_path, records_dir, split, out_dir, batch_size, quiet):
     Works for any model written by tclf-train on any packed split whose
     classes match the model's.
     """
-    from tclf import evaluate, reports, schema
+    from tclf.evaluation import evaluate, reports
+    from tclf.data import schema
     from tclf.model import load_config, load_model, load_temperature, warn_if_librosa_differs
 
     model, classes = load_model(model_path)
@@ -471,7 +474,7 @@ def data_service_dispatcher(port, work_dir):
 
     import tensorflow as tf
 
-    from tclf.cluster import port_taken
+    from tclf.training.cluster import port_taken
 
     if port_taken(port):
         raise click.ClickException(f"port {port} is in use on this machine (another "
@@ -502,8 +505,8 @@ def data_service_worker(dispatcher, port, host, timeout):
 
     import tensorflow as tf
 
-    from tclf.cluster import port_taken, service_watchdog
-    from tclf.data import check_service, service_address
+    from tclf.training.cluster import port_taken, service_watchdog
+    from tclf.data.reader import check_service, service_address
 
     if port_taken(port):
         raise click.ClickException(f"port {port} is in use on this machine; choose another "

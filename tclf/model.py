@@ -38,7 +38,7 @@ import tempfile
 import numpy as np
 
 from tclf import InputError, RunError, faults
-from tclf.schema import FEATURE_SHAPE, FEATURES_KEY, IMAGE_SIZE, SPECTROGRAM_KEY
+from tclf.data.schema import FEATURE_SHAPE, FEATURES_KEY, IMAGE_SIZE, SPECTROGRAM_KEY
 
 BACKBONE_NAME = "efficientnetb0"
 BACKBONE_OUTPUT_KEY = "backbone_output"  # The input of heads_model (stage 1).

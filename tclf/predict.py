@@ -30,8 +30,9 @@ import time
 
 import numpy as np
 
-from tclf import InputError, audio, library_versions, report_skip
-from tclf.schema import FEATURES_KEY, SPECTROGRAM_KEY
+from tclf import InputError, library_versions, report_skip
+from tclf.data import audio
+from tclf.data.schema import FEATURES_KEY, SPECTROGRAM_KEY
 
 _PART = re.compile(r"^part_(\d+)\.png$")
 UNKNOWN = "unknown"  # The style of a track below --min-confidence.
@@ -120,7 +121,7 @@ def collect_inputs(paths) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]
 
 def read_track_folder(path: str) -> list[tuple[int, np.ndarray, np.ndarray]]:
     """(index, image uint8 [299, 299, 3], features [10, 68]) per valid part of a data/ track."""
-    from tclf import records
+    from tclf.data import records
 
     parts = []
     for name in sorted(os.listdir(path), key=lambda n: (len(n), n)):
@@ -186,8 +187,8 @@ def predict_paths(paths, model_path: str = "models/latest.h5", batch_size: int =
     """
     import tensorflow as tf
 
-    from tclf.data import resize_image
-    from tclf.calibration import apply_temperature
+    from tclf.data.reader import resize_image
+    from tclf.evaluation.calibration import apply_temperature
     from tclf.model import (image_size_of, load_config, load_model, load_temperature,
                             warn_if_librosa_differs)
 
@@ -255,7 +256,7 @@ def predict_paths(paths, model_path: str = "models/latest.h5", batch_size: int =
                 run_batch()
     run_batch()
 
-    from tclf.evaluate import mean_by_track
+    from tclf.evaluation.evaluate import mean_by_track
 
     segments = [(number, s) for number, (_, track) in enumerate(tracks) for s in track]
     if segments:

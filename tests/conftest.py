@@ -35,7 +35,7 @@ def audio_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def data_dir(audio_dir, tmp_path_factory):
-    from tclf import extract
+    from tclf.data import extract
 
     root = str(tmp_path_factory.mktemp("data"))
     extract.extract(audio_dir, root, jobs=1, progress=False)
@@ -44,7 +44,7 @@ def data_dir(audio_dir, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def records_dir(data_dir, tmp_path_factory):
-    from tclf import records
+    from tclf.data import records
 
     root = str(tmp_path_factory.mktemp("records"))
     records.pack(data_dir, root, val_fraction=0.25, seed=0, min_shards=2, progress=False)
@@ -62,14 +62,14 @@ def data_copy(data_dir, tmp_path):
 # The package's tiny preset, pinned to the devices above and float32 whatever the machine (its
 # `--precision auto` differs between CPUs with and without native bfloat16);
 # tests/test_precision.py runs the other policies.
-TINY_TRAINING = dict(**__import__("tclf.train").train.TINY, gpus=TEST_GPUS, precision="float32",
+TINY_TRAINING = dict(**__import__("tclf.training.train").training.train.TINY, gpus=TEST_GPUS, precision="float32",
                      verbose=0)
 
 
 @pytest.fixture(scope="session")
 def trained(records_dir, tmp_path_factory):
     """One tiny two-stage training run on the shared records (image size 32)."""
-    from tclf import train
+    from tclf.training import train
 
     models = str(tmp_path_factory.mktemp("models"))
     return train.train(train.TrainConfig(records=records_dir, models=models, **TINY_TRAINING))

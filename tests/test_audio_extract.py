@@ -10,7 +10,8 @@ import pytest
 import soundfile as sf
 from PIL import Image
 
-from tclf import DataWarning, audio, extract
+from tclf import DataWarning
+from tclf.data import audio, extract
 from tests.conftest import STYLES, TRACKS_PER_STYLE
 
 

@@ -13,7 +13,9 @@ import os
 import pytest
 from click.testing import CliRunner
 
-from tclf import InputError, cli, extract, records, train
+from tclf import InputError, cli
+from tclf.data import extract, records
+from tclf.training import train
 from tests.conftest import TINY_TRAINING
 
 COMMANDS = {"tclf-extract": cli.extract_command, "tclf-pack": cli.pack_command,
@@ -25,7 +27,7 @@ CALLS = {"tclf-extract": (["a", "d"], extract, "extract"),
          "tclf-train": (["--records", "r"], train, "train"),
          "tclf-predict": (["x.wav"], __import__("tclf.predict").predict, "predict_paths"),
          "tclf-eval": (["--model", "m.h5"], __import__("tclf.model").model, "load_model"),
-         "tclf-tune": (["--records", "r", "--out", "o"], __import__("tclf.tune").tune, "tune")}
+         "tclf-tune": (["--records", "r", "--out", "o"], __import__("tclf.tune.search").tune.search, "tune")}
 
 
 @pytest.mark.parametrize("name", COMMANDS)

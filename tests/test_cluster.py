@@ -17,7 +17,8 @@ import time
 
 import pytest
 
-from tclf import InputError, cluster as clusters
+from tclf import InputError
+from tclf.training import cluster as clusters
 from tests.conftest import TINY_TRAINING
 
 TRAIN = [sys.executable, "-c", "from tclf.cli import train_command; train_command()"]
@@ -62,7 +63,7 @@ def test_bad_tf_config_refused_in_one_line(raw, words):
 
 
 def test_resume_in_a_cluster_needs_the_run_named(monkeypatch, tmp_path):
-    from tclf import train
+    from tclf.training import train
 
     monkeypatch.setenv("TF_CONFIG", _tf_config([1, 2], 0))
     with pytest.raises(InputError, match="name the run"):
@@ -70,7 +71,8 @@ def test_resume_in_a_cluster_needs_the_run_named(monkeypatch, tmp_path):
 
 
 def test_tune_refuses_a_cluster(monkeypatch):
-    from tclf import train, tune
+    from tclf.training import train
+    from tclf.tune import search as tune
 
     monkeypatch.setenv("TF_CONFIG", _tf_config([1, 2], 0))
     with pytest.raises(InputError, match="does not train across a TF_CONFIG cluster"):
@@ -111,10 +113,10 @@ def _records(dataset):
 
 
 def test_training_records_split_between_workers_by_shard_file(records_dir):
-    from tclf import data
+    from tclf.data import reader
 
     def read(workers):
-        return _records(data.make_dataset(records_dir, "train", 4, training=True, seed=0,
+        return _records(reader.make_dataset(records_dir, "train", 4, training=True, seed=0,
                                           include_track_id=True, image_size=32,
                                           workers=workers))
 
@@ -129,21 +131,21 @@ def test_training_records_split_between_workers_by_shard_file(records_dir):
 def test_data_service_serves_every_record_once(records_dir):
     import tensorflow as tf
 
-    from tclf import data
+    from tclf.data import reader
 
     service = tf.data.experimental.service
     dispatcher = service.DispatchServer(service.DispatcherConfig(port=0))
     address = dispatcher.target.split("://")[1]
     workers = [service.WorkerServer(service.WorkerConfig(dispatcher_address=address))
                for _ in range(2)]
-    served = _records(data.make_dataset(records_dir, "val", 4, include_track_id=True,
+    served = _records(reader.make_dataset(records_dir, "val", 4, include_track_id=True,
                                         image_size=32, data_service=address))
-    local = _records(data.make_dataset(records_dir, "val", 4, include_track_id=True,
+    local = _records(reader.make_dataset(records_dir, "val", 4, include_track_id=True,
                                        image_size=32))
     assert served == local
     del workers, dispatcher
     with pytest.raises(InputError, match="host:port"):
-        data.service_address("no-port")
+        reader.service_address("no-port")
 
 
 # --- Two worker processes -------------------------------------------------------------------
@@ -201,7 +203,8 @@ def _fingerprint(output: str) -> str:
 
 
 def _saved_fingerprint(path):
-    from tclf import model as tclf_model, train
+    from tclf import model as tclf_model
+    from tclf.training import train
 
     model, _ = tclf_model.load_model(path)
     return train.weights_fingerprint(model)
@@ -307,7 +310,7 @@ def test_keras_still_needs_the_multi_worker_patch(records_dir, tmp_path):
 def test_train_reads_through_a_data_service(records_dir, tmp_path):
     import tensorflow as tf
 
-    from tclf import train
+    from tclf.training import train
 
     service = tf.data.experimental.service
     dispatcher = service.DispatchServer(service.DispatcherConfig(port=0))
@@ -404,7 +407,7 @@ def test_ports_in_use_and_a_string_worker_list_are_one_line(records_dir, tmp_pat
 @pytest.mark.slow
 def test_a_dispatcher_killed_mid_training_fails_the_run_in_bounded_time_and_it_resumes(
         records_dir, tmp_path):
-    from tclf import versions
+    from tclf.training import versions
 
     port, models = _free_port(), tmp_path / "models"
     service = [subprocess.Popen([sys.executable, "-m", "tclf", "data-service", *args],

@@ -21,7 +21,8 @@ import pytest
 import soundfile as sf
 from click.testing import CliRunner
 
-from tclf import DataWarning, InputError, RunError, audio, cli, extract
+from tclf import DataWarning, InputError, RunError, cli
+from tclf.data import audio, extract
 
 SOURCE = extract.SOURCE_NAME
 

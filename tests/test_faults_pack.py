@@ -20,7 +20,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tclf import DataWarning, InputError, records, schema, splits
+from tclf import DataWarning, InputError
+from tclf.data import records, schema, splits
 from tests.conftest import STYLES, TRACKS_PER_STYLE
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -111,7 +112,7 @@ def test_two_pack_processes_started_together(data_dir, tmp_path):
     """Two tclf-pack processes released at the same moment: one packs, one fails clearly."""
     target, go = str(tmp_path / "records"), str(tmp_path / "go")
     script = ("import os, sys, time\n"
-              "import tensorflow, tclf.records\n"  # The slow imports before the start line.
+              "import tensorflow, tclf.data.records\n"  # The slow imports before the start line.
               "from tclf.cli import pack_command\n"
               f"open({str(tmp_path)!r} + '/ready-' + str(os.getpid()), 'w').close()\n"
               f"while not os.path.exists({go!r}): time.sleep(0.005)\n"
@@ -508,7 +509,7 @@ def test_the_packed_manifest_passes_its_own_check(records_dir):
 
 
 def _sample(tmp_path, features=None, npy_bytes=None, png_bytes=None):
-    from tclf.audio import encode_png
+    from tclf.data.audio import encode_png
 
     png, npy = tmp_path / "part_1.png", tmp_path / "part_1.npy"
     if png_bytes is None:

@@ -18,7 +18,9 @@ import sys
 import pytest
 from click.testing import CliRunner
 
-from tclf import InputError, RunError, checkpoints, cli, schema, train, versions
+from tclf import InputError, RunError, cli
+from tclf.training import checkpoints, train, versions
+from tclf.data import schema
 from tests.conftest import TINY_TRAINING
 
 # Three stage-1 epochs and two stage-2 epochs, both without early stopping (patience 3 >= 3

@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, reject, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from tclf import audio
+from tclf.data import audio
 
 OPTIONS = dict(num_segments=2, segment_seconds=1.0, image_size=16)
 OUTCOMES = collections.Counter()  # What the examples got, for a look with -s.

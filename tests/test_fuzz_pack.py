@@ -15,8 +15,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from tclf import InputError, records, schema
-from tclf.audio import encode_png
+from tclf import InputError
+from tclf.data import records, schema
+from tclf.data.audio import encode_png
 
 # TCLF_FUZZ_EXAMPLES=2000 runs a longer, random search; by default 40 fixed examples a test.
 EXAMPLES = int(os.environ.get("TCLF_FUZZ_EXAMPLES", 0))

@@ -14,7 +14,10 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from tclf import audio, calibration, cli, predict, records, train
+from tclf.data import audio, records
+from tclf.evaluation import calibration
+from tclf import cli, predict
+from tclf.training import train
 from tclf import model as tclf_model
 from tests.conftest import TINY_TRAINING
 
@@ -173,7 +176,8 @@ def test_training_segments_come_after_the_standard_ones_and_never_repeat_them():
 
 
 def test_extracted_training_segments_stay_out_of_validation_and_prediction(tmp_path):
-    from tclf import demo, extract
+    from tclf import demo
+    from tclf.data import extract
 
     demo.make_demo_audio(str(tmp_path / "audio"), tracks_per_style=2, duration=100.0, seed=3,
                          styles=("goa", "psy"))
@@ -232,7 +236,7 @@ def _small_model():
 
 
 def test_label_smoothing_loss_and_accuracy_take_indices_and_probabilities():
-    from tclf import augment
+    from tclf.training import augment
 
     loss, accuracy = augment.loss_and_accuracy(3, label_smoothing=0.1)
     p = np.array([[0.7, 0.2, 0.1]], np.float32)
@@ -252,7 +256,7 @@ def test_label_smoothing_loss_and_accuracy_take_indices_and_probabilities():
 def test_mixup_mixes_training_batches_only_and_is_off_at_zero():
     import tensorflow as tf
 
-    from tclf import augment
+    from tclf.training import augment
 
     model = _small_model()
     loss, accuracy = augment.loss_and_accuracy(3, 0.0)

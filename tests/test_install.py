@@ -65,7 +65,7 @@ def test_pip_install_dot_into_a_fresh_venv_offline(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     done = _run(str(fresh / "bin" / "tclf"), "--version")
     assert (done.returncode, done.stdout) == (0, f"tclf {tclf.__version__}\n"), done.stderr
-    where = _run(python, "-c", "import tclf, tclf.cli, tclf.audio; print(tclf.__file__)",
+    where = _run(python, "-c", "import tclf, tclf.cli, tclf.data.audio; print(tclf.__file__)",
                  cwd=tmp_path)  # Not the checkout's folder, which `python -c` would import.
     assert where.stdout.startswith(str(fresh)), where.stdout + where.stderr
     done = _run(str(fresh / "bin" / "tclf-extract"), "--help")

@@ -18,7 +18,9 @@ import tensorflow as tf
 from PIL import Image
 
 from tclf import model as tclf_model
-from tclf import records, reports, train, versions
+from tclf.data import records
+from tclf.evaluation import reports
+from tclf.training import train, versions
 from tests.conftest import STYLES, TINY_TRAINING
 
 

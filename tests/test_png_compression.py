@@ -18,8 +18,9 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from tclf import InputError, audio, extract, records
-from tclf.audio import PNG_LEGACY
+from tclf import InputError
+from tclf.data import audio, extract, records
+from tclf.data.audio import PNG_LEGACY
 
 RAW_PNG_BYTES = 299 * (299 * 3 + 1)  # Filter byte + RGB per row, stored uncompressed.
 

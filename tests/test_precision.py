@@ -16,7 +16,8 @@ import keras
 import numpy as np
 import pytest
 
-from tclf import data, devices, records, train
+from tclf.data import reader, records
+from tclf.training import devices, train
 from tclf import model as tclf_model
 from tests.conftest import TEST_GPUS, TINY_TRAINING
 
@@ -179,7 +180,7 @@ def precision_runs(trained, records_dir, tmp_path_factory):
 def test_precision_matrix_trains_normalizes_and_reloads(precision_runs, records_dir, tmp_path):
     before = keras.mixed_precision.global_policy().name
     manifest = records.load_manifest(records_dir)
-    features = np.concatenate([x["features"].numpy() for x, _ in data.make_dataset(
+    features = np.concatenate([x["features"].numpy() for x, _ in reader.make_dataset(
         records_dir, "val", batch_size=16, image_size=32)])
     inputs = {"spectrogram": np.zeros((len(features), 32, 32, 3), np.uint8),
               "features": features}
@@ -245,7 +246,7 @@ import numpy as np
 import tensorflow as tf
 from keras.src.backend.tensorflow import trainer as tf_trainer
 
-from tclf import train
+from tclf.training import train
 from tests.conftest import TINY_TRAINING
 
 # Record the batch size each replica's train step receives inside model.fit.

@@ -12,7 +12,8 @@ import pytest
 import tensorflow as tf
 from click.testing import CliRunner
 
-from tclf import DataWarning, cli, data, predict, records
+from tclf import DataWarning, cli, predict
+from tclf.data import reader, records
 
 
 def _audio_file(audio_dir, style="goa"):
@@ -26,11 +27,11 @@ def _segments_from_records(records_dir, track_id, image_size):
     description = records.feature_description(manifest["feature_shape"])
     found = {}
     for split in records.SPLITS:
-        for path in data.shard_paths(records_dir, split, manifest):
+        for path in reader.shard_paths(records_dir, split, manifest):
             for serialized in tf.data.TFRecordDataset(path):
                 parsed = tf.io.parse_single_example(serialized, description)
                 if parsed["track_id"].numpy().decode() == track_id:
-                    inputs, _ = data.decode_example(serialized, manifest["feature_shape"],
+                    inputs, _ = reader.decode_example(serialized, manifest["feature_shape"],
                                                     image_size)
                     found[int(parsed["segment"])] = inputs
     return found

@@ -13,17 +13,18 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from tclf import DataWarning, data, records, splits
+from tclf import DataWarning
+from tclf.data import reader, records, splits
 from tests.conftest import STYLES, TRACKS_PER_STYLE
 
 
 def test_schema_round_trip():
     image = np.random.default_rng(0).integers(0, 256, (299, 299, 3), dtype=np.uint8)
-    from tclf.audio import encode_png
+    from tclf.data.audio import encode_png
 
     features = np.random.default_rng(1).standard_normal((10, 68)).astype(np.float32)
     serialized = records.create_example(encode_png(image), features, 2, "goa/t1", 5)
-    inputs, label, track = data.decode_example(tf.constant(serialized), [10, 68],
+    inputs, label, track = reader.decode_example(tf.constant(serialized), [10, 68],
                                                include_track_id=True)
     np.testing.assert_array_equal(inputs["spectrogram"].numpy(), image)
     np.testing.assert_array_equal(inputs["features"].numpy(), features)
@@ -38,7 +39,7 @@ def test_manifest_counts_equal_what_the_reader_yields(records_dir):
         info = manifest["splits"][split]
         seen = collections.Counter()
         tracks = set()
-        for _, labels, track_ids in data.make_dataset(records_dir, split, batch_size=5,
+        for _, labels, track_ids in reader.make_dataset(records_dir, split, batch_size=5,
                                                       include_track_id=True):
             seen.update(manifest["classes"][i] for i in labels.numpy())
             tracks.update(t.decode() for t in track_ids.numpy())
@@ -120,7 +121,7 @@ def test_bad_inputs_are_warned_and_skipped(data_copy, tmp_path):
     # Every skip is counted: the 4 bad pairs, the png without its npy and the empty folder.
     assert sum(manifest["skipped"].values()) == len(expected) == 6
     yielded = sum(int(tf.shape(y)[0]) for split in records.SPLITS
-                  for _, y in data.make_dataset(str(tmp_path / "records"), split))
+                  for _, y in reader.make_dataset(str(tmp_path / "records"), split))
     assert yielded == total
 
 
@@ -196,7 +197,7 @@ def test_pack_refuses_to_replace_without_overwrite(records_dir, data_dir, tmp_pa
 
 
 def test_reader_batches_shuffles_and_caches(records_dir):
-    dataset = data.make_dataset(records_dir, "train", batch_size=4, training=True, cache=True,
+    dataset = reader.make_dataset(records_dir, "train", batch_size=4, training=True, cache=True,
                                 image_size=64, seed=1)
     epochs = [[(x["spectrogram"].numpy(), y.numpy()) for x, y in dataset] for _ in range(2)]
     assert epochs[0][0][0].shape == (4, 64, 64, 3) and epochs[0][0][0].dtype == np.uint8
@@ -215,10 +216,10 @@ def test_corrupt_shard_error_names_the_shard(records_dir, tmp_path):
     content = bytearray(open(shard, "rb").read())
     content[len(content) // 2: len(content) // 2 + 16] = b"\x00" * 16
     open(shard, "wb").write(bytes(content))
-    with pytest.raises(data.CorruptRecordsError, match=os.path.basename(shard)):
-        with data.naming_corrupt_shards(str(target), "train"):
-            for _ in data.make_dataset(str(target), "train", batch_size=4):
+    with pytest.raises(reader.CorruptRecordsError, match=os.path.basename(shard)):
+        with reader.naming_corrupt_shards(str(target), "train"):
+            for _ in reader.make_dataset(str(target), "train", batch_size=4):
                 pass
     open(shard, "wb").write(bytes(content[:1000]))  # Truncated: caught before reading.
-    with pytest.raises(data.CorruptRecordsError, match=os.path.basename(shard)):
-        data.make_dataset(str(target), "train")
+    with pytest.raises(reader.CorruptRecordsError, match=os.path.basename(shard)):
+        reader.make_dataset(str(target), "train")

@@ -8,7 +8,10 @@ import uuid
 
 import pytest
 
-from tclf import evaluate, model as tclf_model, predict, records, train
+from tclf.evaluation import evaluate
+from tclf import model as tclf_model, predict
+from tclf.data import records
+from tclf.training import train
 from tests.conftest import TINY_TRAINING
 
 

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 from sklearn import metrics as skmetrics
 
-from tclf import evaluate, plots, reports
+from tclf.evaluation import evaluate, plots, reports
 
 CLASSES = ["Goa", "Psy", "Dark"]
 
@@ -365,6 +365,6 @@ def test_importing_tclf_leaves_matplotlibs_backend_alone():
     import sys
 
     code = ("import matplotlib; matplotlib.use('svg'); "
-            "import tclf.plots, tclf.reports, tclf.cli; print(matplotlib.get_backend())")
+            "import tclf.evaluation.plots, tclf.evaluation.reports, tclf.cli; print(matplotlib.get_backend())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "svg"

@@ -8,7 +8,8 @@ import os
 import numpy as np
 import pytest
 
-from tclf import backbone_cache, schema, train
+from tclf.training import backbone_cache, train
+from tclf.data import schema
 from tclf.model import (backbone_of, build_model, freeze_backbone, heads_model, image_encoder,
                         unfreeze_top)
 from tests.conftest import TINY_TRAINING
@@ -59,9 +60,9 @@ def test_stage1_on_cached_outputs_trains_the_heads_and_not_the_backbone(records_
         np.testing.assert_array_equal(before, after)
     assert any(not np.array_equal(b, a) for b, a in zip(heads_before, heads.get_weights()))
     # The full model, which shares the heads' layers, predicts what the heads did.
-    from tclf import data
+    from tclf.data import reader
 
-    full = model.predict(data.make_dataset(records_dir, "val", 8, image_size=32), verbose=0)
+    full = model.predict(reader.make_dataset(records_dir, "val", 8, image_size=32), verbose=0)
     np.testing.assert_allclose(full, heads_probabilities, atol=1e-5)
 
 

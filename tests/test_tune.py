@@ -13,7 +13,8 @@ import time
 
 import pytest
 
-from tclf import InputError, RunError, storage, tune
+from tclf import InputError, RunError, storage
+from tclf.tune import search as tune
 from tests.conftest import TINY_TRAINING
 
 # Every trial tiny (TINY_TRAINING's sizes are options, so they are fixed, not searched); the
@@ -61,7 +62,7 @@ def _trial_record(out, trial_id) -> dict:
 
 
 def test_space_defaults_are_the_training_defaults():
-    from tclf.train import TrainConfig
+    from tclf.training.train import TrainConfig
 
     space = tune.search_space()
     assert set(space) == set(tune.SPACE)
@@ -199,7 +200,7 @@ def test_search_killed_mid_trial_resumes_repeats_nothing_and_trains_with_the_bes
 
 @pytest.mark.slow
 def test_a_failing_trial_is_recorded_and_the_search_goes_on(records_dir, tmp_path):
-    from tclf.train import TrainConfig
+    from tclf.training.train import TrainConfig
 
     # EfficientNetB0 has fewer than 1000 layers to unfreeze: the second trial fails in stage 2.
     base = TrainConfig(records=records_dir, **TINY_TRAINING)

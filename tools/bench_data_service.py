@@ -42,9 +42,9 @@ def _free_port() -> int:
 
 def records_per_second(records: str, batches: int, batch_size: int,
                        service: str | None, compression: str | None = None) -> float:
-    from tclf import data
+    from tclf.data import reader
 
-    dataset = data.make_dataset(records, "train", batch_size, training=True, seed=0,
+    dataset = reader.make_dataset(records, "train", batch_size, training=True, seed=0,
                                 repeat=True, data_service=service,
                                 service_compression=compression)
     iterator = iter(dataset)

@@ -35,7 +35,8 @@ def train_steps(records_dir: str, precision: str, steps: int, batch_size: int) -
     import keras
     import numpy as np
 
-    from tclf import data, records, train
+    from tclf.data import reader, records
+    from tclf.training import train
     from tclf.model import build_model, freeze_backbone
 
     keras.mixed_precision.set_global_policy(precision)
@@ -45,7 +46,7 @@ def train_steps(records_dir: str, precision: str, steps: int, batch_size: int) -
     freeze_backbone(model)
     model.compile(optimizer=keras.optimizers.Adam(1e-4),
                   loss="sparse_categorical_crossentropy", metrics=["accuracy"])
-    dataset = data.make_dataset(records_dir, "train", batch_size, training=True, repeat=True,
+    dataset = reader.make_dataset(records_dir, "train", batch_size, training=True, repeat=True,
                                 drop_remainder=True)
     iterator = iter(dataset)
     for _ in range(2):  # Trace and warm up.
@@ -108,7 +109,7 @@ def step_rate(stage: int, precision: str, jit_compile, image_size: int = 299,
 
 
 def bench_training(records_dir: str, steps: int, batch_size: int) -> dict:
-    from tclf.devices import resolve_precision
+    from tclf.training.devices import resolve_precision
 
     auto = resolve_precision("auto", on_gpu=False)
     results = {}

@@ -86,7 +86,7 @@ def naive_extract_segment(path: str, start: float, out_png: str) -> np.ndarray:
 
 
 def bench_extraction(audio_dir: str, naive_segments: int) -> dict[str, list[float]]:
-    from tclf import audio, extract
+    from tclf.data import audio, extract
 
     extract._warm_up({})  # Imports and JIT, outside the timings.
     tracks = sorted(glob.glob(os.path.join(audio_dir, "*", "*.wav")))
@@ -136,7 +136,7 @@ def bench_reader(data_dir: str, records_dir: str, epochs: int = 3) -> dict:
     import tensorflow as tf
     from PIL import Image
 
-    from tclf import data, records
+    from tclf.data import reader, records
 
     manifest = records.load_manifest(records_dir)
     count = manifest["splits"]["train"]["records"]
@@ -167,7 +167,7 @@ def bench_reader(data_dir: str, records_dir: str, epochs: int = 3) -> dict:
     # The decode ceiling: one core decoding the same PNG bytes in a plain loop, times cores.
     description = records.feature_description(manifest["feature_shape"])
     pngs = [tf.io.parse_single_example(r, description)[records.SPECTROGRAM_KEY]
-            for path in data.shard_paths(records_dir, "train", manifest)
+            for path in reader.shard_paths(records_dir, "train", manifest)
             for r in tf.data.TFRecordDataset(path)]
     for png in pngs[:20]:
         tf.io.decode_png(png, channels=3)
@@ -209,12 +209,12 @@ def bench_reader(data_dir: str, records_dir: str, epochs: int = 3) -> dict:
         "one_core": one_core_rate,
         "threaded": threaded_rate,
         # As tclf-train reads: one continuous, shuffled stream (repeat=True).
-        "uncached": lambda: stream_rate(data.make_dataset(records_dir, "train", 32,
+        "uncached": lambda: stream_rate(reader.make_dataset(records_dir, "train", 32,
                                                           training=True, repeat=True)),
-        "uncached_epoch": lambda: rate(data.make_dataset(records_dir, "train", 32,
+        "uncached_epoch": lambda: rate(reader.make_dataset(records_dir, "train", 32,
                                                          training=True), repeats=1),
         "naive": naive_rate,
-        "cached": lambda: rate(data.make_dataset(records_dir, "train", 32, training=True,
+        "cached": lambda: rate(reader.make_dataset(records_dir, "train", 32, training=True,
                                                  cache=True), repeats=epochs * 2),
     }, ROUNDS)
     rates = {name: [run.records / run.wall for run in rs] for name, rs in runs.items()}
@@ -232,7 +232,7 @@ def bench_png(data_dir: str, rounds: int) -> dict:
     import tensorflow as tf
     from PIL import Image
 
-    from tclf import audio
+    from tclf.data import audio
 
     images = [np.asarray(Image.open(p).convert("RGB")) for p in sorted(glob.glob(
         os.path.join(data_dir, "*", "*", "part_*.png")))]
@@ -270,10 +270,10 @@ def one_core_reader(records_new: str, records_old: str, rounds: int) -> dict:
     os.sched_setaffinity(0, {core})
     import tensorflow as tf
 
-    from tclf import data, records
+    from tclf.data import reader, records
 
     def stream_rate(records_dir):
-        dataset = data.make_dataset(records_dir, "train", 32, training=True, repeat=True)
+        dataset = reader.make_dataset(records_dir, "train", 32, training=True, repeat=True)
         count = records.load_manifest(records_dir)["splits"]["train"]["records"]
         iterator, got = iter(dataset), 0
         while got < count // 2:  # Start-up, shuffle buffer filled.
@@ -290,7 +290,7 @@ def one_core_reader(records_new: str, records_old: str, rounds: int) -> dict:
         manifest = records.load_manifest(records_dir)
         description = records.feature_description(manifest["feature_shape"])
         return [tf.io.parse_single_example(r, description)[records.SPECTROGRAM_KEY]
-                for path in data.shard_paths(records_dir, "train", manifest)
+                for path in reader.shard_paths(records_dir, "train", manifest)
                 for r in tf.data.TFRecordDataset(path)]
 
     pngs = {"new": pngs_of(records_new), "old": pngs_of(records_old)}
@@ -318,7 +318,7 @@ def one_core_reader(records_new: str, records_old: str, rounds: int) -> dict:
 
 def png_section(pn: dict, oc: dict, rounds: int, remote_mb_s: float = 100.0) -> str:
     """The PNG part of the pipeline section: the table per setting and the reader per core."""
-    from tclf import audio
+    from tclf.data import audio
 
     legacy = audio.PNG_LEGACY
     rates = pn["rates"]
@@ -403,7 +403,8 @@ def ratio_cell(numerators, denominators, unit: str) -> str:
               help="Only the PNG measurements (prints them; never writes BENCHMARKS.md).")
 def main(tracks, copies, naive_segments, write, rounds, only_png):
     """Benchmark extraction and the tf.data reader; update BENCHMARKS.md."""
-    from tclf import audio, demo, records
+    from tclf.data import audio, records
+    from tclf import demo
 
     global ROUNDS
     ROUNDS = rounds
@@ -413,7 +414,7 @@ def main(tracks, copies, naive_segments, write, rounds, only_png):
     if not only_png:
         ex = bench_extraction(audio_dir, naive_segments)
         print(f"extraction: {ex}")
-    from tclf import extract
+    from tclf.data import extract
 
     extracted = os.path.join(work, "extracted")
     extract.extract(audio_dir, extracted, progress=False)

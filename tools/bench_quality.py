@@ -88,7 +88,7 @@ def packed(data: str, seed: int, log: str) -> str:
 
 def score(model_path: str, records: str) -> dict:
     """The validation scores of a model.h5, raw and calibrated."""
-    from tclf import evaluate
+    from tclf.evaluation import evaluate
     from tclf.model import load_model, load_temperature
 
     model, classes = load_model(model_path)
@@ -105,7 +105,7 @@ def score(model_path: str, records: str) -> dict:
 
 def cross_fitted_ece(probabilities, labels, tracks, classes) -> float:
     """Track ECE with the temperature fitted on the other half of the validation tracks."""
-    from tclf import calibration, evaluate
+    from tclf.evaluation import calibration, evaluate
 
     names = sorted(set(tracks))
     half = {name for i, name in enumerate(names) if i % 2 == 0}
@@ -171,7 +171,7 @@ def track_statistics(path: str, seconds: float = 120.0) -> np.ndarray:
 def baseline_features(corpus: str, data: str) -> dict[str, np.ndarray]:
     """Per track id (class/track, as in the manifests): its statistics, from the audio
     file its data folder records (source.json: its name in CORPUS/<class>/)."""
-    from tclf.extract import read_source
+    from tclf.data.extract import read_source
 
     out = {}
     for label in sorted(os.listdir(data)):
@@ -190,7 +190,7 @@ def baseline_scores(features: dict, records: str) -> dict:
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    from tclf import calibration
+    from tclf.evaluation import calibration
 
     manifest = json.load(open(os.path.join(records, "manifest.json")))
     classes = manifest["classes"]

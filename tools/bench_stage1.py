@@ -35,7 +35,9 @@ def run_stage1(records_dir: str, cached: bool, epochs: int, batch_size: int,
 
     import keras
 
-    from tclf import backbone_cache, data, evaluate, schema, train
+    from tclf.training import backbone_cache, train
+    from tclf.data import reader, schema
+    from tclf.evaluation import evaluate
     from tclf.model import build_model, freeze_backbone, heads_model
 
     keras.mixed_precision.set_global_policy("float32")
@@ -58,12 +60,12 @@ def run_stage1(records_dir: str, cached: bool, epochs: int, batch_size: int,
                                   outputs.val.dataset(batch_size), **options)
     else:
         result = train.stage1(
-            model, data.make_dataset(records_dir, "train", batch_size, training=True,
+            model, reader.make_dataset(records_dir, "train", batch_size, training=True,
                                      image_size=image_size, seed=0, repeat=True),
-            data.make_dataset(records_dir, "val", batch_size, image_size=image_size), **options)
+            reader.make_dataset(records_dir, "val", batch_size, image_size=image_size), **options)
     seconds = time.perf_counter() - start
     model.compile(loss="sparse_categorical_crossentropy", metrics=["accuracy"])
-    loss, _ = model.evaluate(data.make_dataset(records_dir, "val", batch_size,
+    loss, _ = model.evaluate(reader.make_dataset(records_dir, "val", batch_size,
                                                image_size=image_size), verbose=0)
     scores = evaluate.evaluate_records(model, manifest["classes"], records_dir, "val", batch_size)
     return {"seconds": seconds, "prepare": prepare, "epochs": result.epochs_run,
@@ -82,7 +84,7 @@ def run_stage1(records_dir: str, cached: bool, epochs: int, batch_size: int,
 @click.option("--write/--no-write", default=True, help="Update BENCHMARKS.md.")
 def main(records_dir, epochs, batch_size, image_size, section, label, write):
     """Time stage 1 with and without the backbone-output cache; update BENCHMARKS.md."""
-    from tclf import schema
+    from tclf.data import schema
 
     manifest = schema.load_manifest(records_dir)
     results = {name: benchlib.in_subprocess(__file__, "run_stage1", records_dir, cached, epochs,

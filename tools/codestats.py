@@ -162,7 +162,8 @@ def manifest_loads(records: str) -> int:
     """schema.load_manifest calls in one tiny CPU training run on ``records``."""
     import tempfile
 
-    from tclf import schema, train
+    from tclf.data import schema
+    from tclf.training import train
 
     calls = [0]
     original = schema.load_manifest
@@ -189,9 +190,9 @@ def main(records):
     """Print tclf's code figures (tools/codestats.py)."""
     figures = static_figures()
     if records:
-        import tclf.data  # noqa: F401 - every module that reads the manifest, loaded first.
-        import tclf.evaluate  # noqa: F401
-        import tclf.backbone_cache  # noqa: F401
+        import tclf.data.reader  # noqa: F401 - every module that reads the manifest, loaded first.
+        import tclf.evaluation.evaluate  # noqa: F401
+        import tclf.training.backbone_cache  # noqa: F401
         figures["load_manifest calls in one tclf-train run"] = manifest_loads(records)
     for name, value in figures.items():
         if isinstance(value, list):

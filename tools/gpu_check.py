@@ -97,7 +97,7 @@ def run_tiny_training(work: str, image_size: int) -> dict:
     """Synthetic tracks -> tclf-extract -> tclf-pack -> tclf-train --gpus all --precision auto."""
     bin_dir = os.path.dirname(PYTHON)
     tool = lambda name: os.path.join(bin_dir, name)  # noqa: E731
-    from tclf.train import TINY
+    from tclf.training.train import TINY
 
     audio, data, records, models = (os.path.join(work, n)
                                     for n in ("audio", "data", "records", "models"))
@@ -192,7 +192,7 @@ def _synthetic_pngs(count: int = 16) -> list[bytes]:
     in dB, through tclf's own colour map and encoder (an approximation of real content)."""
     import numpy as np
 
-    from tclf.audio import encode_png, render_image
+    from tclf.data.audio import encode_png, render_image
 
     rng = np.random.default_rng(0)
     bands, frames = np.arange(128)[:, None], np.arange(431)[None, :]
@@ -249,9 +249,9 @@ def run_decode(png_dir: str | None, records: str | None, backend: str, repeats: 
             tf.io.decode_png(t, channels=3)
         result["tf_ceiling"] = len(tensors) / (time.perf_counter() - started) * cores
         if records:
-            from tclf import data
+            from tclf.data import reader
 
-            dataset = data.make_dataset(records, "train", 32, training=True, repeat=True)
+            dataset = reader.make_dataset(records, "train", 32, training=True, repeat=True)
             iterator, got = iter(dataset), 0
             for _ in range(4):
                 next(iterator)

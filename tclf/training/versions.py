@@ -116,7 +116,7 @@ class RunFolder:
     def claim(cls, config, manifest, devices, precision, class_weights,
               started) -> "RunFolder":
         """A new models/vX/ for a run, locked by this process, with its checkpoint started."""
-        from tclf.checkpoints import Checkpoint
+        from tclf.training.checkpoints import Checkpoint
 
         folder, _ = claim_version_dir(config.models)
         _lock(folder)
@@ -189,7 +189,7 @@ class RunFolder:
 
     def complete(self) -> None:
         """model.h5 is written: drop the checkpoint, the UNFINISHED note and the lock."""
-        from tclf.backbone_cache import remove_scratch
+        from tclf.training.backbone_cache import remove_scratch
 
         if self.checkpoint is not None:
             self.checkpoint.remove()
@@ -298,7 +298,7 @@ def _trained_now(folder: str) -> bool:
 def unfinished_runs(models_dir: str) -> list[str]:
     """The vN folders of models_dir that have a checkpoint and no model.h5 and that no live
     process is training, newest first."""
-    from tclf.checkpoints import FOLDER_NAME, STATE_NAME
+    from tclf.training.checkpoints import FOLDER_NAME, STATE_NAME
 
     found = []
     for _, name in _versions(models_dir):
@@ -339,7 +339,7 @@ def unpublished_runs(models_dir: str) -> list[str]:
     """The vN folders of models_dir that hold model.h5 and still what their run removes at
     its very end (UNFINISHED, checkpoint/, .lock), with no live process in them, oldest
     first: runs killed after writing model.h5."""
-    from tclf.checkpoints import FOLDER_NAME
+    from tclf.training.checkpoints import FOLDER_NAME
 
     found = []
     for _, name in reversed(_versions(models_dir)):
@@ -355,8 +355,8 @@ def finish_publication(folder: str, models_dir: str) -> str:
     """Complete the end of a run killed after its model.h5: latest.h5 becomes its model if
     no newer version has finished, then what the run would have removed goes. Returns a
     line saying what was done."""
-    from tclf.backbone_cache import remove_scratch
-    from tclf.checkpoints import FOLDER_NAME
+    from tclf.training.backbone_cache import remove_scratch
+    from tclf.training.checkpoints import FOLDER_NAME
 
     _lock(folder)  # Takes over the dead run's lock; refuses a live one's.
     try:
@@ -419,7 +419,7 @@ def tidy_models_dir(models_dir: str) -> list[str]:
 def write_report_set(run: RunFolder, evaluation) -> None:
     """report.txt, confusion_matrix.png, accuracy.png, loss.png, config.json and
     training_log.txt in vX/, and the report set again in vX/analysis/ (SPEC section 6)."""
-    from tclf import plots, reports
+    from tclf.evaluation import plots, reports
 
     title = (f"{os.path.basename(run.folder.rstrip('/'))}: validation split of "
              f"{run.config.records}")

@@ -19,12 +19,13 @@ import uuid
 import numpy as np
 
 import tclf
-from tclf import InputError, RunError, audio, faults, report_skip
-from tclf.audio import FEATURE_SHAPE, IMAGE_SIZE
-from tclf.schema import (  # noqa: F401 (re-exported)
+from tclf import InputError, RunError, faults, report_skip
+from tclf.data import audio
+from tclf.data.audio import FEATURE_SHAPE, IMAGE_SIZE
+from tclf.data.schema import (  # noqa: F401 (re-exported)
     EXTRACTION_SETTINGS_NAME, FEATURES_KEY, LABEL_KEY, MANIFEST_NAME, SCHEMA_VERSION, SEGMENT_KEY,
     SPECTROGRAM_KEY, SPLITS, TRACK_ID_KEY, create_example, feature_description, load_manifest)
-from tclf.splits import read_groups, split_tracks
+from tclf.data.splits import read_groups, split_tracks
 from tclf.storage import is_remote, join, read_json, remove_quietly
 
 

@@ -25,9 +25,10 @@ import sys
 import time
 import warnings
 
-from tclf import InputError, RunError, faults, schema, storage
-from tclf.devices import PRECISIONS, configure_devices, resolve_precision
-from tclf.versions import RunFolder, tidy_models_dir, write_report_set
+from tclf import InputError, RunError, faults, storage
+from tclf.data import schema
+from tclf.training.devices import PRECISIONS, configure_devices, resolve_precision
+from tclf.training.versions import RunFolder, tidy_models_dir, write_report_set
 
 
 def option(default, help: str, flag: str | None = None):
@@ -307,9 +308,9 @@ def run_stage(model, train_data, val_data, *, name: str, learning_rate: float, e
     """
     import keras
 
-    from tclf import augment
-    from tclf.callbacks import EarlyStoppingAfter, EpochCheckpoint
-    from tclf.checkpoints import StageState
+    from tclf.training import augment
+    from tclf.training.callbacks import EarlyStoppingAfter, EpochCheckpoint
+    from tclf.training.checkpoints import StageState
 
     schedule = learning_rate_schedule(learning_rate, steps_per_epoch, epochs, warmup_epochs)
     classes = model.outputs[0].shape[-1]
@@ -449,9 +450,9 @@ def resume_config(models_dir: str, which: str | None = None,
                   **overrides) -> tuple[TrainConfig, str]:
     """The config and folder of the unfinished run ``which`` (vN, N or a folder; None: the
     newest) in models_dir, read from its checkpoint, with ``overrides`` of RESUME_OPTIONS."""
-    from tclf.checkpoints import Checkpoint
-    from tclf.cluster import from_env
-    from tclf.versions import find_resumable
+    from tclf.training.checkpoints import Checkpoint
+    from tclf.training.cluster import from_env
+    from tclf.training.versions import find_resumable
 
     if which is None and from_env():
         raise InputError("--resume in a multi-worker run (TF_CONFIG): name the run, e.g. "
@@ -481,7 +482,7 @@ def resume_config(models_dir: str, which: str | None = None,
 
 
 def _train(config: TrainConfig, resume: str | None) -> TrainResult:
-    from tclf import cluster as clusters
+    from tclf.training import cluster as clusters
 
     cluster = clusters.from_env()
     config.validate()
@@ -502,8 +503,8 @@ def _train(config: TrainConfig, resume: str | None) -> TrainResult:
         if resume:
             copy = os.path.join(private, os.path.basename(resume.rstrip("/")))
             # The checkpoint and the notes; not the chief's lock, logs or stage-1 scratch files.
-            from tclf.backbone_cache import SCRATCH_NAME
-            from tclf.versions import LOCK_NAME
+            from tclf.training.backbone_cache import SCRATCH_NAME
+            from tclf.training.versions import LOCK_NAME
 
             storage.copytree(resume, copy, exclude=(
                 LOCK_NAME, "logs", "analysis",
@@ -521,7 +522,7 @@ def _in_cluster(config: TrainConfig, resume: str | None, strategy, devices: str,
     line, and a common end, after the chief's writes."""
     import tensorflow as tf
 
-    from tclf import cluster as clusters
+    from tclf.training import cluster as clusters
 
     try:
         with warnings.catch_warnings():
@@ -554,8 +555,9 @@ def _run(config: TrainConfig, resume: str | None, strategy, devices: str, on_gpu
     import keras
     import tensorflow as tf
 
-    from tclf import cluster as clusters, data
-    from tclf.checkpoints import Checkpoint
+    from tclf.training import cluster as clusters
+    from tclf.data import reader
+    from tclf.training.checkpoints import Checkpoint
     from tclf.model import save_model
 
     checkpoint = Checkpoint.load(resume) if resume else None
@@ -575,7 +577,7 @@ def _run(config: TrainConfig, resume: str | None, strategy, devices: str, on_gpu
                        f"(packing again makes another pack, which a resume refuses)")
     manifest = _training_manifest(config.records)
     if config.data_service:  # A wrong address fails now, before a folder is claimed.
-        data.check_service(config.data_service, config.data_service_timeout)
+        reader.check_service(config.data_service, config.data_service_timeout)
     if cluster:
         clusters.agree(cluster, _what_runs(config, resume, checkpoint, manifest, precision,
                                            strategy), config.cluster_timeout)
@@ -594,7 +596,7 @@ def _run(config: TrainConfig, resume: str | None, strategy, devices: str, on_gpu
         # --- Model and the two stages ----------------------------------------------------------
         with strategy.scope():
             model = model_for(config, manifest)
-            with data.naming_corrupt_shards(config.records):
+            with reader.naming_corrupt_shards(config.records):
                 run_schedule(model, train_data, val_data, config, run,
                              (cluster.workers, cluster.index) if cluster else None)
         evaluation = None
@@ -629,8 +631,8 @@ def _run(config: TrainConfig, resume: str | None, strategy, devices: str, on_gpu
 def calibrated_evaluation(model, config: TrainConfig, classes):
     """The validation metrics, with config.calibrate at the temperature fitted to the
     validation segments (tclf.calibration): one pass over the split for both."""
-    from tclf.calibration import fit_temperature
-    from tclf.evaluate import evaluate_predictions, predict_records
+    from tclf.evaluation.calibration import fit_temperature
+    from tclf.evaluation.evaluate import evaluate_predictions, predict_records
 
     probabilities, labels, track_ids = predict_records(model, config.records, "val",
                                                        config.batch_size)
@@ -669,14 +671,14 @@ def make_datasets(config: TrainConfig, cluster=None):
     """(training, validation) datasets of config.records, as both stages read them; in a
     multi-worker run (``cluster``), the training records split between the workers by shard
     file and the validation batches by tf.distribute."""
-    from tclf import data
+    from tclf.data import reader
 
     workers = (cluster.workers, cluster.index) if cluster else None
-    train_data = data.make_dataset(config.records, "train", config.batch_size, training=True,
+    train_data = reader.make_dataset(config.records, "train", config.batch_size, training=True,
                                    image_size=config.image_size, cache=config.cache,
                                    seed=config.seed, repeat=True, workers=workers,
                                    data_service=config.data_service or None)
-    val_data = data.make_dataset(config.records, "val", config.batch_size,
+    val_data = reader.make_dataset(config.records, "val", config.batch_size,
                                  image_size=config.image_size, cache=config.cache,
                                  workers=workers)
     return train_data, val_data
@@ -710,10 +712,10 @@ def model_for(config: TrainConfig, manifest: dict, calibrate: bool = True):
 
 def _first_spectrograms(config: TrainConfig, count: int):
     """The spectrograms of the training split's first ``count`` records, in fixed order."""
-    from tclf import data
+    from tclf.data import reader
 
-    batch = data.make_dataset(config.records, "train", count, image_size=config.image_size)
-    with data.naming_corrupt_shards(config.records, "train"):
+    batch = reader.make_dataset(config.records, "train", count, image_size=config.image_size)
+    with reader.naming_corrupt_shards(config.records, "train"):
         inputs, _ = next(iter(batch))
     return inputs[schema.SPECTROGRAM_KEY]
 
@@ -757,7 +759,7 @@ def run_schedule(model, train_data, val_data, config: TrainConfig, run: RunFolde
     its logs/, the checkpoint after every epoch, and the log rewritten after stage 1."""
     callbacks = []
     if config.data_service:
-        from tclf.callbacks import StallWatch
+        from tclf.training.callbacks import StallWatch
 
         def stalled(message: str) -> None:  # From the watch's thread: the run is stuck.
             error = RunError(message)
@@ -790,7 +792,7 @@ def two_stages(model, train_data, val_data, config: TrainConfig, manifest: dict,
     numbered after stage 1's. ``workers`` (count, index): a multi-worker run, each worker
     computing the outputs of its own training records. Returns ``stages`` with the two
     StageResults appended."""
-    from tclf.callbacks import OffsetEpochs, ProgressFile, StageTensorBoard
+    from tclf.training.callbacks import OffsetEpochs, ProgressFile, StageTensorBoard
 
     stages = [] if stages is None else stages
     lines = checkpoint.progress if checkpoint else []
@@ -837,7 +839,7 @@ def _cached_stage1(model, config: TrainConfig, options: dict, checkpoint, output
     """Stage 1 on the backbone's outputs (tclf.backbone_cache): ``outputs`` if given (a
     search computes them once for all its trials), else computed here, and then stage 1's
     time includes the pass. A resumed run whose stage 1 had finished skips the pass."""
-    from tclf.backbone_cache import backbone_outputs
+    from tclf.training.backbone_cache import backbone_outputs
     from tclf.model import freeze_backbone, heads_model
 
     freeze_backbone(model)
@@ -852,7 +854,7 @@ def _cached_stage1(model, config: TrainConfig, options: dict, checkpoint, output
                           scratch, config.stage1_cache_mb,
                           progress=config.verbose > 0, workers=workers) as cached:
         if workers and workers[0] > 1:  # Each worker's pass took its own time.
-            from tclf.cluster import barrier
+            from tclf.training.cluster import barrier
 
             barrier("tclf-stage1-pass")
         result = stage1(heads, cached.train.dataset(config.batch_size, True, config.seed),

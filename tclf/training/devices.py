@@ -88,7 +88,7 @@ def configure_devices(gpus: str = "all", cpu_devices: int = 1, cluster=None,
 def _cluster_strategy(gpus: str, cpu_devices: int, cluster, worker_timeout: float):
     import tensorflow as tf
 
-    from tclf.cluster import make_strategy
+    from tclf.training.cluster import make_strategy
 
     if cpu_devices > 1:
         raise InputError(f"--cpu-devices {cpu_devices}: a multi-worker run (TF_CONFIG) trains "

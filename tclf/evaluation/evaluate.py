@@ -10,8 +10,9 @@ import dataclasses
 
 import numpy as np
 
-from tclf import InputError, RunError, schema, storage
-from tclf.calibration import apply_temperature, expected_calibration_error
+from tclf import InputError, RunError, storage
+from tclf.data import schema
+from tclf.evaluation.calibration import apply_temperature, expected_calibration_error
 
 
 def _as_probabilities(probabilities, num_classes: int | None = None) -> np.ndarray:
@@ -325,15 +326,15 @@ def predict_records(model, records_dir: str, split: str = "val", batch_size: int
     labels : np.ndarray [shape=(n,)]
     track_ids : list of str [length n]
     """
-    from tclf import data
+    from tclf.data import reader
     from tclf.model import image_size_of
 
     if image_size is None:  # Feed the size the model was built for.
         image_size = image_size_of(model)
-    dataset = data.make_dataset(records_dir, split, batch_size=batch_size, training=False,
+    dataset = reader.make_dataset(records_dir, split, batch_size=batch_size, training=False,
                                 image_size=image_size, include_track_id=True)
     probabilities, labels, track_ids = [], [], []
-    with data.naming_corrupt_shards(records_dir, split):
+    with reader.naming_corrupt_shards(records_dir, split):
         for inputs, label, track in dataset:
             probabilities.append(np.asarray(model(inputs, training=False), np.float64))
             labels.append(label.numpy())

@@ -25,8 +25,8 @@ import uuid
 
 import numpy as np
 
-from tclf import (InputError, RunError, audio, faults, library_versions, report_skip, schema,
-                  storage)
+from tclf import InputError, RunError, faults, library_versions, report_skip, storage
+from tclf.data import audio, schema
 
 TMP_PREFIX = ".tmp-"
 

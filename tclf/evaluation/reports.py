@@ -16,8 +16,8 @@ import re
 
 import numpy as np
 
-from tclf import plots
-from tclf.evaluate import Evaluation
+from tclf.evaluation import plots
+from tclf.evaluation.evaluate import Evaluation
 from tclf.storage import join, makedirs, write_atomic
 
 REPORT_FILENAME = "report.txt"

@@ -19,7 +19,8 @@ import time
 
 import numpy as np
 
-from tclf import schema, storage
+from tclf.data import schema
+from tclf import storage
 from tclf.model import BACKBONE_OUTPUT_KEY
 
 SCRATCH_NAME = ".stage1-cache-{split}.tfrecord"
@@ -162,7 +163,7 @@ def _compute(step, records_dir, split, manifest, batch_size, image_size, width,
     import tensorflow as tf
     from tqdm import tqdm
 
-    from tclf import data
+    from tclf.data import reader
 
     count = manifest["splits"][split]["records"]
     sharding = None
@@ -171,15 +172,15 @@ def _compute(step, records_dir, split, manifest, batch_size, image_size, width,
         sharding = "OFF" if mine else "DATA"
         if mine:
             count = sum(shard["records"] for shard in
-                        data.worker_shards(manifest["splits"][split]["shards"], workers))
-    dataset = data.make_dataset(records_dir, split, batch_size, image_size=image_size,
+                        reader.worker_shards(manifest["splits"][split]["shards"], workers))
+    dataset = reader.make_dataset(records_dir, split, batch_size, image_size=image_size,
                                 workers=workers if sharding == "OFF" else None,
                                 split_files=True)
     bar = tqdm(total=count, unit="record", desc=f"stage 1: backbone outputs ({split})",
                disable=not progress)
     done = 0
     with contextlib.ExitStack() as stack:
-        stack.enter_context(data.naming_corrupt_shards(records_dir, split))
+        stack.enter_context(reader.naming_corrupt_shards(records_dir, split))
         if path is None:
             outputs = np.empty((count, width), np.float32)
             features = np.empty((count, *feature_shape), np.float32)

@@ -36,8 +36,8 @@ import time
 import traceback
 
 from tclf import InputError, RunError, faults, report_skip, storage
-from tclf.train import PLACE_OPTIONS, TrainConfig, seed_everything
-from tclf.versions import lock_folder, unlock_folder
+from tclf.training.train import PLACE_OPTIONS, TrainConfig, seed_everything
+from tclf.training.versions import lock_folder, unlock_folder
 
 PROJECT = "search"  # Keras Tuner's project folder inside DIR.
 TUNERS = ("random", "bayesian", "hyperband")
@@ -248,7 +248,7 @@ def make_hypermodel(base: TrainConfig, space: dict, shared: _Shared, logs_dir: s
             import keras
 
             from tclf.model import backbone_of
-            from tclf.train import model_for
+            from tclf.training.train import model_for
 
             declare(hp, space)
             config = self.trial_config(hp)
@@ -276,14 +276,15 @@ def _fit_trial(config: TrainConfig, model, shared: _Shared, callbacks: list,
     import keras
     import tensorflow as tf
 
-    from tclf import data, train
-    from tclf.evaluate import evaluate_records
+    from tclf.data import reader
+    from tclf.training import train
+    from tclf.evaluation.evaluate import evaluate_records
 
     keras_tuner = _keras_tuner()
     stages = []
     train_data, val_data = train.make_datasets(config)
     try:
-        with shared.strategy.scope(), data.naming_corrupt_shards(config.records):
+        with shared.strategy.scope(), reader.naming_corrupt_shards(config.records):
             stages = train.two_stages(
                 model, train_data, val_data, config, shared.manifest,
                 logs_dir=logs_dir, callbacks=[keras.callbacks.TerminateOnNaN(), *callbacks],
@@ -676,11 +677,11 @@ def _prepare(base: TrainConfig, progress: bool, announce) -> _Shared:
     import keras
     import tensorflow as tf
 
-    from tclf.backbone_cache import backbone_outputs
-    from tclf.cluster import from_env
-    from tclf.devices import configure_devices, resolve_precision
+    from tclf.training.backbone_cache import backbone_outputs
+    from tclf.training.cluster import from_env
+    from tclf.training.devices import configure_devices, resolve_precision
     from tclf.model import backbone_of, freeze_backbone
-    from tclf.train import _training_manifest, model_for
+    from tclf.training.train import _training_manifest, model_for
 
     if from_env():
         raise InputError("tclf-tune does not train across a TF_CONFIG cluster: unset TF_CONFIG "

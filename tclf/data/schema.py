@@ -23,7 +23,7 @@ import math
 import numpy as np
 
 from tclf import InputError
-from tclf.audio import FEATURE_SHAPE, IMAGE_SIZE  # noqa: F401 (the segment shapes, re-exported)
+from tclf.data.audio import FEATURE_SHAPE, IMAGE_SIZE  # noqa: F401 (the segment shapes, re-exported)
 from tclf.storage import join, read_json
 
 SCHEMA_VERSION = 1

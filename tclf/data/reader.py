@@ -14,8 +14,9 @@ import re
 
 import tensorflow as tf
 
-from tclf import InputError, RunError, schema, storage
-from tclf.schema import FEATURES_KEY, LABEL_KEY, SPECTROGRAM_KEY, TRACK_ID_KEY
+from tclf import InputError, RunError, storage
+from tclf.data import schema
+from tclf.data.schema import FEATURES_KEY, LABEL_KEY, SPECTROGRAM_KEY, TRACK_ID_KEY
 
 AUTOTUNE = tf.data.AUTOTUNE
 
