@@ -113,63 +113,24 @@ def test_removed_and_added_files_never_shift_ids(tmp_path, audio_dir):
     assert _source(data, "dark/01_Intro") == "CD1/01 Intro.wav"
 
 
-def test_folders_of_an_older_tclf_are_adopted_only_when_certain(tmp_path, audio_dir):
+def test_folders_of_an_older_tclf_are_one_clear_error(tmp_path, audio_dir):
+    """Track folders without source.json (an older tclf's): one line naming them and the way
+    out; --overwrite extracts the files into them again and names the ones left over."""
     source, data = tmp_path / "audio", tmp_path / "data"
-    _link(_wav(audio_dir, "goa", 0), str(source / "goa" / "with_space.wav"))
-    _link(_wav(audio_dir, "psy", 0), str(source / "psy" / "a.wav"))
-    _link(_wav(audio_dir, "psy", 1), str(source / "psy" / "CD1" / "b.wav"))
-    _link(_wav(audio_dir, "psy", 2), str(source / "psy" / "CD2" / "b.wav"))
+    _link(_wav(audio_dir, "goa", 0), str(source / "goa" / "a.wav"))
+    _link(_wav(audio_dir, "psy", 0), str(source / "psy" / "b.wav"))
     _run(source, data, num_segments=1)
-    for track in _tracks(data):  # As an older tclf left them: no source.json.
-        os.remove(data / track / SOURCE)
-    before = {t: np.load(data / t / "part_1.npy") for t in _tracks(data)}
-    # Unchanged files: every folder is adopted (colliding names too: the same files are
-    # there, so the old ids are right) and records its source from now on.
-    summary = _run(source, data, num_segments=1)
-    assert sum(summary.existing.values()) == 4 and not summary.extracted and not summary.failed
-    assert {t: _source(data, t) for t in _tracks(data)} == {
-        "goa/with_space": "with_space.wav", "psy/a": "a.wav", "psy/b": "CD1/b.wav",
-        "psy/b_2": "CD2/b.wav"}
-    # A colliding file added beside an old folder: which file it holds cannot be told. Both
-    # files are reported (the folder named), neither is written anywhere.
-    os.remove(data / "goa" / "with_space" / SOURCE)
-    _link(_wav(audio_dir, "goa", 1), str(source / "goa" / "with space.wav"))
-    with pytest.warns(DataWarning) as caught:
-        summary = _run(source, data, num_segments=1)
-    ambiguous = [str(w.message) for w in caught if "cannot tell" in str(w.message)]
-    assert len(ambiguous) == 2 and all("with_space" in m and "--overwrite" in m
-                                       for m in ambiguous)
-    assert len(summary.failed) == 2 and sum(summary.existing.values()) == 3
-    assert sorted(_tracks(data)) == sorted(before)
-    np.testing.assert_array_equal(np.load(data / "goa" / "with_space" / "part_1.npy"),
-                                  before["goa/with_space"])
-    # --overwrite extracts them again, each into its own folder.
-    summary = _run(source, data, num_segments=1, overwrite=True)
-    assert sum(summary.extracted.values()) == 5 and not summary.failed
-    assert _source(data, "goa/with_space") == "with space.wav"
-    assert _source(data, "goa/with_space_2") == "with_space.wav"
-    np.testing.assert_array_equal(np.load(data / "goa" / "with_space_2" / "part_1.npy"),
-                                  before["goa/with_space"])
-    assert len(_tracks(data)) == 5 and not _hidden(data)
-
-
-def test_an_old_folder_is_not_adopted_after_a_colliding_file_was_removed(tmp_path, audio_dir):
-    """Older tclf: "a b.wav" -> a_b, "a_b.wav" -> a_b_2. With "a b.wav" gone, the old naming
-    would give a_b.wav the folder a_b, which holds the removed song."""
-    source, data = tmp_path / "audio", tmp_path / "data"
-    _link(_wav(audio_dir, "goa", 0), str(source / "goa" / "a b.wav"))
-    _link(_wav(audio_dir, "goa", 1), str(source / "goa" / "a_b.wav"))
-    _run(source, data, num_segments=1)
-    for track in _tracks(data):
-        os.remove(data / track / SOURCE)
-    os.remove(source / "goa" / "a b.wav")
-    with pytest.warns(DataWarning, match=r"a_b.wav: cannot tell whether .*a_b, a_b_2"), \
-            pytest.raises(RunError, match=r"no track could be extracted .*1 failed"):
+    os.remove(data / "goa" / "a" / SOURCE)
+    os.makedirs(data / "goa" / "gone")  # An older tclf's folder of a file since removed.
+    with pytest.raises(InputError, match=r"goa.a \(and 1 more there\) has no source.json: "
+                                         r"written by an older tclf; re-extract with "
+                                         r"--overwrite, or into another DATA_DIR"):
         _run(source, data, num_segments=1)
-    assert not os.path.exists(data / "goa" / "a_b" / SOURCE)  # Not adopted.
-    with pytest.warns(DataWarning, match=r"a_b_2}: left as they are"):
+    with pytest.warns(DataWarning, match=r"goa/\{gone\}: left as they are"):
         summary = _run(source, data, num_segments=1, overwrite=True)
-    assert sum(summary.extracted.values()) == 1 and _source(data, "goa/a_b") == "a_b.wav"
+    assert sum(summary.extracted.values()) == 2 and not summary.failed
+    assert _source(data, "goa/a") == "a.wav" and _source(data, "psy/b") == "b.wav"
+    assert sorted(_tracks(data)) == ["goa/a", "goa/gone", "psy/b"] and not _hidden(data)
 
 
 def test_a_folder_recording_another_file_is_never_complete_for_this_one(tmp_path, audio_dir):

@@ -257,29 +257,14 @@ def test_a_live_packs_staging_folder_is_left_alone(old_pack, data_dir):
     assert _snapshot(target) == before  # The lock file is gone with the lock.
 
 
-@pytest.mark.parametrize("moved", ["all", "half"])
-def test_an_old_pack_moved_aside_by_a_killed_run_is_restored(old_pack, data_dir, moved):
-    """tclf before the pack id moved the old pack to .old-pack-* (manifest first), then the new
-    one in. Killed after that move ("all", with a new shard of an old shard's name already
-    in) or during it ("half"): with no manifest in the folder, a later run puts the old pack
-    back; with one, it deletes the .old-pack-* folder."""
+def test_a_folder_left_by_an_older_tclf_pack_is_one_clear_error(old_pack, data_dir):
+    """.old-pack-* is what a killed tclf-pack of an older tclf left: pack elsewhere."""
     target, before = old_pack
-    aside = target / f"{records.OLD_PACK_PREFIX}12345678"
-    aside.mkdir()
-    shards = sorted(n for n in before if n.endswith(".tfrecord"))
-    for name in ["manifest.json"] + (shards if moved == "all" else shards[:1]):
-        os.rename(target / name, aside / name)
-    if moved == "all":
-        (target / shards[0]).write_bytes(b"the dead run's new shard, same name")
-    with pytest.warns(UserWarning, match="restored the pack"), \
-            pytest.raises(FileExistsError, match="--overwrite"):
-        records.pack(data_dir, str(target), progress=False)
-    assert _snapshot(target) == before
-    # With a manifest in the folder, a leftover .old-pack-* is only deleted.
-    aside.mkdir()
-    (aside / "manifest.json").write_text("{}")
-    with pytest.raises(FileExistsError):
-        records.pack(data_dir, str(target), progress=False)
+    (target / ".old-pack-12345678").mkdir()
+    with pytest.raises(InputError, match=r"holds \.old-pack-12345678, left by a killed "
+                                         r"tclf-pack of an older tclf; pack into another folder"):
+        records.pack(data_dir, str(target), overwrite=True, progress=False)
+    (target / ".old-pack-12345678").rmdir()
     assert _snapshot(target) == before
 
 

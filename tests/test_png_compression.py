@@ -1,8 +1,8 @@
 """The PNG compression of the spectrograms (tclf-extract / tclf-pack --png-compression).
 
 The setting changes the bytes of a PNG, never its pixels; it is recorded in
-DATA_DIR/extract.json and in the manifest; a folder written before the option
-(extract.json without the key) keeps working and keeps its encoding.
+DATA_DIR/extract.json and in the manifest; an extract.json without it (an older tclf's)
+is one clear error.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from PIL import Image
 
 from tclf import InputError
 from tclf.data import audio, extract, records
-from tclf.data.audio import PNG_LEGACY
 
 RAW_PNG_BYTES = 299 * (299 * 3 + 1)  # Filter byte + RGB per row, stored uncompressed.
 
@@ -55,16 +54,15 @@ def test_every_level_decodes_to_the_same_pixels(spectrogram):
     import tensorflow as tf
 
     sizes = {}
-    for level in [*audio.PNG_LEVELS, PNG_LEGACY]:
+    for level in audio.PNG_LEVELS:
         png = audio.encode_png(spectrogram, level)
         np.testing.assert_array_equal(_pixels(png), spectrogram)
         np.testing.assert_array_equal(tf.io.decode_png(png, channels=3).numpy(), spectrogram)
         sizes[level] = len(png)
-    # Level 0 stores the rows: the size is known. Compressed levels are far smaller, and
-    # unfiltered rows compress better than the old encoding's adaptive filters.
+    # Level 0 stores the rows: the size is known. Compressed levels are far smaller.
     assert RAW_PNG_BYTES < sizes[0] < RAW_PNG_BYTES + 200
     assert max(sizes[level] for level in range(1, 10)) < 0.6 * sizes[0]
-    assert sizes[9] <= sizes[1] < sizes[PNG_LEGACY]
+    assert sizes[9] <= sizes[1]
     assert audio.encode_png(spectrogram) == audio.encode_png(spectrogram, audio.PNG_COMPRESSION)
     with pytest.raises(InputError, match="0-9"):
         audio.encode_png(spectrogram, 10)
@@ -108,33 +106,22 @@ def test_extract_option_is_recorded_and_kept(audio_dir, tmp_path):
     assert json.load(open(os.path.join(data, extract.SETTINGS_NAME))) == settings
 
 
-def test_a_folder_of_an_older_tclf_keeps_working(audio_dir, tmp_path):
-    """extract.json without png_compression: written by tclf before the option."""
-    small = _small_audio(audio_dir, tmp_path, tracks=2)
+def test_a_folder_of_an_older_tclf_is_one_clear_error(audio_dir, tmp_path):
+    """extract.json without png_compression: written by an older tclf; --overwrite re-extracts."""
+    small = _small_audio(audio_dir, tmp_path)
     data = str(tmp_path / "data")
-    extract.extract(small, data, jobs=1, progress=False)
+    extract.extract(small, data, jobs=1, progress=False, training_segments=0)
     path = os.path.join(data, extract.SETTINGS_NAME)
     settings = json.load(open(path))
     del settings[extract.PNG_COMPRESSION_KEY]
-    old = json.dumps(settings, indent=1)
-    open(path, "w").write(old)
-    shutil.rmtree(os.path.join(data, "psy"))  # Tracks still to do: written as the old ones.
-    summary = extract.extract(small, data, jobs=1, progress=False)
-    assert summary.extracted == {"psy": 2} and sum(summary.existing.values()) == 4
-    new = sorted(glob.glob(os.path.join(data, "psy", "*", "part_*.png")))
-    assert new
-    for png in new:
-        content = open(png, "rb").read()
-        assert content == audio.encode_png(_pixels(content), PNG_LEGACY)
-    assert open(path).read() == old  # Left as it is: the folder's setting stays implicit.
-    with pytest.raises(InputError, match="before --png-compression"):
-        extract.extract(small, data, jobs=1, progress=False, png_compression=0)
-    with pytest.raises(InputError, match="extracted with"):  # The analysis settings still count.
-        extract.extract(small, data, jobs=1, progress=False, segment_seconds=5.0)
-    # The pack copies the settings as they are; prediction takes only the analysis ones.
-    records_dir = str(tmp_path / "records")
-    manifest = records.pack(data, records_dir, val_fraction=0.0, min_shards=1, progress=False)
-    assert manifest["extraction"] == settings and manifest["png_compression"] == "keep"
+    open(path, "w").write(json.dumps(settings, indent=1))
+    with pytest.raises(InputError, match=r"has no png_compression: .* older tclf; re-extract "
+                                         r"with --overwrite, or into another DATA_DIR"):
+        extract.extract(small, data, jobs=1, progress=False, training_segments=0)
+    summary = extract.extract(small, data, jobs=1, progress=False, training_segments=0,
+                              overwrite=True)
+    assert sum(summary.extracted.values()) == len(os.listdir(small)) and not summary.failed
+    assert json.load(open(path))[extract.PNG_COMPRESSION_KEY] == audio.PNG_COMPRESSION
 
 
 def test_prediction_ignores_the_png_setting(monkeypatch):
@@ -169,7 +156,7 @@ def test_pack_reencodes_with_identical_pixels(data_dir, tmp_path):
     import tensorflow as tf
 
     packs = {}
-    for setting in ("keep", 9, PNG_LEGACY):
+    for setting in ("keep", 9):
         out = str(tmp_path / f"records-{setting}")
         records.pack(data_dir, out, val_fraction=0.25, seed=0, min_shards=2, progress=False,
                      png_compression=setting)
@@ -187,8 +174,8 @@ def test_pack_reencodes_with_identical_pixels(data_dir, tmp_path):
             np.testing.assert_array_equal(tf.io.decode_png(png, channels=3).numpy(),
                                           _pixels(found[key]))
         sizes[setting] = sum(len(p) for p in pngs.values())
-    # The shared folder holds level-0 PNGs: both re-encodings are far smaller.
-    assert sizes[9] < sizes[PNG_LEGACY] < 0.6 * sizes["keep"]
+    # The shared folder holds level-0 PNGs: the re-encoding is far smaller.
+    assert sizes[9] < 0.6 * sizes["keep"]
     with pytest.raises(InputError, match="0-9"):
         records.pack(data_dir, str(tmp_path / "bad"), png_compression=11, progress=False)
 

@@ -39,7 +39,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import io
 import math
 import re
 import struct
@@ -65,14 +64,11 @@ COLORMAP = "magma"
 # compressed level (see the README's tclf-extract section and BENCHMARKS.md).
 PNG_COMPRESSION = 0
 PNG_LEVELS = tuple(range(10))
-# What tclf wrote before the option (a DATA_DIR/extract.json without "png_compression"):
-# Pillow with compress_level=1 and its adaptive row filters. Kept so that new tracks of such
-# a folder are written as the old ones were, and for the benchmark.
-PNG_LEGACY = "legacy"
 # Samples are -1..1 (float files may go a little over); beyond this no audio is meant, and
 # the spectrum's power would overflow float32 near 1e16.
 MAX_PEAK = 1000.0
-AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".oga", ".mp3", ".aiff", ".aif", ".au", ".opus", ".m4a")
+AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".oga", ".mp3", ".aiff", ".aif", ".au", ".opus",
+                    ".m4a")
 
 _PITCH_CLASSES = ("C", "C#", "D", "D#", "E", "F", "F#", "G", "G#", "A", "A#", "B")
 FEATURE_NAMES = tuple(
@@ -113,7 +109,7 @@ class Segment:
     image: np.ndarray
     features: np.ndarray
 
-    def png_bytes(self, compression: int | str | None = None) -> bytes:
+    def png_bytes(self, compression: int | None = None) -> bytes:
         """The image as PNG bytes (see :func:`encode_png`); default ``PNG_COMPRESSION``."""
         return encode_png(self.image, PNG_COMPRESSION if compression is None else compression)
 
@@ -438,47 +434,36 @@ def render_image(mel_db: np.ndarray, size: int = IMAGE_SIZE) -> np.ndarray:
     return _colormap_lut()[index]
 
 
-def check_png_compression(compression) -> int | str:
-    """``compression`` if it is a level 0-9 or ``PNG_LEGACY``; InputError otherwise."""
-    if compression == PNG_LEGACY or (isinstance(compression, int)
-                                     and not isinstance(compression, bool)
-                                     and compression in PNG_LEVELS):
+def check_png_compression(compression) -> int:
+    """``compression`` if it is a level 0-9; InputError otherwise."""
+    if (isinstance(compression, int) and not isinstance(compression, bool)
+            and compression in PNG_LEVELS):
         return compression
-    raise InputError(f"PNG compression must be a level 0-9 (or {PNG_LEGACY!r}), "
-                     f"got {compression!r}")
+    raise InputError(f"PNG compression must be a level 0-9, got {compression!r}")
 
 
 def _png_chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
 
-def encode_png(image: np.ndarray, compression: int | str = PNG_COMPRESSION) -> bytes:
+def encode_png(image: np.ndarray, compression: int = PNG_COMPRESSION) -> bytes:
     """Encode an RGB uint8 image as PNG bytes; the pixels decode the same at every setting.
 
     Parameters
     ----------
     image : np.ndarray [shape=(height, width, 3), dtype=uint8]
-    compression : int or str
+    compression : int
         A zlib level 0-9: 8-bit RGB, one IDAT chunk, every row with filter type 0 (none).
         A colour-mapped spectrogram compresses better unfiltered than with the adaptive
         filters of Pillow or libpng (the colour map's few, repeated byte triples turn
         into noise when differenced), and its rows decode without the unfiltering pass.
         Level 0 writes stored deflate blocks: decoding is a copy and two checksums.
-        ``PNG_LEGACY``: Pillow's compress_level=1 with adaptive filters (tclf before the
-        option).
     """
     compression = check_png_compression(compression)
     image = np.asarray(image)
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"expected an RGB uint8 image [H, W, 3], got {image.dtype} "
                          f"{image.shape}")
-    if compression == PNG_LEGACY:
-        from PIL import Image
-
-        buffer = io.BytesIO()
-        Image.fromarray(np.ascontiguousarray(image), mode="RGB").save(buffer, format="PNG",
-                                                                     compress_level=1)
-        return buffer.getvalue()
     height, width, _ = image.shape
     rows = np.empty((height, width * 3 + 1), np.uint8)
     rows[:, 0] = 0  # Filter type 0 (none) on every row.

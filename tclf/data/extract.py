@@ -57,17 +57,16 @@ def track_id_for(filename: str) -> str:
 SOURCE_NAME = "source.json"  # In each track folder: {"source": "<path in AUDIO_DIR/<class>/>"}.
 
 # What a track of the listing is, against DATA_DIR (see plan_tracks).
-NEW, COMPLETE, ADOPT, REDO, AMBIGUOUS = "new", "complete", "adopt", "redo", "ambiguous"
+NEW, COMPLETE, REDO = "new", "complete", "redo"
 
 
 @dataclasses.dataclass
 class Track:
     class_name: str
-    track_id: str | None  # None only for AMBIGUOUS.
+    track_id: str
     path: str  # The audio file, as found under AUDIO_DIR.
     source: str  # Its path inside AUDIO_DIR/<class>/, with "/": what source.json records.
-    state: str  # NEW, COMPLETE, ADOPT, REDO or AMBIGUOUS.
-    note: str = ""  # Why, for AMBIGUOUS.
+    state: str  # NEW, COMPLETE or REDO.
 
 
 def _check_folder(path: str, what: str) -> None:
@@ -96,26 +95,12 @@ def _class_files(class_dir: str) -> list[tuple[str, str]]:
     return found
 
 
-def _old_ids(sources: list[str]) -> dict[str, str]:
-    """The ids tclf gave before track folders recorded their source: cleaned stems, in listing
-    order, with _2, _3 ... appended to stems already used. Used to recognise such folders."""
-    ids, seen = {}, set()
-    for source in sources:
-        base = track_id = track_id_for(source.rsplit("/", 1)[-1])
-        number = 2
-        while track_id in seen:
-            track_id, number = f"{base}_{number}", number + 1
-        seen.add(track_id)
-        ids[source] = track_id
-    return ids
-
-
 _BROKEN = object()  # A source.json that cannot be read: the folder belongs to no file.
 
 
 def read_source(track_dir: str):
     """The source recorded in a track folder: its path in AUDIO_DIR/<class>/, None if the
-    folder has no record (written by an older tclf), or _BROKEN if the record is damaged."""
+    folder has no record, or _BROKEN if the record is damaged."""
     path = os.path.join(track_dir, SOURCE_NAME)
     if not os.path.exists(path):
         return None
@@ -145,58 +130,35 @@ def _existing(class_data_dir: str) -> tuple[dict, set]:
 def _plan_class(class_name: str, files: list[tuple[str, str]], class_data_dir: str,
                 overwrite: bool) -> list[Track]:
     folders, names = _existing(class_data_dir)
-    recorded = {src: name for name, src in folders.items() if isinstance(src, str)}
-    unrecorded = {name for name, src in folders.items() if src is None}
-    old_ids = _old_ids([source for source, _ in files])
-    bases = {source: track_id_for(source.rsplit("/", 1)[-1]) for source, _ in files}
-    taken = {name.casefold() for name in names}  # Case-insensitive filesystems too.
+    unrecorded = sorted(name for name, source in folders.items() if source is None)
+    if unrecorded and not overwrite:
+        more = f" (and {len(unrecorded) - 1} more there)" if len(unrecorded) > 1 else ""
+        raise InputError(f"{os.path.join(class_data_dir, unrecorded[0])}{more} has no "
+                         f"{SOURCE_NAME}: written by an older tclf; re-extract with "
+                         f"--overwrite, or into another DATA_DIR")
+    recorded = {source: name for name, source in folders.items() if isinstance(source, str)}
+    # Case-insensitive filesystems too. With overwrite, a folder without a record is re-used.
+    taken = {name.casefold() for name in names} - {name.casefold() for name in unrecorded}
     plan: dict[str, Track] = {}
     for source, path in files:
         if source in recorded:
             plan[source] = Track(class_name, recorded[source], path, source,
                                  REDO if overwrite else COMPLETE)
-    groups = collections.defaultdict(list)
-    for source, _ in files:
-        groups[bases[source]].append(source)
-    paths = dict(files)
-    for base, members in groups.items():
-        pending = [m for m in members if m not in plan]
-        found = {old_ids[m] for m in pending} & unrecorded
-        if not pending or not found:
-            continue
-        # Folders a removed file of this group may have left: base_N that no file is named.
-        extra = {n for n in unrecorded - found
-                 if re.fullmatch(re.escape(base) + r"_\d+", n) and n not in bases.values()}
-        unchanged = (len(pending) == len(members) and not extra
-                     and found == {old_ids[m] for m in members})
-        if unchanged or overwrite:
-            if extra:
-                report_skip(f"{class_data_dir}/{{{', '.join(sorted(extra))}}}: left as they "
-                            f"are; extracted by an older tclf, they may hold files since "
-                            f"removed, or copies of tracks now in other folders: delete them "
-                            f"if so")
-            for m in pending:
-                if old_ids[m] in found:
-                    plan[m] = Track(class_name, old_ids[m], paths[m], m,
-                                    REDO if overwrite else ADOPT)
-        else:
-            folder_list = ", ".join(sorted(found | extra))
-            others = ", ".join(pending)
-            for m in pending:
-                plan[m] = Track(class_name, None, paths[m], m, AMBIGUOUS, note=(
-                    f"{paths[m]}: cannot tell whether {class_data_dir}/{{{folder_list}}} "
-                    f"(extracted by an older tclf, which did not record the source file) holds "
-                    f"this track or another of {others}; re-run with --overwrite to extract "
-                    f"them again"))
     for source, path in files:
         if source in plan:
             continue
-        base = track_id = bases[source]
+        base = track_id = track_id_for(source.rsplit("/", 1)[-1])
         number = 2
         while track_id.casefold() in taken:
             track_id, number = f"{base}_{number}", number + 1
         taken.add(track_id.casefold())
-        plan[source] = Track(class_name, track_id, path, source, NEW)
+        plan[source] = Track(class_name, track_id, path, source,
+                             REDO if track_id in unrecorded else NEW)
+    left = sorted(set(unrecorded) - {track.track_id for track in plan.values()})
+    if left:
+        report_skip(f"{class_data_dir}/{{{', '.join(left)}}}: left as they are; they have no "
+                    f"{SOURCE_NAME} (written by an older tclf) and no file of AUDIO_DIR goes "
+                    f"there: delete them")
     return [plan[source] for source, _ in files]
 
 
@@ -204,39 +166,15 @@ def plan_tracks(audio_dir: str, data_dir: str | None = None,
                 overwrite: bool = False) -> list[Track]:
     """Every non-hidden file under AUDIO_DIR/<class>/, with its track folder in DATA_DIR.
 
-    Files are not filtered by extension: anything that does not decode is
-    reported as such by the extraction. A track id is the file's cleaned stem
-    (:func:`track_id_for`); a stem already taken in DATA_DIR/<class>/ (by a
-    folder of any file, or by another file of this listing) gets _2, _3 ...,
-    so two files whose names clean to the same id never share a folder.
+    Files are not filtered by extension: what does not decode is reported by the extraction.
+    A file is matched to the folder whose ``source.json`` records it (COMPLETE; REDO with
+    ``overwrite``), whatever was added or removed since. Any other file gets a new folder
+    (NEW) named by its cleaned stem (:func:`track_id_for`), with _2, _3 ... when that name is
+    taken, so two files never share a folder. A folder without ``source.json`` is an
+    InputError; with ``overwrite`` it is extracted again (REDO) if a file's new id names it.
 
-    Which folder holds which file is recorded, not recomputed: each track
-    folder holds ``source.json`` (``{"source": "<path inside AUDIO_DIR/<class>/>"}``),
-    written before the folder is moved into place. On a re-run a file is
-    matched to the folder that records it (COMPLETE), whatever was added or
-    removed since; a folder that records another file is never this file's.
-    Paths are relative to the class folder, so AUDIO_DIR may move.
-
-    Folders without ``source.json`` (extracted by an older tclf) are
-    recognised by the ids that tclf gave (:func:`_old_ids`): a file whose name
-    no other file of the class shares adopts the folder named by its cleaned
-    stem (ADOPT: complete; its source.json is written then), unless a folder
-    <stem>_N that no current file is named after shows that a file of that
-    name was removed. Files whose names clean to one stem got _2, _3 ... in
-    sorted order, which shifts when such a file is added or removed; their old
-    folders are adopted only when they are exactly the ids of the current
-    files. Otherwise the files are AMBIGUOUS: reported as failed with the
-    folders named, nothing written; --overwrite extracts them again (REDO)
-    into the old ids. Nothing is ever adopted by guesswork.
-
-    With ``overwrite`` every file is extracted again (REDO into its own folder, NEW otherwise).
-
-    Raises
-    ------
-    FileNotFoundError
-        If AUDIO_DIR does not exist.
-    InputError
-        If AUDIO_DIR or DATA_DIR is a file.
+    Raises FileNotFoundError if AUDIO_DIR does not exist, InputError if AUDIO_DIR or DATA_DIR
+    is a file.
     """
     _check_folder(audio_dir, "AUDIO_DIR/<class>/<files>")
     if data_dir is not None:
@@ -262,14 +200,13 @@ def plan_tracks(audio_dir: str, data_dir: str | None = None,
 
 
 def list_tracks(audio_dir: str, data_dir: str | None = None) -> list[tuple[str, str, str]]:
-    """(class_name, track_id, path) for every file :func:`plan_tracks` finds (track_id None
-    for an AMBIGUOUS one)."""
+    """(class_name, track_id, path) for every file :func:`plan_tracks` finds."""
     return [(t.class_name, t.track_id, t.path) for t in plan_tracks(audio_dir, data_dir)]
 
 
 def write_track(segments: list[audio.Segment], track_dir: str, overwrite: bool = False,
                 source: str | None = None,
-                png_compression: int | str = audio.PNG_COMPRESSION) -> None:
+                png_compression: int = audio.PNG_COMPRESSION) -> None:
     """Write part_N.png/.npy (and source.json, if ``source``) into a hidden temporary
     folder beside track_dir, then rename it to track_dir: the track appears whole or not
     at all. The PNGs are encoded at ``png_compression`` (see :func:`audio.encode_png`)."""
@@ -347,29 +284,24 @@ def _warm_up(options):
 
 
 SETTINGS_NAME = schema.EXTRACTION_SETTINGS_NAME
-PNG_COMPRESSION_KEY = "png_compression"  # In extract.json; absent: audio.PNG_LEGACY.
+PNG_COMPRESSION_KEY = "png_compression"  # In extract.json: the zlib level of the folder's PNGs.
 # In extract.json: the librosa version that computed the features, for tclf-eval's check.
 # Like the PNG level, it is recorded, not compared: a folder may be extended after an upgrade.
 LIBROSA_KEY = "librosa_version"
 RECORDED_KEYS = (PNG_COMPRESSION_KEY, LIBROSA_KEY)
 
 
-def record_settings(data_dir: str, options: dict,
-                    png_compression: int | str | None = None) -> int | str:
-    """Write DATA_DIR/extract.json; refuse to mix settings in one data folder. Returns the
-    PNG compression the folder's tracks are written with.
+def record_settings(data_dir: str, options: dict, png_compression: int | None = None,
+                    overwrite: bool = False) -> int:
+    """Write DATA_DIR/extract.json, or check that the folder's matches; returns the PNG
+    compression (:func:`audio.encode_png`) of the folder's tracks.
 
-    tclf-pack copies it into the manifest and tclf-train into model.h5, so
-    that tclf-predict analyses new audio exactly as the training data was.
-
-    The PNG compression (``png_compression``: a level 0-9, see
-    :func:`audio.encode_png`) changes the bytes of the PNGs, never their pixels.
-    A new folder records the one given, or ``audio.PNG_COMPRESSION``. In a folder
-    already extracted, None (not given) means the folder's own: the recorded one,
-    or ``audio.PNG_LEGACY`` when extract.json has no such key (written by a tclf
-    before the option; the file is left as it is), so new tracks are encoded as
-    the old ones were. Asking for another than the folder's is refused, as for
-    the analysis settings: re-encode when packing (tclf-pack --png-compression).
+    tclf-pack copies the settings into the manifest and tclf-train into model.h5, so that
+    tclf-predict analyses new audio as the training data was. Other analysis settings than
+    the folder's are refused, and so is another PNG compression (None: the folder's, or
+    ``audio.PNG_COMPRESSION`` for a new folder): re-encode while packing instead. An
+    extract.json without the PNG compression is refused unless ``overwrite``, which
+    rewrites it.
     """
     if png_compression is not None:
         png_compression = audio.check_png_compression(png_compression)
@@ -381,15 +313,19 @@ def record_settings(data_dir: str, options: dict,
         if analysis != options:
             raise InputError(f"{data_dir} was extracted with {analysis}, not {options}; use the "
                              f"same settings or another DATA_DIR")
-        recorded = existing.get(PNG_COMPRESSION_KEY, audio.PNG_LEGACY)
-        if png_compression is not None and png_compression != recorded:
-            what = (f"--png-compression {recorded}" if recorded != audio.PNG_LEGACY else
-                    "the PNG encoding of tclf before --png-compression (Pillow level 1)")
-            raise InputError(f"{data_dir} was extracted with {what}, not --png-compression "
-                             f"{png_compression}; leave the option out to go on with the "
-                             f"folder's, use another DATA_DIR, or re-encode while packing "
-                             f"(tclf-pack --png-compression {png_compression})")
-        return recorded
+        if PNG_COMPRESSION_KEY in existing:
+            recorded = existing[PNG_COMPRESSION_KEY]
+            if png_compression is not None and png_compression != recorded:
+                raise InputError(f"{data_dir} was extracted with --png-compression {recorded}, "
+                                 f"not --png-compression {png_compression}; leave the option "
+                                 f"out to go on with the folder's, use another DATA_DIR, or "
+                                 f"re-encode while packing (tclf-pack --png-compression "
+                                 f"{png_compression})")
+            return recorded
+        if not overwrite:
+            raise InputError(f"{path} has no {PNG_COMPRESSION_KEY}: {data_dir} was written by "
+                             f"an older tclf; re-extract with --overwrite, or into another "
+                             f"DATA_DIR")
     if png_compression is None:
         png_compression = audio.PNG_COMPRESSION
     os.makedirs(data_dir, exist_ok=True)
@@ -464,22 +400,15 @@ def extract(audio_dir: str, data_dir: str, num_segments: int = 6, segment_second
     _check_folder(data_dir, "DATA_DIR, where the track folders go")
     if not os.path.isdir(audio_dir):
         raise FileNotFoundError(f"{audio_dir}: no such folder (expected AUDIO_DIR/<class>/<files>)")
-    png_compression = record_settings(data_dir, options, png_compression)
+    png_compression = record_settings(data_dir, options, png_compression, overwrite)
     clean_temporary(data_dir)
     tracks = plan_tracks(audio_dir, data_dir, overwrite)
     summary = ExtractSummary(collections.Counter(), collections.Counter(),
                              collections.Counter(), [], 0.0)
     tasks = []
     for track in tracks:
-        if track.state == AMBIGUOUS:
-            summary.failed.append((track.path, track.note))
-            report_skip(f"skipped {track.note}")
-            continue
         track_dir = os.path.join(data_dir, track.class_name, track.track_id)
-        if track.state in (COMPLETE, ADOPT):
-            if track.state == ADOPT:  # Record its source now: later runs match it by that.
-                storage.write_atomic(os.path.join(track_dir, SOURCE_NAME),
-                                     json.dumps({"source": track.source}, ensure_ascii=False))
+        if track.state == COMPLETE:
             summary.existing[track.class_name] += 1
         else:
             tasks.append((track.class_name, track.track_id, track.path, track_dir, options,

@@ -257,7 +257,6 @@ def shard_name(split: str, index: int, count: int, pack_id: str = "") -> str:
 _OWN_SHARD = re.compile(r"^(%s)-\d{5}-of-\d{5}-[0-9a-f]{8}\.tfrecord$" % "|".join(SPLITS))
 LOCK_NAME = ".pack.lock"
 STAGING_PREFIX = ".tmp-pack-"
-OLD_PACK_PREFIX = ".old-pack-"  # Written by tclf before the pack id; still cleaned up.
 
 
 def _num_shards(num_bytes: int, num_samples: int, shard_megabytes: float, min_shards: int) -> int:
@@ -505,62 +504,24 @@ def _pack_lock(records_dir: str):
 
 
 def _clean_leftovers(records_dir: str) -> None:
-    """Remove what killed packs left in RECORDS_DIR; call only while holding :func:`_pack_lock`.
-
-    Under the lock no live pack works in the folder, so everything below is a dead
-    run's (a pack of another tclf version running at the same time, which takes no
-    lock, is not guarded against):
-
-    - hidden staging folders ``.tmp-pack-*``: deleted;
-    - shards of this tclf (``<split>-NNNNN-of-NNNNN-<pack id>.tfrecord``) that the
-      folder's manifest does not list (a run killed while moving its shards in, or
-      after its manifest replaced the old one and before the old shards were
-      deleted): deleted. If the manifest exists but cannot be read, nothing is
-      deleted: which shards it lists is unknown;
-    - ``.old-pack-*`` folders, left by tclf versions that moved the old pack aside
-      before moving the new one in (manifest first): when RECORDS_DIR has no
-      manifest and such a folder holds a manifest whose every shard is there or still
-      in RECORDS_DIR (a run killed while moving the old pack aside), that pack is
-      moved back (its manifest last), with a warning; the others, and all of them
-      when RECORDS_DIR has a manifest, are deleted. A restore killed half-way is
-      finished by the next run the same way.
+    """Remove what killed packs left in RECORDS_DIR; call only while holding :func:`_pack_lock`
+    (then no live pack works in the folder): hidden ``.tmp-pack-*`` staging folders, and shards
+    (``<split>-NNNNN-of-NNNNN-<pack id>.tfrecord``) that the folder's manifest does not list
+    (a run killed while moving its shards in, or before it deleted the old pack's). If the
+    manifest exists but cannot be read, no shard is deleted: which ones it lists is unknown.
     """
-    import warnings
-
     tf = _tf()
     names = [n.rstrip("/") for n in tf.io.gfile.listdir(records_dir)]
-    manifest_path = join(records_dir, MANIFEST_NAME)
-    has_manifest = tf.io.gfile.exists(manifest_path)
-    old_dirs = sorted((join(records_dir, n) for n in names if n.startswith(OLD_PACK_PREFIX)),
-                      key=lambda d: tf.io.gfile.stat(d).mtime_nsec, reverse=True)
-    for old_dir in old_dirs if not has_manifest else []:
-        try:
-            files = _shard_files(load_manifest(old_dir))
-        except (OSError, ValueError):
-            continue
-        # A shard not in old_dir is still (or, after a killed restore, again) in records_dir:
-        # the old versions moved the whole old pack aside before moving any new file in.
-        if all(tf.io.gfile.exists(join(old_dir, f)) or tf.io.gfile.exists(join(records_dir, f))
-               for f in files):
-            for name in files:
-                if tf.io.gfile.exists(join(old_dir, name)):
-                    tf.io.gfile.rename(join(old_dir, name), join(records_dir, name),
-                                       overwrite=True)
-            tf.io.gfile.rename(join(old_dir, MANIFEST_NAME), manifest_path)
-            warnings.warn(f"restored the pack that a killed tclf-pack had moved aside to "
-                          f"{old_dir}", stacklevel=3)
-            has_manifest = True
-            break
     for name in names:
-        if name.startswith((STAGING_PREFIX, OLD_PACK_PREFIX)):
+        if name.startswith(STAGING_PREFIX):
             tf.io.gfile.rmtree(join(records_dir, name))
     listed = set()
-    if has_manifest:
+    if tf.io.gfile.exists(join(records_dir, MANIFEST_NAME)):
         try:
             listed = set(_shard_files(load_manifest(records_dir)))
         except (OSError, ValueError):
             return
-    for name in tf.io.gfile.listdir(records_dir):
+    for name in names:
         if _OWN_SHARD.match(name) and name not in listed:
             tf.io.gfile.remove(join(records_dir, name))
 
@@ -584,6 +545,20 @@ def _staging_dir(records_dir: str):
     except BaseException:
         tf.io.gfile.rmtree(tmp_dir)
         raise
+
+
+def _check_records_dir(records_dir: str) -> None:
+    """NotADirectoryError if RECORDS_DIR is a file; InputError if it holds a ``.old-pack-*``
+    folder, which only a killed tclf-pack of an older tclf leaves."""
+    tf = _tf()
+    if tf.io.gfile.exists(records_dir) and not tf.io.gfile.isdir(records_dir):
+        raise NotADirectoryError(f"{records_dir}: is a file, not a folder")
+    old = sorted(n.rstrip("/") for n in (tf.io.gfile.listdir(records_dir)
+                                         if tf.io.gfile.isdir(records_dir) else [])
+                 if n.startswith(".old-pack-"))
+    if old:
+        raise InputError(f"{records_dir} holds {old[0]}, left by a killed tclf-pack of an "
+                         f"older tclf; pack into another folder")
 
 
 def _refuse_existing(records_dir: str, overwrite: bool) -> None:
@@ -651,8 +626,7 @@ def pack(data_dir: str, records_dir: str, val_fraction: float = 0.2, seed: int =
     png_compression : "keep" or int
         KEEP copies each PNG's bytes as they are; a zlib level 0-9 encodes each
         PNG again at that level (:func:`audio.encode_png`: identical pixels, other
-        bytes; ``audio.PNG_LEGACY`` for the encoding of tclf before the option).
-        Recorded in the manifest as "png_compression".
+        bytes). Recorded in the manifest as "png_compression".
 
     Returns
     -------
@@ -664,7 +638,7 @@ def pack(data_dir: str, records_dir: str, val_fraction: float = 0.2, seed: int =
         RECORDS_DIR already holds a pack and overwrite is False, or another pack is
         running in it.
     InputError
-        Fewer than two classes with valid pairs.
+        Fewer than two classes with valid pairs, or RECORDS_DIR left by an older tclf.
     RuntimeError
         No valid sample at all.
     """
@@ -673,9 +647,7 @@ def pack(data_dir: str, records_dir: str, val_fraction: float = 0.2, seed: int =
     start_time = time.perf_counter()
     if png_compression != KEEP:
         png_compression = audio.check_png_compression(png_compression)
-    if not is_remote(records_dir) and os.path.exists(records_dir) and not os.path.isdir(
-            records_dir):
-        raise NotADirectoryError(f"{records_dir}: is a file, not a folder")
+    _check_records_dir(records_dir)
     _check_data_dir(data_dir)  # Before RECORDS_DIR is created.
     _tf().io.gfile.makedirs(records_dir)
     with _pack_lock(records_dir) as locked:
