@@ -37,7 +37,7 @@ import tempfile
 
 import numpy as np
 
-from tclf import InputError, RunError, faults
+from tclf import InputError, RunError, faults, storage
 from tclf.data.schema import FEATURE_SHAPE, FEATURES_KEY, IMAGE_SIZE, SPECTROGRAM_KEY
 
 BACKBONE_NAME = "efficientnetb0"
@@ -63,16 +63,11 @@ def build_backbone(image_size: int = IMAGE_SIZE, weights: str | None = "imagenet
     if is_random(weights):
         weights = None
     elif weights != "imagenet":
-        import tensorflow as tf
-
-        if not tf.io.gfile.exists(weights):
+        if not storage.exists(weights):
             raise WeightsError(f"backbone weights file {weights} not found; use --weights none, "
                                f"--weights imagenet, or the path of an existing file")
-        if "://" in weights:  # Keras reads local files only: a local copy, removed after.
-            with tempfile.TemporaryDirectory(prefix="tclf-weights-") as folder:
-                local = os.path.join(folder, os.path.basename(weights))
-                tf.io.gfile.copy(weights, local)
-                return _efficientnet(image_size, local)
+        with storage.local_copy(weights) as local:  # Keras reads local files only.
+            return _efficientnet(image_size, local)
     return _efficientnet(image_size, weights)
 
 
@@ -349,8 +344,6 @@ def save_model(model, path: str, class_names, config: dict | None = None,
     """
     import zipfile
 
-    from tclf import storage
-
     metadata = {CLASS_NAMES_ATTRIBUTE: json.dumps(list(class_names)),
                 TEMPERATURE_ATTRIBUTE: float(temperature)}
     if config is not None:
@@ -382,24 +375,13 @@ def _h5_notice(record: logging.LogRecord) -> bool:
     return "saving your model as an HDF5 file" not in record.getMessage()
 
 
-def _local_copy(path: str, tmp: str) -> str:
-    import tensorflow as tf
-
-    if "://" not in path:
-        return path
-    local = os.path.join(tmp, os.path.basename(path))
-    tf.io.gfile.copy(path, local, overwrite=True)
-    return local
-
-
 def _metadata(path: str) -> dict:
     """What tclf-train stored in a model file, model.h5 or model.keras: {attribute: value}."""
     import zipfile
 
     import h5py
 
-    with tempfile.TemporaryDirectory() as tmp:
-        local = _local_copy(path, tmp)
+    with storage.local_copy(path) as local:
         if zipfile.is_zipfile(local):
             with zipfile.ZipFile(local) as archive:
                 if KERAS_METADATA not in archive.namelist():
@@ -453,16 +435,14 @@ def load_model(path: str):
     """(model, class_names) from a model.h5 or model.keras written by tclf-train; not
     compiled."""
     import keras
-    import tensorflow as tf
 
-    if not tf.io.gfile.exists(path):
+    if not storage.exists(path):
         raise FileNotFoundError(f"model file {path} not found (train one with tclf-train, or "
                                 f"pass --model)")
-    if tf.io.gfile.isdir(path):
+    if storage.isdir(path):
         raise InputError(f"{path} is a folder; --model takes a model file (model.h5 or "
                          f"model.keras in it)")
-    with tempfile.TemporaryDirectory() as tmp:
-        local = _local_copy(path, tmp)
+    with storage.local_copy(path) as local, tempfile.TemporaryDirectory() as tmp:
         import zipfile
 
         import h5py

@@ -1,4 +1,4 @@
-"""Files on any filesystem tf.io.gfile knows: path joining and atomic writes.
+"""Files on any filesystem tf.io.gfile knows: the one way tclf reads, lists and writes them.
 
 Every file tclf writes goes through :func:`staged` (or its two shorthands,
 :func:`write_atomic` and :func:`publish`): the content goes to a temporary
@@ -6,7 +6,7 @@ name beside the target and is renamed over it when complete, so a reader
 never sees half a file and an interrupted write leaves the old file as it
 was. Local paths use the os module and never import TensorFlow (extraction
 workers, the demo synthesizer and tools/ stay light); paths with a scheme
-(gs://...) go through tf.io.gfile.
+(gs://...) go through tf.io.gfile, whose errors are TensorFlow's (see :func:`errors`).
 """
 
 from __future__ import annotations
@@ -46,12 +46,62 @@ def _gfile():
     return tf.io.gfile
 
 
+def errors(path: str) -> tuple[type[BaseException], ...]:
+    """The exception types a failed access to ``path`` raises: OSError, and for a remote path
+    also tf.errors.OpError (imported only then). For ``except storage.errors(path)``."""
+    if not is_remote(path):
+        return (OSError,)
+    import tensorflow as tf
+
+    return (OSError, tf.errors.OpError)
+
+
+def reason(error: BaseException) -> str:
+    """Why an access failed, in words: an OSError's strerror, a tf.errors.OpError's message."""
+    return str(getattr(error, "strerror", None) or getattr(error, "message", None) or error)
+
+
 def exists(path: str) -> bool:
     return _gfile().exists(path) if is_remote(path) else os.path.exists(path)
 
 
 def isdir(path: str) -> bool:
     return _gfile().isdir(path) if is_remote(path) else os.path.isdir(path)
+
+
+def size(path: str) -> int:
+    """The size of the file ``path`` in bytes."""
+    return _gfile().stat(path).length if is_remote(path) else os.path.getsize(path)
+
+
+def remove(path: str) -> None:
+    """Delete the file ``path``; an error if it cannot be (see :func:`remove_quietly`)."""
+    if is_remote(path):
+        _gfile().remove(path)
+    else:
+        os.remove(path)
+
+
+def rename(source: str, target: str, overwrite: bool = False) -> None:
+    """Move the file ``source`` to ``target`` on the same filesystem. Without ``overwrite`` an
+    existing ``target`` is never replaced, even one created at the same moment: locally the file
+    is hard-linked (which fails if the name exists: FileExistsError), then its old name removed;
+    a filesystem without hard links gets a plain rename. Remotely: tf.io.gfile.rename."""
+    if is_remote(source) or is_remote(target):
+        _gfile().rename(source, target, overwrite=overwrite)
+    elif overwrite:
+        os.replace(source, target)
+    else:
+        try:
+            os.link(source, target)
+        except FileExistsError:
+            raise
+        except OSError:  # No hard links on this filesystem.
+            if os.path.exists(target):
+                raise
+            os.rename(source, target)
+            return
+        os.remove(source)
 
 
 def listdir(path: str) -> list[str]:
@@ -93,11 +143,26 @@ def copytree(source: str, target: str, exclude=()) -> None:
 
 
 def read_bytes(path: str) -> bytes:
+    """The content of the file ``path``."""
     if is_remote(path):
         with _gfile().GFile(path, "rb") as f:
             return f.read()
     with open(path, "rb") as f:
         return f.read()
+
+
+@contextlib.contextmanager
+def local_copy(path: str):
+    """Yield a local file name holding the file ``path``, for libraries that read local files
+    only (h5py, Keras): a local path as it is; a remote file copied, under its own name (Keras
+    picks the format from the extension), into a temporary folder removed afterwards."""
+    if not is_remote(path):
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="tclf-") as folder:
+        local = os.path.join(folder, posixpath.basename(path))
+        _gfile().copy(path, local, overwrite=True)
+        yield local
 
 
 def _staging_name(path: str) -> str:
@@ -147,11 +212,7 @@ def read_json(path: str):
     from tclf import InputError
 
     try:
-        if is_remote(path):
-            with _gfile().GFile(path, "rb") as f:
-                return json.loads(f.read().decode("utf-8"))
-        with open(path, "rb") as f:
-            return json.loads(f.read().decode("utf-8"))
+        return json.loads(read_bytes(path).decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise InputError(f"{path}: not a valid JSON file ({error})") from None
 

@@ -83,3 +83,66 @@ def test_local_writes_do_not_import_tensorflow(tmp_path):
             f"assert 'tensorflow' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
     assert (tmp_path / "b.txt").read_text() == "x"
+
+
+def test_local_files_size_rename_remove_and_a_local_copy_as_is(tmp_path):
+    a, b = str(tmp_path / "a.bin"), str(tmp_path / "b.bin")
+    storage.write_atomic(a, b"12345")
+    assert storage.size(a) == 5 and storage.read_bytes(a) == b"12345"
+    storage.write_atomic(b, b"other")
+    with pytest.raises(FileExistsError):  # Never replaced without overwrite.
+        storage.rename(a, b)
+    assert storage.read_bytes(b) == b"other" and storage.exists(a)
+    storage.rename(a, b, overwrite=True)
+    assert storage.read_bytes(b) == b"12345" and not storage.exists(a)
+    storage.rename(b, a)
+    assert sorted(storage.listdir(str(tmp_path))) == ["a.bin"]
+    with storage.local_copy(a) as local:
+        assert local == a
+    storage.remove(a)
+    with pytest.raises(storage.errors(a)) as caught:
+        storage.remove(a)
+    assert storage.reason(caught.value) == "No such file or directory"
+    assert storage.errors(a) == (OSError,) and storage.listdir(a) == []
+
+
+def test_remote_files_size_rename_remove_and_a_local_copy(tmp_path, monkeypatch):
+    import tempfile
+
+    import tensorflow as tf
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    folder = "ram://tclf-storage-files"
+    storage.makedirs(storage.join(folder, "sub"))
+    a, b = storage.join(folder, "model.keras"), storage.join(folder, "sub", "b.keras")
+    storage.write_atomic(a, b"zip bytes")
+    assert storage.size(a) == 9 and storage.isdir(storage.join(folder, "sub"))
+    with storage.local_copy(a) as local:
+        assert not storage.is_remote(local) and local.endswith("model.keras")
+        with open(local, "rb") as f:
+            assert f.read() == b"zip bytes"
+    assert os.listdir(tmp_path) == []  # The copy is gone.
+    storage.rename(a, b)
+    assert storage.read_bytes(b) == b"zip bytes" and not storage.exists(a)
+    with pytest.raises(storage.errors(a)) as caught:
+        storage.read_bytes(a)
+    assert isinstance(caught.value, tf.errors.NotFoundError)
+    assert storage.reason(tf.errors.NotFoundError(None, None, "gone")) == "gone"
+    storage.remove(b)
+    assert storage.listdir(storage.join(folder, "sub")) == []
+
+
+def test_reading_and_listing_local_files_do_not_import_tensorflow(tmp_path):
+    import subprocess
+
+    (tmp_path / "a.txt").write_text('{"x": 1}')
+    code = (f"import sys; from tclf import storage; folder = {str(tmp_path)!r}; "
+            f"path = storage.join(folder, 'a.txt'); "
+            f"assert storage.read_json(path) == {{'x': 1}} and storage.size(path) == 8; "
+            f"assert storage.listdir(folder) == ['a.txt'] and storage.isdir(folder); "
+            f"storage.rename(path, storage.join(folder, 'b.txt')); "
+            f"ctx = storage.local_copy(storage.join(folder, 'b.txt')); ctx.__enter__(); "
+            f"storage.remove(storage.join(folder, 'b.txt')); "
+            f"assert 'tensorflow' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+    assert os.listdir(tmp_path) == []

@@ -19,14 +19,14 @@ import uuid
 import numpy as np
 
 import tclf
-from tclf import InputError, RunError, faults, report_skip
+from tclf import InputError, RunError, faults, report_skip, storage
 from tclf.data import audio
 from tclf.data.audio import FEATURE_SHAPE, IMAGE_SIZE
 from tclf.data.schema import (  # noqa: F401 (re-exported)
     EXTRACTION_SETTINGS_NAME, FEATURES_KEY, LABEL_KEY, MANIFEST_NAME, SCHEMA_VERSION, SEGMENT_KEY,
     SPECTROGRAM_KEY, SPLITS, TRACK_ID_KEY, create_example, feature_description, load_manifest)
 from tclf.data.splits import read_groups, split_tracks
-from tclf.storage import is_remote, join, read_json, remove_quietly
+from tclf.storage import is_remote, join
 
 
 def _tf():
@@ -48,20 +48,17 @@ Sample = collections.namedtuple("Sample", "label track_id segment png_path npy_p
 
 def _listdir(folder: str) -> list[str] | None:
     """Sorted entries of a folder of the user's data; None (reported) when it cannot be listed."""
-    tf = _tf()
     try:
-        return sorted(n.rstrip("/") for n in tf.io.gfile.listdir(folder))
-    except (OSError, tf.errors.OpError) as error:
-        report_skip(f"skipped folder {folder}: it cannot be listed "
-                    f"({getattr(error, 'strerror', None) or getattr(error, 'message', error)})")
+        return sorted(storage.listdir(folder))
+    except storage.errors(folder) as error:
+        report_skip(f"skipped folder {folder}: it cannot be listed ({storage.reason(error)})")
         return None
 
 
 def _check_data_dir(data_dir: str) -> None:
     """FileNotFoundError or NotADirectoryError unless data_dir is a folder."""
-    tf = _tf()
-    if not tf.io.gfile.isdir(data_dir):
-        if tf.io.gfile.exists(data_dir):
+    if not storage.isdir(data_dir):
+        if storage.exists(data_dir):
             raise NotADirectoryError(f"{data_dir}: is a file, not a folder (expected "
                                      f"DATA_DIR/<class>/<track>/part_N.png + part_N.npy)")
         raise FileNotFoundError(f"{data_dir}: no such folder (expected DATA_DIR/<class>/<track>/)")
@@ -76,17 +73,16 @@ def scan_data(data_dir: str) -> tuple[list[str], list[Sample], collections.Count
     out. Symbolic links to class or track folders are followed. The pairs are not
     read here: see :func:`validate_samples`.
     """
-    tf = _tf()
     _check_data_dir(data_dir)
     classes, samples, skipped = [], [], collections.Counter()
     for class_name in _listdir(data_dir) or []:
         class_dir = join(data_dir, class_name)
-        if class_name.startswith(".") or not tf.io.gfile.isdir(class_dir):
+        if class_name.startswith(".") or not storage.isdir(class_dir):
             continue
         found = []
         for track in _listdir(class_dir) or []:
             track_dir = join(class_dir, track)
-            if track.startswith(".") or not tf.io.gfile.isdir(track_dir):
+            if track.startswith(".") or not storage.isdir(track_dir):
                 continue
             names = _listdir(track_dir)
             if names is None:
@@ -149,18 +145,9 @@ def validate_samples(data_dir: str, classes: list[str], samples: list[Sample],
 def _read_file(path: str) -> bytes:
     """The bytes of a data file; InputError naming it when it cannot be read or is empty."""
     try:
-        if is_remote(path):
-            tf = _tf()
-            try:
-                with tf.io.gfile.GFile(path, "rb") as f:
-                    content = f.read()
-            except tf.errors.OpError as error:
-                raise OSError(error.message) from None
-        else:
-            with open(path, "rb") as f:
-                content = f.read()
-    except OSError as error:
-        raise InputError(f"{path}: cannot be read ({error.strerror or error})") from None
+        content = storage.read_bytes(path)
+    except storage.errors(path) as error:
+        raise InputError(f"{path}: cannot be read ({storage.reason(error)})") from None
     if not content:
         raise InputError(f"{path}: empty file")
     return content
@@ -267,10 +254,7 @@ def _num_shards(num_bytes: int, num_samples: int, shard_megabytes: float, min_sh
 
 def _existing_pack(records_dir: str) -> list[str]:
     """The manifest and shard file names already in records_dir (empty when there are none)."""
-    tf = _tf()
-    if not tf.io.gfile.isdir(records_dir):
-        return []
-    return [n for n in tf.io.gfile.listdir(records_dir)
+    return [n for n in storage.listdir(records_dir)
             if n == MANIFEST_NAME or n.endswith(".tfrecord")]
 
 
@@ -359,14 +343,13 @@ def _shard_entries(out_dir: str, names: list[str], per_shard: list[int]) -> list
 
     Shards stay empty when a split has fewer valid samples than shards.
     """
-    tf = _tf()
     shards = []
     for name, records in zip(names, per_shard):
         if records:
-            size = tf.io.gfile.stat(join(out_dir, name)).length
+            size = storage.size(join(out_dir, name))
             shards.append({"file": name, "records": records, "bytes": size})
         else:
-            tf.io.gfile.remove(join(out_dir, name))
+            storage.remove(join(out_dir, name))
     return shards
 
 
@@ -387,12 +370,11 @@ def write_split(side: str, samples: list[Sample], classes: list[str], out_dir: s
     (entry, stats) : the split's manifest entry {"records", "counts", "shards",
         "tracks"}, and the FeatureStats of its written samples.
     """
-    tf = _tf()
     chosen = [samples[i] for i in rng.permutation(len(samples))]
     if png_compression == 0:  # Stored rows: the size follows from the image's.
         num_bytes = len(chosen) * (IMAGE_SIZE * (IMAGE_SIZE * 3 + 1) + 100)
     else:
-        num_bytes = sum(tf.io.gfile.stat(s.png_path).length for s in chosen)
+        num_bytes = sum(storage.size(s.png_path) for s in chosen)
     count = _num_shards(num_bytes, len(chosen), shard_megabytes, min_shards)
     names = [shard_name(side, i, count, pack_id) for i in range(count)]
     per_shard, per_class, tracks, stats = _write_records(
@@ -510,20 +492,19 @@ def _clean_leftovers(records_dir: str) -> None:
     (a run killed while moving its shards in, or before it deleted the old pack's). If the
     manifest exists but cannot be read, no shard is deleted: which ones it lists is unknown.
     """
-    tf = _tf()
-    names = [n.rstrip("/") for n in tf.io.gfile.listdir(records_dir)]
+    names = storage.listdir(records_dir)
     for name in names:
         if name.startswith(STAGING_PREFIX):
-            tf.io.gfile.rmtree(join(records_dir, name))
+            storage.rmtree(join(records_dir, name))
     listed = set()
-    if tf.io.gfile.exists(join(records_dir, MANIFEST_NAME)):
+    if storage.exists(join(records_dir, MANIFEST_NAME)):
         try:
             listed = set(_shard_files(load_manifest(records_dir)))
         except (OSError, ValueError):
             return
     for name in names:
         if _OWN_SHARD.match(name) and name not in listed:
-            tf.io.gfile.remove(join(records_dir, name))
+            storage.remove(join(records_dir, name))
 
 
 def _shard_files(manifest: dict) -> list[str]:
@@ -537,25 +518,21 @@ def _staging_dir(records_dir: str):
     A SIGKILL leaves it behind; the next pack into the folder deletes it
     (see :func:`_clean_leftovers`).
     """
-    tf = _tf()
     tmp_dir = join(records_dir, f"{STAGING_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    tf.io.gfile.makedirs(tmp_dir)
+    storage.makedirs(tmp_dir)
     try:
         yield tmp_dir
     except BaseException:
-        tf.io.gfile.rmtree(tmp_dir)
+        storage.rmtree(tmp_dir)
         raise
 
 
 def _check_records_dir(records_dir: str) -> None:
     """NotADirectoryError if RECORDS_DIR is a file; InputError if it holds a ``.old-pack-*``
     folder, which only a killed tclf-pack of an older tclf leaves."""
-    tf = _tf()
-    if tf.io.gfile.exists(records_dir) and not tf.io.gfile.isdir(records_dir):
+    if storage.exists(records_dir) and not storage.isdir(records_dir):
         raise NotADirectoryError(f"{records_dir}: is a file, not a folder")
-    old = sorted(n.rstrip("/") for n in (tf.io.gfile.listdir(records_dir)
-                                         if tf.io.gfile.isdir(records_dir) else [])
-                 if n.startswith(".old-pack-"))
+    old = sorted(n for n in storage.listdir(records_dir) if n.startswith(".old-pack-"))
     if old:
         raise InputError(f"{records_dir} holds {old[0]}, left by a killed tclf-pack of an "
                          f"older tclf; pack into another folder")
@@ -649,7 +626,7 @@ def pack(data_dir: str, records_dir: str, val_fraction: float = 0.2, seed: int =
         png_compression = audio.check_png_compression(png_compression)
     _check_records_dir(records_dir)
     _check_data_dir(data_dir)  # Before RECORDS_DIR is created.
-    _tf().io.gfile.makedirs(records_dir)
+    storage.makedirs(records_dir)
     with _pack_lock(records_dir) as locked:
         if locked:
             _clean_leftovers(records_dir)
@@ -691,8 +668,7 @@ def pack(data_dir: str, records_dir: str, val_fraction: float = 0.2, seed: int =
                                       groups_file=groups_file, pack_id=pack_id,
                                       png_compression=png_compression)
             manifest["val_segments"] = standard
-            with _tf().io.gfile.GFile(join(tmp_dir, MANIFEST_NAME), "w") as f:
-                json.dump(manifest, f, indent=1)
+            storage.write_atomic(join(tmp_dir, MANIFEST_NAME), json.dumps(manifest, indent=1))
             _move_into_place(tmp_dir, records_dir, overwrite)
     manifest["seconds"] = time.perf_counter() - start_time
     return manifest
@@ -709,34 +685,20 @@ def standard_segments(samples: list[Sample], tracks: set, count: int | None) -> 
 
 def _extraction_settings(data_dir: str) -> dict | None:
     """DATA_DIR/extract.json written by tclf-extract, if any (None for hand-made data)."""
-    tf = _tf()
     path = join(data_dir, EXTRACTION_SETTINGS_NAME)
-    if not tf.io.gfile.exists(path):
-        return None
-    return read_json(path)
+    return storage.read_json(path) if storage.exists(path) else None
 
 
 def _place_manifest(source: str, target: str, overwrite: bool) -> None:
     """Move the new manifest to target in one step: replacing the old one (overwrite), or only
-    if there is none, atomically where the filesystem allows (a hard link fails when the name
-    exists), so that of two packs that got this far only one publishes."""
-    if is_remote(target):
-        _tf().io.gfile.rename(source, target, overwrite=overwrite)
-    elif overwrite:
-        os.replace(source, target)
-    else:
-        try:
-            os.link(source, target)
-        except FileExistsError:
-            raise FileExistsError(f"{os.path.dirname(target)} already holds packed records "
-                                  f"(another tclf-pack finished first); use --overwrite to "
-                                  f"replace them") from None
-        except OSError:  # No hard links on this filesystem.
-            if os.path.exists(target):
-                raise
-            os.rename(source, target)
-            return
-        os.remove(source)
+    if there is none, atomically where the filesystem allows (:func:`storage.rename`), so that
+    of two packs that got this far only one publishes."""
+    try:
+        storage.rename(source, target, overwrite)
+    except FileExistsError:
+        raise FileExistsError(f"{os.path.dirname(target)} already holds packed records "
+                              f"(another tclf-pack finished first); use --overwrite to "
+                              f"replace them") from None
 
 
 def _move_into_place(tmp_dir: str, records_dir: str, overwrite: bool = True) -> None:
@@ -750,28 +712,27 @@ def _move_into_place(tmp_dir: str, records_dir: str, overwrite: bool = True) -> 
     before that (remote storage) takes the new shards out again; a hard kill
     leaves unlisted shards, which the next run deletes (:func:`_clean_leftovers`).
     """
-    tf = _tf()
     old = _existing_pack(records_dir)
     if old and not overwrite:
         _refuse_existing(records_dir, overwrite)
-    new = sorted(n for n in tf.io.gfile.listdir(tmp_dir) if n != MANIFEST_NAME)
+    new = sorted(n for n in storage.listdir(tmp_dir) if n != MANIFEST_NAME)
     placed = []
     try:
         for name in new:
-            tf.io.gfile.rename(join(tmp_dir, name), join(records_dir, name))
+            storage.rename(join(tmp_dir, name), join(records_dir, name))
             placed.append(name)
             faults.point("pack.moving")
         _place_manifest(join(tmp_dir, MANIFEST_NAME), join(records_dir, MANIFEST_NAME),
                         overwrite)
     except BaseException:
         for name in placed:
-            remove_quietly(join(records_dir, name))
+            storage.remove_quietly(join(records_dir, name))
         raise
     faults.point("pack.manifest_placed")
     for name in old:
         if name != MANIFEST_NAME and name not in new:
-            tf.io.gfile.remove(join(records_dir, name))
-    tf.io.gfile.rmtree(tmp_dir)
+            storage.remove(join(records_dir, name))
+    storage.rmtree(tmp_dir)
 
 
 def summary_lines(manifest: dict) -> list[str]:

@@ -5,26 +5,25 @@ from __future__ import annotations
 
 import collections
 import csv
+import io
 
 import numpy as np
 
-from tclf import InputError
+from tclf import InputError, storage
 
 
 def read_groups(path: str) -> dict[str, str]:
     """CSV rows `track_id,group` (a header row is allowed) -> {track_id: group}."""
-    import tensorflow as tf
-
     groups = {}
-    with tf.io.gfile.GFile(path) as f:
-        for number, row in enumerate(csv.reader(f), start=1):
-            if not row or row[0].startswith("#"):
-                continue
-            if len(row) < 2:
-                raise InputError(f"{path}, line {number}: expected `track_id,group`, got {row}")
-            if number == 1 and row[0].strip().lower() == "track_id":
-                continue
-            groups[row[0].strip()] = row[1].strip()
+    text = storage.read_bytes(path).decode("utf-8")
+    for number, row in enumerate(csv.reader(io.StringIO(text)), start=1):
+        if not row or row[0].startswith("#"):
+            continue
+        if len(row) < 2:
+            raise InputError(f"{path}, line {number}: expected `track_id,group`, got {row}")
+        if number == 1 and row[0].strip().lower() == "track_id":
+            continue
+        groups[row[0].strip()] = row[1].strip()
     return groups
 
 
