@@ -25,16 +25,14 @@ import dataclasses
 import io
 import json
 import os
-import re
 import time
 
 import numpy as np
 
 from tclf import InputError, library_versions, report_skip
-from tclf.data import audio
+from tclf.data import audio, records
 from tclf.data.schema import FEATURES_KEY, SPECTROGRAM_KEY
 
-_PART = re.compile(r"^part_(\d+)\.png$")
 UNKNOWN = "unknown"  # The style of a track below --min-confidence.
 # The extraction settings prediction takes from a model: its standard segments, without the
 # training-only ones (tclf-extract --training-segments).
@@ -91,7 +89,7 @@ class PredictionResult:
 
 
 def is_track_folder(path: str) -> bool:
-    return os.path.isdir(path) and any(_PART.match(n) for n in os.listdir(path))
+    return bool(records.track_parts(path))
 
 
 def collect_inputs(paths) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
@@ -121,18 +119,10 @@ def collect_inputs(paths) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]
 
 def read_track_folder(path: str) -> list[tuple[int, np.ndarray, np.ndarray]]:
     """(index, image uint8 [299, 299, 3], features [10, 68]) per valid part of a data/ track."""
-    from tclf.data import records
-
     parts = []
-    for name in sorted(os.listdir(path), key=lambda n: (len(n), n)):
-        match = _PART.match(name)
-        if not match:
-            continue
-        index = int(match.group(1))
-        sample = records.Sample(0, path, index, os.path.join(path, name),
-                                os.path.join(path, f"part_{index}.npy"))
+    for index, png_path, npy_path in records.track_parts(path):
         try:
-            _, features, image = records.read_sample(sample)
+            _, features, image = records.read_pair(png_path, npy_path)
         except (ValueError, OSError) as error:
             report_skip(f"skipped {error}")
             continue

@@ -532,6 +532,23 @@ def test_real_feature_matrices_of_any_width_are_read_as_float32(tmp_path, dtype)
     np.testing.assert_array_equal(features, values.astype(np.float32))
 
 
+def test_a_track_folder_lists_its_pngs_and_prediction_skips_a_part_without_npy(tmp_path):
+    """records.track_parts / read_pair, what tclf-predict reads of a data/ track folder."""
+    from tclf import predict
+
+    _sample(tmp_path)
+    (tmp_path / "part_10.png").write_bytes((tmp_path / "part_1.png").read_bytes())
+    (tmp_path / "part_2.npy").write_bytes(b"no png")
+    (tmp_path / "notes.txt").write_text("x")
+    assert records.track_parts(str(tmp_path)) == [
+        (1, str(tmp_path / "part_1.png"), str(tmp_path / "part_1.npy")),
+        (10, str(tmp_path / "part_10.png"), str(tmp_path / "part_10.npy"))]
+    assert records.track_parts(str(tmp_path / "notes.txt")) == []
+    with pytest.warns(DataWarning, match=r"skipped .*part_10.npy: cannot be read \(No such"):
+        parts = predict.read_track_folder(str(tmp_path))
+    assert [index for index, _, _ in parts] == [1] and predict.is_track_folder(str(tmp_path))
+
+
 def test_bad_part_files_are_skipped_with_a_warning_naming_them(data_copy, tmp_path):
     goa, psy, dark = (_track_dirs(data_copy, s) for s in ("goa", "psy", "dark"))
     rng = np.random.default_rng(0)

@@ -55,6 +55,19 @@ def _listdir(folder: str) -> list[str] | None:
         return None
 
 
+def track_parts(track_dir: str) -> list[tuple[int, str, str]]:
+    """(N, png path, npy path) for every part_N.png of a data/ track folder (none if it is not
+    a folder), part_2 before part_10; the npy path is part_N.npy's, whether it exists or not.
+    Read a part with :func:`read_pair`."""
+    parts = []
+    for name in sorted(storage.listdir(track_dir), key=lambda n: (len(n), n)):
+        match = _PART.match(name)
+        if match and match.group(2) == "png":
+            index = int(match.group(1))
+            parts.append((index, join(track_dir, name), join(track_dir, f"part_{index}.npy")))
+    return parts
+
+
 def _check_data_dir(data_dir: str) -> None:
     """FileNotFoundError or NotADirectoryError unless data_dir is a folder."""
     if not storage.isdir(data_dir):
@@ -194,9 +207,14 @@ def _load_features(path: str, content: bytes, feature_shape) -> np.ndarray:
     return converted
 
 
-def read_sample(sample: Sample, image_size: int = IMAGE_SIZE,
-                feature_shape=FEATURE_SHAPE) -> tuple[bytes, np.ndarray, np.ndarray]:
-    """Read and check one pair; InputError (a ValueError) naming the bad file.
+def read_sample(sample: Sample) -> tuple[bytes, np.ndarray, np.ndarray]:
+    """:func:`read_pair` of a sample of :func:`scan_data`."""
+    return read_pair(sample.png_path, sample.npy_path)
+
+
+def read_pair(png_path: str, npy_path: str, image_size: int = IMAGE_SIZE,
+              feature_shape=FEATURE_SHAPE) -> tuple[bytes, np.ndarray, np.ndarray]:
+    """Read and check one part_N.png + part_N.npy; InputError (a ValueError) naming the bad file.
 
     A file that cannot be read (permissions, a folder or dangling link by that
     name) or is empty, a PNG that is not a 299x299 RGB PNG, and a .npy that is not
@@ -206,7 +224,7 @@ def read_sample(sample: Sample, image_size: int = IMAGE_SIZE,
     """
     from PIL import Image, UnidentifiedImageError
 
-    png = _read_file(sample.png_path)
+    png = _read_file(png_path)
     try:
         with Image.open(io.BytesIO(png)) as image:
             if image.format != "PNG":
@@ -216,13 +234,13 @@ def read_sample(sample: Sample, image_size: int = IMAGE_SIZE,
                 image.load()
                 pixels = np.asarray(image)
     except UnidentifiedImageError:
-        raise InputError(f"{sample.png_path}: unreadable PNG (not an image file)") from None
+        raise InputError(f"{png_path}: unreadable PNG (not an image file)") from None
     except Exception as error:  # noqa: BLE001 - Pillow raises many kinds for bad bytes.
-        raise InputError(f"{sample.png_path}: unreadable PNG ({error})") from None
+        raise InputError(f"{png_path}: unreadable PNG ({error})") from None
     if size != (image_size, image_size) or mode != "RGB":
-        raise InputError(f"{sample.png_path}: image is {size[0]}x{size[1]} {mode}, expected "
+        raise InputError(f"{png_path}: image is {size[0]}x{size[1]} {mode}, expected "
                          f"{image_size}x{image_size} RGB")
-    features = _load_features(sample.npy_path, _read_file(sample.npy_path), feature_shape)
+    features = _load_features(npy_path, _read_file(npy_path), feature_shape)
     return png, features, pixels
 
 
