@@ -1,37 +1,10 @@
-"""Audio -> segments -> (spectrogram image, feature matrix).
+"""Audio -> segments -> (spectrogram image, feature matrix): the one audio front end.
 
-This module is the one implementation of the audio front end: `tclf-extract`
-uses it to write data/, and `tclf-predict` uses it in memory, so a track is
-seen by the model the same way in training and in prediction.
-
-Per segment (10 s of mono audio at 22050 Hz) one STFT is computed; the mel
-spectrogram, MFCC, chroma, tonnetz, spectral shape, RMS and onset strength
-are all derived from it. Only the zero-crossing rate and the RMS read the
-waveform (framed like the STFT).
-
-Feature columns (float32, one row per 1 s window; statistics are taken over
-the STFT frames whose centre falls in that second):
-
-=======  ==========================  ==========================================
-column   name                        meaning
-=======  ==========================  ==========================================
-0-19     mfcc_mean_01..20            mean of MFCC 1-20 (DCT-II of the mel dB)
-20-34    mfcc_std_01..15             standard deviation of MFCC 1-15
-35-46    chroma_mean_C..B            mean chroma energy per pitch class (STFT)
-47-52    tonnetz_mean_1..6           mean tonal centroid (fifths, minor and
-                                     major thirds; x/y each), from the chroma
-53, 54   centroid_mean, _std         spectral centroid, Hz
-55, 56   bandwidth_mean, _std        spectral bandwidth (2nd order), Hz
-57, 58   rolloff_mean, _std          85% spectral roll-off frequency, Hz
-59, 60   zcr_mean, _std              zero-crossing rate per frame (0-1)
-61, 62   rms_mean, _std              RMS of the waveform per frame
-63       rms_max                     loudest frame's RMS
-64, 65   onset_mean, _std            onset strength (mel spectral flux)
-66       tempo_bpm                   tempo of the whole segment, BPM (same in
-                                     every row: 1 s is too short for tempo)
-67       tempo_confidence            normalized onset autocorrelation at the
-                                     tempo's lag (0-1), whole segment
-=======  ==========================  ==========================================
+`tclf-extract` uses it to write data/ and `tclf-predict` in memory, so the model sees a
+track the same way in training and in prediction. Per segment (10 s of mono audio at
+22050 Hz) one STFT is computed, and every feature but the zero-crossing rate and the RMS
+is derived from it. The 68 feature columns (one row per 1 s window) are listed in
+docs/data-layout.md#feature-columns.
 """
 
 from __future__ import annotations
@@ -61,7 +34,7 @@ COLORMAP = "magma"
 # PNG encoding of the spectrograms (tclf-extract --png-compression, tclf-pack --png-compression):
 # a zlib level 0-9 of tclf's own encoder, which writes no PNG row filter; 0 stores the rows
 # uncompressed (about 268 kB a 299x299 PNG) and decodes several times faster than any
-# compressed level (see the README's tclf-extract section and BENCHMARKS.md).
+# compressed level (see docs/png-study.md).
 PNG_COMPRESSION = 0
 PNG_LEVELS = tuple(range(10))
 # Samples are -1..1 (float files may go a little over); beyond this no audio is meant, and
@@ -101,7 +74,7 @@ class Segment:
     image : np.ndarray [shape=(size, size, 3), dtype=uint8]
         The mel spectrogram rendered as RGB (low frequencies at the bottom).
     features : np.ndarray [shape=(10, 68), dtype=float32]
-        The feature matrix, columns as in the module docstring.
+        The feature matrix (columns: docs/data-layout.md#feature-columns).
     """
 
     index: int
@@ -120,8 +93,9 @@ class Segment:
 
 
 # Segments for training only, after the standard ones (tclf-extract --training-segments): up
-# to this many more, non-overlapping, over the whole track. Real music needs them (README:
-# Learning from real music); validation and prediction use the standard segments only.
+# to this many more, non-overlapping, over the whole track. Real music needs them
+# (docs/real-music.md#what-each-change-did); validation and prediction use the standard
+# segments only.
 TRAINING_SEGMENTS = 24
 
 
@@ -173,26 +147,13 @@ def _to_mono(samples: np.ndarray) -> np.ndarray:
 def load_segments(path: str, num_segments: int = 6, segment_seconds: float = 10.0,
                   sample_rate: int = SAMPLE_RATE, skip_fraction: float = 0.1,
                   training_segments: int = 0) -> list[tuple[float, np.ndarray]]:
-    """Read the segments of one audio file as mono float32 at ``sample_rate``: the
-    ``num_segments`` standard ones, then up to ``training_segments`` more
-    (:func:`training_segment_starts`).
+    """(start seconds, mono float32 samples at ``sample_rate``) of the ``num_segments``
+    standard segments of an audio file, then of up to ``training_segments`` more.
 
-    Formats libsndfile can seek in (wav, flac, ogg, mp3, aiff) are read
-    segment by segment, so a long track is never decoded whole; anything else
-    falls back to ``librosa.load`` (audioread). What the decoders print about
-    a broken file (mpg123's "Illegal Audio-MPEG-Header", librosa's fallback
-    warnings) is held back: the AudioError says what is wrong in one line.
-
-    Returns
-    -------
-    segments : list of (start_seconds, y) with y np.ndarray [shape=(segment_seconds * sample_rate,)]
-
-    Raises
-    ------
-    AudioError
-        If the file is missing, not a regular file, unreadable, empty, not
-        decodable audio, shorter than one segment, or holds NaN or infinite
-        samples or samples beyond ``MAX_PEAK``. The message starts with the path.
+    libsndfile's formats are read segment by segment (a long track is never decoded whole),
+    others through librosa/audioread; the decoders' own messages are held back. AudioError,
+    starting with the path, for a file that is missing, not a regular file, unreadable,
+    empty, not decodable, shorter than one segment, or holds NaN, infinite or huge samples.
     """
     head = _first_bytes(path)
     length = int(round(segment_seconds * sample_rate))

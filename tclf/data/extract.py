@@ -356,37 +356,18 @@ def extract(audio_dir: str, data_dir: str, num_segments: int = 6, segment_second
             skip_fraction: float = 0.1, jobs: int | None = None, overwrite: bool = False,
             progress: bool = True, png_compression: int | None = None,
             training_segments: int = audio.TRAINING_SEGMENTS) -> ExtractSummary:
-    """Extract every track of AUDIO_DIR into DATA_DIR.
+    """Extract every track of AUDIO_DIR into DATA_DIR (see :func:`plan_tracks`).
 
-    Parameters
-    ----------
-    jobs : int, optional
-        Worker processes; default all cores. 1 runs in this process.
-    progress : bool
-        Show a progress bar.
-    png_compression : int, optional
-        zlib level 0-9 of the PNGs (:func:`audio.encode_png`); None: the folder's own
-        (see :func:`record_settings`), ``audio.PNG_COMPRESSION`` for a new folder.
-    training_segments : int
-        Up to this many more segments a track, for training only, numbered after the
-        ``num_segments`` standard ones (:func:`audio.training_segment_starts`).
+    jobs: worker processes, default all cores; 1 runs in this process. png_compression: zlib
+    level 0-9 of the PNGs; None: the folder's own (:func:`record_settings`). training_segments:
+    up to this many more segments a track, for training only, numbered after the standard
+    ones (:func:`audio.training_segment_starts`). A file that cannot be used is reported by a
+    DataWarning naming it.
 
-    Every file that cannot be used is reported by a DataWarning naming it.
-
-    Returns
-    -------
-    ExtractSummary
-
-    Raises
-    ------
-    InputError
-        If AUDIO_DIR or DATA_DIR is a file, or DATA_DIR was extracted with other settings
-        (another png_compression included, when one is given).
-    RunError
-        If no track could be extracted and none was already complete, if a track cannot be
-        written (a full disk, a read-only DATA_DIR: the run stops there, every later track
-        would fail the same way; the tracks written before are complete), or if a worker
-        process died.
+    Raises InputError if AUDIO_DIR or DATA_DIR is a file or DATA_DIR holds other settings
+    or an older tclf's tracks; RunError if no track could be extracted and none was complete,
+    if a track cannot be written (a full disk: the run stops there, the tracks written
+    before are complete), or if a worker process died.
     """
     start_time = time.perf_counter()
     options = dict(num_segments=num_segments, segment_seconds=segment_seconds,

@@ -258,7 +258,7 @@ def shard_name(split: str, index: int, count: int, pack_id: str = "") -> str:
     return f"{split}-{index:05d}-of-{count:05d}{'-' + pack_id if pack_id else ''}.tfrecord"
 
 
-# Shards written by this tclf: those not listed by the folder's manifest are a killed run's.
+# Shards named with a pack id: those the folder's manifest does not list are a killed run's.
 _OWN_SHARD = re.compile(r"^(%s)-\d{5}-of-\d{5}-[0-9a-f]{8}\.tfrecord$" % "|".join(SPLITS))
 LOCK_NAME = ".pack.lock"
 STAGING_PREFIX = ".tmp-pack-"
@@ -443,18 +443,12 @@ def build_manifest(data_dir: str, classes: list[str], splits: dict, skipped: col
 def _pack_lock(records_dir: str):
     """Hold RECORDS_DIR/.pack.lock for the whole pack; yields whether a lock is held.
 
-    The lock is an advisory ``flock`` on that file, not the file's existence: the
-    kernel releases it when its process ends in any way (SIGKILL and the OOM killer
-    included), so a killed run never leaves a stale lock, and a run that holds it
-    knows that no live pack is working in the folder. A second pack into the folder
-    fails at once with a FileExistsError naming the holder (pid and host, written in
-    the file). The file is removed when the pack ends; a run that locked a file just
-    removed that way sees that the path no longer names it, and locks the new one.
-
-    Paths with a scheme (gs://) and filesystems without flock get no lock (yields
-    False): there two concurrent packs are only caught by the checks before the
-    final move, and leftovers of killed runs are not cleaned up (see
-    :func:`_clean_leftovers`). On NFS, Linux maps flock to NFS locks.
+    The lock is an advisory ``flock``, which the kernel releases however its process ends,
+    so a killed run never leaves a stale lock and the holder knows no live pack works in the
+    folder. A second pack fails at once with a FileExistsError naming the holder (pid and
+    host, written in the file). Remote paths and filesystems without flock get no lock
+    (False): two packs are then caught only by the checks before the final move, and killed
+    runs' leftovers stay (:func:`_clean_leftovers`). On NFS, Linux maps flock to NFS locks.
     """
     if is_remote(records_dir):
         yield False
@@ -590,52 +584,23 @@ def _warn_missing_classes(classes: list[str], samples: list[Sample], split: dict
 def pack(data_dir: str, records_dir: str, val_fraction: float = 0.2, seed: int = 0,
          groups_file: str | None = None, shard_megabytes: float = 128.0, min_shards: int = 8,
          overwrite: bool = False, progress: bool = True, png_compression=KEEP) -> dict:
-    """Pack DATA_DIR into sharded TFRecords and a manifest in RECORDS_DIR.
+    """Pack DATA_DIR into sharded TFRecords and a manifest in RECORDS_DIR; returns the manifest.
 
-    Every pair is read and checked first (:func:`validate_samples`), and the split
-    is drawn over the tracks that have valid pairs; then the records are written
-    into a hidden temporary folder inside RECORDS_DIR and moved into place at the
-    end, manifest.json last (:func:`_move_into_place`), so a folder with a
-    manifest is always complete, whenever the run is killed. Samples are streamed:
-    memory does not grow with the data set (the check keeps one flag a pair; each
-    file is read twice).
+    Every pair is checked first (:func:`validate_samples`) and the split drawn over the tracks
+    with valid pairs. The shards are written into a hidden folder in RECORDS_DIR and moved in
+    manifest last (:func:`_move_into_place`): a folder with a manifest always holds a whole
+    pack, whenever a run is killed. Samples are streamed (each file is read twice). One pack
+    at a time per folder (:func:`_pack_lock`); it first removes what killed runs left.
 
-    One pack at a time works in a folder (:func:`_pack_lock`); the run that holds
-    the lock first removes what killed runs left there (:func:`_clean_leftovers`).
+    val_fraction: each class's share of tracks in the validation split. seed: of the split and
+    of the record order. groups_file: CSV `track_id,group`, a group's tracks on one side.
+    shard_megabytes, min_shards: the shard size aimed at, and at least this many shards a
+    split (at most one a sample). overwrite: replace a pack in RECORDS_DIR. png_compression:
+    KEEP copies each PNG's bytes, a zlib level 0-9 encodes it again (the same pixels).
 
-    Parameters
-    ----------
-    val_fraction : float
-        Share of each class's tracks in the validation split.
-    seed : int
-        Seed of the split and of the order of records in the shards.
-    groups_file : str, optional
-        CSV `track_id,group`; a group's tracks all land on one side.
-    shard_megabytes : float
-        Target shard size; shards hold 100-200 MB for big data sets.
-    min_shards : int
-        At least this many shards per split (capped by its sample count),
-        so that the reader can interleave reads.
-    overwrite : bool
-        Replace an existing pack in RECORDS_DIR.
-    png_compression : "keep" or int
-        KEEP copies each PNG's bytes as they are; a zlib level 0-9 encodes each
-        PNG again at that level (:func:`audio.encode_png`: identical pixels, other
-        bytes). Recorded in the manifest as "png_compression".
-
-    Returns
-    -------
-    manifest : dict (as written to manifest.json)
-
-    Raises
-    ------
-    FileExistsError
-        RECORDS_DIR already holds a pack and overwrite is False, or another pack is
-        running in it.
-    InputError
-        Fewer than two classes with valid pairs, or RECORDS_DIR left by an older tclf.
-    RuntimeError
-        No valid sample at all.
+    Raises FileExistsError (RECORDS_DIR holds a pack and not overwrite, or another pack runs
+    in it), InputError (fewer than two classes with valid pairs; RECORDS_DIR left by an older
+    tclf) and RunError (no valid sample).
     """
     from tqdm import tqdm
 

@@ -1,5 +1,5 @@
 """The split of a pack: by track (never by segment), stratified by class, 80/20 by default,
-deterministic for a seed, optionally keeping groups (e.g. an artist) on one side (SPEC 2)."""
+deterministic for a seed, optionally keeping groups (e.g. an artist) on one side."""
 
 from __future__ import annotations
 
