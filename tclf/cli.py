@@ -13,8 +13,12 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import click  # noqa: E402
 
 from tclf import UserError, __version__  # noqa: E402
-from tclf.data import audio
+from tclf.data import audio  # noqa: E402
 from tclf.data.schema import SPLITS  # noqa: E402
+from tclf.training.config import TrainConfig, load_hparams  # noqa: E402
+from tclf.training.devices import PRECISIONS  # noqa: E402
+from tclf.tune.results import duration  # noqa: E402
+from tclf.tune.space import OBJECTIVES, TUNERS, search_space  # noqa: E402
 
 # Errors that mean "the user's input or setup is wrong": one line, no traceback. Anything else
 # is a bug in tclf and keeps its traceback.
@@ -196,9 +200,6 @@ def pack_command(data_dir, records_dir, val_fraction, seed, groups_file, shard_m
 def _train_options(function=None, *, exclude=()):
     import dataclasses
 
-    from tclf.training.devices import PRECISIONS
-    from tclf.training.train import TrainConfig
-
     if function is None:
         return functools.partial(_train_options, exclude=exclude)
     for field in reversed(dataclasses.fields(TrainConfig)):
@@ -240,7 +241,8 @@ def train_command(hparams_file, quiet, resume, **options):
     """
     from click.core import ParameterSource
 
-    from tclf.training import cluster as clusters, train, versions
+    from tclf.training import cluster as clusters
+    from tclf.training import train, versions
 
     cluster = clusters.from_env()
     context = click.get_current_context()
@@ -253,14 +255,14 @@ def train_command(hparams_file, quiet, resume, **options):
         if finished:  # Killed after its model.h5: only its end was left to do.
             click.echo(finished)
             return
-        values = {**(train.load_hparams(hparams_file) if hparams_file else {}), **given}
+        values = {**(load_hparams(hparams_file) if hparams_file else {}), **given}
         config, folder = train.resume_config(options["models"], resume or None,
                                              **{k: v for k, v in values.items() if k != "models"})
         click.echo(f"resuming {folder}", err=True)
     else:
-        values = train.load_hparams(hparams_file) if hparams_file else {}
+        values = load_hparams(hparams_file) if hparams_file else {}
         values.update(given if hparams_file else {**options, **given})
-        config, folder = train.TrainConfig().replace(**values), None
+        config, folder = TrainConfig().replace(**values), None
         for unfinished in ([] if cluster and not cluster.is_chief
                            else versions.unfinished_runs(config.models)[:3]):
             click.echo(f"note: {unfinished} did not finish; `tclf-train --resume "
@@ -303,19 +305,18 @@ def _leave_cluster(cluster) -> None:
               help="Folder of the search: Keras Tuner's state (search/), trials.csv, "
                    "best_hparams.json, TensorBoard logs (logs/<trial>/).")
 @click.option("--tuner", "kind", default="random",
-              type=click.Choice(["random", "bayesian", "hyperband"]),
-              help="Search algorithm (hyperband is refused: see the README).")
+              type=click.Choice(TUNERS),
+              help="Search algorithm (hyperband is refused: see docs/tuning.md).")
 @click.option("--max-trials", default=10, type=click.IntRange(min=1),
               help="Trials in all, those already on record included (raise it to go on).")
 @click.option("--objective", default="val_track_accuracy",
-              type=click.Choice(["val_track_accuracy", "val_track_macro_f1", "val_accuracy",
-                                 "val_loss"]),
+              type=click.Choice(list(OBJECTIVES)),
               help="What a trial is scored by, on the validation split after stage 2: "
                    "accuracy over tracks (default), macro F1 over tracks, accuracy over "
                    "segments, or the best stage-2 val_loss.")
 @click.option("--space", "space_file", default=None, type=click.Path(dir_okay=False),
               help="JSON object narrowing the search space: name: value (fixed), name: [values] "
-                   "or name: {\"min\", \"max\", \"step\", \"log\"} (README: the space).")
+                   "or name: {\"min\", \"max\", \"step\", \"log\"} (docs/tuning.md#the-space).")
 @click.option("--hparams", "hparams_file", default=None, type=click.Path(dir_okay=False),
               help="JSON object of training options every trial uses (as tclf-train's "
                    "--hparams). Options given here or on the command line are not searched.")
@@ -338,28 +339,27 @@ def tune_command(out_dir, kind, max_trials, objective, space_file, hparams_file,
     the trials, best first; writes OUT/trials.csv and OUT/best_hparams.json, which
     `tclf-train --hparams` takes as it is. Run the same command again to resume.
     Distributed: set KERASTUNER_TUNER_ID (chief, tuner1, ...), KERASTUNER_ORACLE_IP
-    and KERASTUNER_ORACLE_PORT (README: distributed search).
+    and KERASTUNER_ORACLE_PORT (docs/tuning.md#distributed-search).
     """
     from click.core import ParameterSource
 
-    from tclf.training import train
-    from tclf.tune import search as tune
+    from tclf.tune import search  # Keras Tuner and TensorFlow: only when searching.
 
     context = click.get_current_context()
     given = {k: v for k, v in options.items()
              if context.get_parameter_source(k) != ParameterSource.DEFAULT}
-    values = train.load_hparams(hparams_file) if hparams_file else {}
+    values = load_hparams(hparams_file) if hparams_file else {}
     values.update(given)
     # Keras' per-epoch output off unless asked for: a line per trial is the progress.
-    base = train.TrainConfig().replace(**{**options, "verbose": 0, **values})
-    space = tune.search_space(train.load_hparams(space_file) if space_file else None,
-                              fixed={name.replace("-", "_") for name in values}, base=base)
-    result = tune.tune(base, out_dir, kind=kind, max_trials=max_trials, objective=objective,
-                       space=space, overwrite=overwrite, worker_timeout=worker_timeout,
-                       progress=not quiet, echo=click.echo)
+    base = TrainConfig().replace(**{**options, "verbose": 0, **values})
+    space = search_space(load_hparams(space_file) if space_file else None,
+                         fixed={name.replace("-", "_") for name in values}, base=base)
+    result = search.tune(base, out_dir, kind=kind, max_trials=max_trials, objective=objective,
+                         space=space, overwrite=overwrite, worker_timeout=worker_timeout,
+                         progress=not quiet, echo=click.echo)
     if result.role != "worker":
         click.echo(f"search in {out_dir}: {len(result.rows)} trial(s) on record "
-                   f"({result.ran} run now), {tune._duration(result.seconds)}; "
+                   f"({result.ran} run now), {duration(result.seconds)}; "
                    f"{os.path.join(out_dir, 'trials.csv')}, "
                    f"{os.path.join(out_dir, 'best_hparams.json')}")
 
@@ -429,11 +429,12 @@ def eval_command(model_path, records_dir, split, out_dir, batch_size, quiet):
     from tclf.model import load_config, load_model, load_temperature, warn_if_librosa_differs
 
     model, classes = load_model(model_path)
-    extraction = schema.load_manifest(records_dir).get("extraction") or {}
+    pack = schema.Pack.load(records_dir)
+    extraction = pack.extraction or {}
     warn_if_librosa_differs(model_path, load_config(model_path),
                             extraction.get("librosa_version"),
                             f"the features of {records_dir} were computed by")
-    evaluation = evaluate.evaluate_records(model, classes, records_dir, split, batch_size,
+    evaluation = evaluate.evaluate_records(model, classes, pack, split, batch_size,
                                            load_temperature(model_path))
     title = f"{model_path}: {split} split of {records_dir}"
     if out_dir:

@@ -293,7 +293,7 @@ def test_a_worker_that_never_comes_ends_the_wait(records_dir, tmp_path):
 
 @pytest.mark.slow
 def test_keras_still_needs_the_multi_worker_patch(records_dir, tmp_path):
-    """Keras 3.15 fails in multi-worker fit without tclf.cluster.patch_keras
+    """Keras 3.15 fails in multi-worker fit without tclf.training.compat.patch_keras
     (keras-team/keras#20585). When this test fails, Keras is fixed: drop the patch."""
     results = _finish(_start(tmp_path, _options(records_dir, tmp_path / "models"),
                              _free_ports(2), lambda i: {"TCLF_KERAS_PATCH": "0",
@@ -326,7 +326,10 @@ def test_train_reads_through_a_data_service(records_dir, tmp_path):
     # The training dataset the run reads is the service's (validation stays local).
     config = train.TrainConfig(records=records_dir, data_service=address, **TINY_TRAINING)
     chains = [[], []]
-    for chain, dataset in zip(chains, train.make_datasets(config)):
+    from tclf.data.schema import Pack
+    from tclf.training import session
+
+    for chain, dataset in zip(chains, session.make_datasets(config, Pack.load(records_dir))):
         while dataset is not None:
             chain.append(type(dataset).__name__)
             dataset = getattr(dataset, "_input_dataset", None)

@@ -19,7 +19,7 @@ import pytest
 from click.testing import CliRunner
 
 from tclf import InputError, RunError, cli
-from tclf.training import checkpoints, train, versions
+from tclf.training import checkpoints, session, train, versions
 from tclf.data import schema
 from tests.conftest import TINY_TRAINING
 
@@ -240,11 +240,11 @@ def test_a_class_missing_from_a_split_is_an_error_or_a_loud_warning(records_dir,
     manifest["splits"]["val"]["counts"][first] = 0
     (other / "manifest.json").write_text(json.dumps(manifest))
     with pytest.warns(UserWarning, match=f"validation split has no records of {first}"):
-        train._training_manifest(str(other))
+        session.training_pack(str(other))
     manifest["splits"]["train"]["counts"][first] = 0
     (other / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(InputError, match=f"training split has no records of {first}"):
-        train._training_manifest(str(other))
+        session.training_pack(str(other))
 
 
 # ---------------------------------------------------------------------------

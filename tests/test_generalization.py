@@ -17,7 +17,8 @@ from click.testing import CliRunner
 from tclf.data import audio, records
 from tclf.evaluation import calibration
 from tclf import cli, predict
-from tclf.training import train
+from tclf.data.schema import Pack
+from tclf.training import session, train
 from tclf import model as tclf_model
 from tests.conftest import TINY_TRAINING
 
@@ -36,14 +37,14 @@ def _config(records_dir, tmp_path, **options):
 
 
 def test_random_backbone_statistics_come_from_the_training_spectrograms(records_dir, tmp_path):
-    manifest = records.load_manifest(records_dir)
+    pack = Pack.load(records_dir)
     keras.utils.set_random_seed(0)
-    untouched = train.model_for(_config(records_dir, tmp_path, random_backbone_stats=0),
-                                manifest)
+    untouched = session.model_for(_config(records_dir, tmp_path, random_backbone_stats=0),
+                                pack)
     keras.utils.set_random_seed(0)
-    calibrated = train.model_for(_config(records_dir, tmp_path, random_backbone_stats=8),
-                                 manifest)
-    images = train._first_spectrograms(_config(records_dir, tmp_path), 8)
+    calibrated = session.model_for(_config(records_dir, tmp_path, random_backbone_stats=8),
+                                 pack)
+    images = session.first_spectrograms(_config(records_dir, tmp_path), Pack.load(records_dir), 8)
     before = tclf_model.image_encoder(untouched)(images, training=False).numpy()
     after = tclf_model.image_encoder(calibrated)(images, training=False).numpy()
     # The initial statistics shrink the pooled output to nothing; calibrated, it is O(0.1).
@@ -64,13 +65,13 @@ def test_random_backbone_statistics_come_from_the_training_spectrograms(records_
 
 
 def test_statistics_are_averaged_over_batches(records_dir, tmp_path):
-    manifest = records.load_manifest(records_dir)
-    images = train._first_spectrograms(_config(records_dir, tmp_path), 8)
+    pack = Pack.load(records_dir)
+    images = session.first_spectrograms(_config(records_dir, tmp_path), Pack.load(records_dir), 8)
     first = []
     for batch_size in (8, 4):
         keras.utils.set_random_seed(0)
-        model = train.model_for(_config(records_dir, tmp_path, random_backbone_stats=0),
-                                manifest)
+        model = session.model_for(_config(records_dir, tmp_path, random_backbone_stats=0),
+                                pack)
         tclf_model.calibrate_backbone(model, images, batch_size=batch_size)
         first.append(_norm_statistics(model)[0])  # The first layer's: the mean of its input.
     # Two batches of 4 with momenta 0 and 1/2: the mean of the two means, that of all 8.
@@ -80,9 +81,9 @@ def test_statistics_are_averaged_over_batches(records_dir, tmp_path):
 def test_a_pretrained_backbone_keeps_its_statistics(records_dir, tmp_path):
     weights = tmp_path / "backbone.weights.h5"
     tclf_model.build_backbone(32, None).save_weights(str(weights))
-    manifest = records.load_manifest(records_dir)
+    pack = Pack.load(records_dir)
     config = _config(records_dir, tmp_path, weights=str(weights), random_backbone_stats=8)
-    model = train.model_for(config, manifest)
+    model = session.model_for(config, pack)
     reference = tclf_model.build_backbone(32, str(weights))
     for a, b in zip(_norm_statistics(model), _norm_statistics(reference)):
         np.testing.assert_array_equal(a, b)

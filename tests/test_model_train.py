@@ -20,6 +20,7 @@ from PIL import Image
 from tclf import model as tclf_model
 from tclf.data import records
 from tclf.evaluation import reports
+from tclf.training import schedule as stages
 from tclf.training import train, versions
 from tests.conftest import STYLES, TINY_TRAINING
 
@@ -74,7 +75,7 @@ def test_weights_from_a_local_file(tmp_path):
 
 
 def test_class_weights_are_balanced():
-    weights = train.class_weights({"a": 10, "b": 30, "c": 20}, ["a", "b", "c"])
+    weights = stages.class_weights({"a": 10, "b": 30, "c": 20}, ["a", "b", "c"])
     assert weights[0] == pytest.approx(2.0) and weights[1] == pytest.approx(2 / 3)
     # Each class contributes the same total weight.
     totals = [weights[i] * n for i, n in enumerate([10, 30, 20])]
@@ -87,7 +88,7 @@ def test_unknown_options_are_refused():
 
 
 def test_learning_rate_warms_up_then_decays():
-    schedule = train.learning_rate_schedule(1e-4, steps_per_epoch=10, epochs=5, warmup_epochs=1)
+    schedule = stages.learning_rate_schedule(1e-4, steps_per_epoch=10, epochs=5, warmup_epochs=1)
     values = [float(schedule(step)) for step in range(50)]
     assert values[0] == 0.0 and values[10] == pytest.approx(1e-4)
     assert all(a <= b for a, b in zip(values[:10], values[1:11]))  # Warm-up rises.
@@ -102,12 +103,14 @@ def test_early_stopping_respects_minimum_epochs():
     y = np.arange(16) % 2
     dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(8)
     # A zero learning rate never improves val_loss: patience 1 would stop after epoch 2.
-    result = train.run_stage(model, dataset.repeat(), dataset, name="s", learning_rate=0.0,
-                             epochs=6, steps_per_epoch=2, min_epochs=4, patience=1, verbose=0)
+    result = stages.run_stage(model, (dataset.repeat(), dataset), stages.Stage(
+        name="s", learning_rate=0.0, epochs=6, steps_per_epoch=2, min_epochs=4, patience=1,
+        verbose=0))
     assert result.epochs_run == 4 and "early stopping" in result.stop_reason
     model = keras.Model(inputs, keras.layers.Dense(2, activation="softmax")(inputs))
-    result = train.run_stage(model, dataset.repeat(), dataset, name="s", learning_rate=0.0,
-                             epochs=6, steps_per_epoch=2, min_epochs=0, patience=1, verbose=0)
+    result = stages.run_stage(model, (dataset.repeat(), dataset), stages.Stage(
+        name="s", learning_rate=0.0, epochs=6, steps_per_epoch=2, min_epochs=0, patience=1,
+        verbose=0))
     assert result.epochs_run == 2
 
 
@@ -120,10 +123,9 @@ def test_early_stopping_ignores_falls_below_min_delta():
     for min_delta in (0.0, 10.0):
         keras.utils.set_random_seed(0)
         model = keras.Model(inputs, keras.layers.Dense(2, activation="softmax")(inputs))
-        runs[min_delta] = train.run_stage(
-            model, dataset.repeat(), dataset, name="s", learning_rate=0.05, epochs=5,
-            steps_per_epoch=2, warmup_epochs=0, patience=2, min_epochs=0, min_delta=min_delta,
-            verbose=0)
+        runs[min_delta] = stages.run_stage(model, (dataset.repeat(), dataset), stages.Stage(
+            name="s", learning_rate=0.05, epochs=5, steps_per_epoch=2, warmup_epochs=0,
+            patience=2, min_epochs=0, min_delta=min_delta, verbose=0))
     losses = runs[0.0].history["val_loss"]
     assert all(b < a for a, b in zip(losses, losses[1:]))  # Every epoch improves...
     assert runs[0.0].epochs_run == 5

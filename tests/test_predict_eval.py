@@ -27,7 +27,7 @@ def _segments_from_records(records_dir, track_id, image_size):
     description = records.feature_description(manifest["feature_shape"])
     found = {}
     for split in records.SPLITS:
-        for path in reader.shard_paths(records_dir, split, manifest):
+        for path in reader.shard_paths(records_dir, split):
             for serialized in tf.data.TFRecordDataset(path):
                 parsed = tf.io.parse_single_example(serialized, description)
                 if parsed["track_id"].numpy().decode() == track_id:

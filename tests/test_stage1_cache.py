@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 
-from tclf.training import backbone_cache, train
+from tclf.training import backbone_cache, schedule, train
 from tclf.data import schema
 from tclf.model import (backbone_of, build_model, freeze_backbone, heads_model, image_encoder,
                         unfreeze_top)
@@ -52,8 +52,10 @@ def test_stage1_on_cached_outputs_trains_the_heads_and_not_the_backbone(records_
                                          progress=False) as cached:
         assert cached.train.records == manifest["splits"]["train"]["records"]
         assert cached.val.records == manifest["splits"]["val"]["records"]
-        result = train.stage1(heads, cached.train.dataset(8, True, 0), cached.val.dataset(8),
-                              steps_per_epoch=3, epochs=2, learning_rate=1e-2, verbose=0)
+        result = schedule.run_stage(
+            heads, (cached.train.dataset(8, True, 0), cached.val.dataset(8)), schedule.Stage(
+                "stage1", learning_rate=1e-2, epochs=2, steps_per_epoch=3, patience=8,
+                verbose=0))
         heads_probabilities = heads.predict(cached.val.dataset(8), verbose=0)
     assert result.epochs_run == 2
     for before, after in zip(backbone_before, backbone_of(model).get_weights()):

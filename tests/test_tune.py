@@ -14,7 +14,8 @@ import time
 import pytest
 
 from tclf import InputError, RunError, storage
-from tclf.tune import search as tune
+from tclf.tune import results, search
+from tclf.tune import space as tune_space
 from tests.conftest import TINY_TRAINING
 
 # Every trial tiny (TINY_TRAINING's sizes are options, so they are fixed, not searched); the
@@ -54,7 +55,7 @@ def _rows(out) -> list[dict]:
 
 
 def _trial_record(out, trial_id) -> dict:
-    with open(os.path.join(out, tune.PROJECT, f"trial_{trial_id}", tune.TRIAL_FILE)) as file:
+    with open(os.path.join(out, results.PROJECT, f"trial_{trial_id}", results.TRIAL_FILE)) as file:
         return json.load(file)
 
 
@@ -64,14 +65,14 @@ def _trial_record(out, trial_id) -> dict:
 def test_space_defaults_are_the_training_defaults():
     from tclf.training.train import TrainConfig
 
-    space = tune.search_space()
-    assert set(space) == set(tune.SPACE)
+    space = tune_space.search_space()
+    assert set(space) == set(tune_space.SPACE)
     for name, spec in space.items():
         assert spec["default"] == getattr(TrainConfig(), name), name
 
 
 def test_space_file_narrows_fixes_and_drops_given_options():
-    space = tune.search_space({"dropout": 0.25, "gru_units": [64, 32],
+    space = tune_space.search_space({"dropout": 0.25, "gru_units": [64, 32],
                                "stage1_lr": {"min": 2e-4, "max": 5e-4}},
                               fixed={"image_units", "stage2_lr"})
     assert space["dropout"] == {"values": [0.25], "default": 0.25}
@@ -83,13 +84,13 @@ def test_space_file_narrows_fixes_and_drops_given_options():
 def test_stepped_floats_reach_their_max_without_binary_noise():
     import keras_tuner
 
-    space = tune.search_space()
+    space = tune_space.search_space()
     hp = keras_tuner.HyperParameters()
-    tune.declare(hp, {"dropout": space["dropout"]})
-    values = sorted({tune._tidy(hp.space[0].random_sample(seed)) for seed in range(400)})
+    tune_space.declare(hp, {"dropout": space["dropout"]})
+    values = sorted({tune_space.tidy(hp.space[0].random_sample(seed)) for seed in range(400)})
     assert values[0] == 0.1 and values[-1] == 0.6 and len(values) == 11
     assert all(v == round(v, 2) for v in values)
-    assert tune.search_space({"stage2_layers": {"min": 0, "max": 15}})["stage2_layers"] == {
+    assert tune_space.search_space({"stage2_layers": {"min": 0, "max": 15}})["stage2_layers"] == {
         "min": 0, "max": 15, "step": 10, "default": 10}  # 20 is off the grid 0, 10.
 
 
@@ -107,7 +108,7 @@ def test_stepped_floats_reach_their_max_without_binary_noise():
 ])
 def test_bad_space_files_are_refused_by_name(bad, words):
     with pytest.raises(InputError, match=words):
-        tune.search_space(bad)
+        tune_space.search_space(bad)
 
 
 # --- Refusals (in process) ------------------------------------------------------------------
@@ -204,11 +205,11 @@ def test_a_failing_trial_is_recorded_and_the_search_goes_on(records_dir, tmp_pat
 
     # EfficientNetB0 has fewer than 1000 layers to unfreeze: the second trial fails in stage 2.
     base = TrainConfig(records=records_dir, **TINY_TRAINING)
-    space = tune.search_space({"stage2_layers": [20, 1000], **SPACE, "dropout": 0.4,
+    space = tune_space.search_space({"stage2_layers": [20, 1000], **SPACE, "dropout": 0.4,
                                "stage1_lr": 1e-4, "stage2_lr": 1e-5},
                               fixed=set(TRIAL_OPTIONS) - {"stage2_layers"}, base=base)
     lines = []
-    result = tune.tune(base, str(tmp_path / "s"), max_trials=2, space=space, progress=False,
+    result = search.tune(base, str(tmp_path / "s"), max_trials=2, space=space, progress=False,
                        echo=lines.append)
     statuses = {r["trial"]: r["status"] for r in result.rows}
     assert statuses == {"0": "COMPLETED", "1": "FAILED"}
@@ -316,10 +317,10 @@ def test_a_search_folder_is_owned_by_one_live_search(records_dir, tmp_path):
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:  # A live process of this host holds the folder.
         (out / ".lock").write_text(f"{sleeper.pid}@{socket.gethostname()}")
-        base = tune.TrainConfig(records=records_dir, **TINY_TRAINING)
+        base = search.TrainConfig(records=records_dir, **TINY_TRAINING)
         for overwrite in (False, True):
             with pytest.raises(RunError, match=f"is being searched by process {sleeper.pid}@"):
-                tune.tune(base, str(out), max_trials=1, overwrite=overwrite, progress=False)
+                search.tune(base, str(out), max_trials=1, overwrite=overwrite, progress=False)
         assert (out / "trials.csv").read_text() == "the first search's\n"
         assert (out / ".lock").read_text().startswith(f"{sleeper.pid}@")
     finally:
@@ -334,9 +335,9 @@ def test_a_search_folder_is_owned_by_one_live_search(records_dir, tmp_path):
 def test_an_option_given_twice_says_which_value_wins():
     from tclf import DataWarning
 
-    base = tune.TrainConfig(dropout=0.3)
+    base = search.TrainConfig(dropout=0.3)
     with pytest.warns(DataWarning, match=r"--space: dropout is also given as an option "
                                          r"\(dropout 0.3\).*entry 0.2 is ignored"):
-        space = tune.search_space({"dropout": 0.2, "stage1_lr": [1e-4, 3e-4]},
+        space = tune_space.search_space({"dropout": 0.2, "stage1_lr": [1e-4, 3e-4]},
                                   fixed={"dropout"}, base=base)
     assert "dropout" not in space and "stage1_lr" in space

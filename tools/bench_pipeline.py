@@ -167,7 +167,7 @@ def bench_reader(data_dir: str, records_dir: str, epochs: int = 3) -> dict:
     # The decode ceiling: one core decoding the same PNG bytes in a plain loop, times cores.
     description = records.feature_description(manifest["feature_shape"])
     pngs = [tf.io.parse_single_example(r, description)[records.SPECTROGRAM_KEY]
-            for path in reader.shard_paths(records_dir, "train", manifest)
+            for path in reader.shard_paths(records_dir, "train")
             for r in tf.data.TFRecordDataset(path)]
     for png in pngs[:20]:
         tf.io.decode_png(png, channels=3)
@@ -290,7 +290,7 @@ def one_core_reader(records_new: str, records_old: str, rounds: int) -> dict:
         manifest = records.load_manifest(records_dir)
         description = records.feature_description(manifest["feature_shape"])
         return [tf.io.parse_single_example(r, description)[records.SPECTROGRAM_KEY]
-                for path in reader.shard_paths(records_dir, "train", manifest)
+                for path in reader.shard_paths(records_dir, "train")
                 for r in tf.data.TFRecordDataset(path)]
 
     pngs = {"new": pngs_of(records_new), "old": pngs_of(records_old)}

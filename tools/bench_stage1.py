@@ -5,7 +5,7 @@ Writes the "stage1" section of BENCHMARKS.md. Usage (after tools/demo.sh, or on 
 
     .venv/bin/python tools/bench_stage1.py --records records
 
-Each variant runs in its own process: the tclf.train.stage1 schedule (299x299, batch 32,
+Each variant runs in its own process: the tclf.training.schedule stage 1 (299x299, batch 32,
 float32, --weights none, seed 0) for exactly --epochs epochs (patience = epochs, so early
 stopping never ends it), from a freshly built model. "cached" includes the pass that
 computes the backbone outputs. Both then evaluate the full model on the validation split,
@@ -35,7 +35,7 @@ def run_stage1(records_dir: str, cached: bool, epochs: int, batch_size: int,
 
     import keras
 
-    from tclf.training import backbone_cache, train
+    from tclf.training import backbone_cache, schedule
     from tclf.data import reader, schema
     from tclf.evaluation import evaluate
     from tclf.model import build_model, freeze_backbone, heads_model
@@ -47,22 +47,23 @@ def run_stage1(records_dir: str, cached: bool, epochs: int, batch_size: int,
                         manifest["feature_std"], image_size=image_size, weights="none")
     freeze_backbone(model)
     steps = math.ceil(manifest["splits"]["train"]["records"] / batch_size)
-    weights = train.class_weights(manifest["splits"]["train"]["counts"], manifest["classes"])
-    options = dict(steps_per_epoch=steps, epochs=epochs, patience=epochs, class_weight=weights,
-                   verbose=0)
+    weights = schedule.class_weights(manifest["splits"]["train"]["counts"], manifest["classes"])
+    stage = schedule.Stage("stage1", 1e-4, epochs, steps_per_epoch=steps, patience=epochs,
+                           class_weight=weights, verbose=0)
     start = time.perf_counter()
     prepare = 0.0
     if cached:
         with tempfile.TemporaryDirectory() as scratch, backbone_cache.backbone_outputs(
                 model, records_dir, batch_size, image_size, scratch, progress=False) as outputs:
             prepare = time.perf_counter() - start
-            result = train.stage1(heads_model(model), outputs.train.dataset(batch_size, True, 0),
-                                  outputs.val.dataset(batch_size), **options)
+            result = schedule.run_stage(heads_model(model), (
+                outputs.train.dataset(batch_size, True, 0), outputs.val.dataset(batch_size)),
+                stage)
     else:
-        result = train.stage1(
-            model, reader.make_dataset(records_dir, "train", batch_size, training=True,
-                                     image_size=image_size, seed=0, repeat=True),
-            reader.make_dataset(records_dir, "val", batch_size, image_size=image_size), **options)
+        result = schedule.run_stage(model, (
+            reader.make_dataset(records_dir, "train", batch_size, training=True,
+                                image_size=image_size, seed=0, repeat=True),
+            reader.make_dataset(records_dir, "val", batch_size, image_size=image_size)), stage)
     seconds = time.perf_counter() - start
     model.compile(loss="sparse_categorical_crossentropy", metrics=["accuracy"])
     loss, _ = model.evaluate(reader.make_dataset(records_dir, "val", batch_size,

@@ -2,7 +2,7 @@
 
 One function, :func:`make_dataset`, builds every dataset; training and
 evaluation differ only by its arguments. Elements are
-``({"spectrogram": uint8 [B, H, W, 3], "features": float32 [B, 10, 68]}, label)``,
+``({"spectrogram": uint8 [B, H, W, 3], "features": float32 [B, *FEATURE_SHAPE]}, label)``,
 keyed by the model's input names so a batch feeds the model as it is.
 """
 
@@ -14,20 +14,16 @@ import re
 
 import tensorflow as tf
 
-from tclf import InputError, RunError, storage
+from tclf import InputError, RunError
 from tclf.data import schema
 from tclf.data.schema import FEATURES_KEY, LABEL_KEY, SPECTROGRAM_KEY, TRACK_ID_KEY
 
 AUTOTUNE = tf.data.AUTOTUNE
 
 
-def shard_paths(records_dir: str, split: str, manifest: dict | None = None) -> list[str]:
-    """The shard files of a split, as listed by the manifest."""
-    manifest = manifest or schema.load_manifest(records_dir)
-    if split not in manifest["splits"]:
-        raise InputError(f"{records_dir}: no split {split!r}; the manifest has "
-                         f"{sorted(manifest['splits'])}")
-    return [storage.join(records_dir, shard["file"]) for shard in manifest["splits"][split]["shards"]]
+def shard_paths(records, split: str) -> list[str]:
+    """The shard files of a split of ``records`` (a Pack or its folder)."""
+    return schema.as_pack(records).shard_paths(split)
 
 
 def worker_shards(shards: list, workers: tuple[int, int] | None) -> list:
@@ -42,7 +38,7 @@ def worker_shards(shards: list, workers: tuple[int, int] | None) -> list:
 def resize_image(image, image_size: int):
     """Resize uint8 images [..., H, W, 3] to image_size x image_size, staying uint8.
 
-    The one resize used wherever a model smaller than 299 is fed (reader, prediction).
+    The one resize used wherever a model smaller than IMAGE_SIZE is fed (reader, prediction).
     """
     resized = tf.image.resize(image, (image_size, image_size), antialias=True)
     return tf.cast(tf.clip_by_value(tf.round(resized), 0, 255), tf.uint8)
@@ -62,86 +58,87 @@ def decode_example(serialized: tf.Tensor, feature_shape, image_size: int | None 
     return inputs, label
 
 
-def make_dataset(records_dir: str, split: str = "train", batch_size: int = 32,
+def make_dataset(records, split: str = "train", batch_size: int = 32,
                  training: bool = False, image_size: int | None = None, cache: bool | str = False,
                  include_track_id: bool = False, shuffle_buffer: int = 256,
                  seed: int | None = None, repeat: bool = False, drop_remainder: bool = False,
                  options: tf.data.Options | None = None, workers: tuple[int, int] | None = None,
                  data_service: str | None = None, service_compression: str | None = None,
                  split_files: bool | None = None) -> tf.data.Dataset:
-    """A batched, prefetched dataset over one split of RECORDS_DIR.
+    """A batched, prefetched dataset over one split of ``records`` (a Pack or its folder).
 
-    Parameters
-    ----------
-    records_dir : str
-        A folder written by `tclf-pack` (any tf.io.gfile path, e.g. gs://).
-    split : str
-        "train" or "val".
-    training : bool
-        Shuffle shards and records, and read shards in a non-deterministic
-        interleave (faster). False gives a fixed order, for evaluation.
-    image_size : int, optional
-        Resize spectrograms to image_size x image_size (for small models);
-        None keeps the stored 299x299.
-    cache : bool or str
-        Keep decoded examples after the first epoch: True in memory, a path
-        for a cache file. Memory cost is ~268 kB per 299x299 record.
-    include_track_id : bool
-        Yield ``(inputs, label, track_id)``; for track-level metrics, not fit().
-    shuffle_buffer : int
-        Records in the shuffle buffer. pack already spreads records randomly over
-        the shards and shards are interleaved, so a small buffer suffices; a larger
-        one costs memory (a serialized record is about 270 kB at the default PNG level 0,
-        about 130 kB at level 3; ~268 kB decoded) and start-up time.
-    repeat : bool
-        Repeat forever, as one continuous stream (use with steps_per_epoch).
-    workers : (count, index), optional
-        A multi-worker run (tclf.cluster): with ``training``, this worker reads every
-        count-th shard file from the index-th on (a split needs at least ``count`` shards);
-        otherwise every worker reads the whole split and tf.distribute keeps every count-th
-        batch (its DATA sharding). ``split_files`` (default: ``training``) says which.
-    data_service : str, optional
-        A tf.data service dispatcher ("grpc://host:port", tclf-data-service): its workers
-        read and decode, each taking shard files as they ask for more
-        ("distributed_epoch"), and this process receives the batches. With ``workers``,
-        the cluster's tasks share one job, so each batch goes to one of them. The
-        service's workers must be able to open the records path. The batches travel
-        uncompressed (``service_compression`` None): decoded spectrograms gain little from
-        snappy ("AUTO"), which halved the rate on loopback (BENCHMARKS.md); "AUTO" suits a
-        network slower than about 2 Gbit/s per 1,000 records/s.
-
-    Returns
-    -------
-    tf.data.Dataset
+    - ``training``: shuffled shards and records, non-deterministic interleave; else fixed order.
+    - ``image_size``: resize the stored spectrograms (None keeps them). ``include_track_id``:
+      yield (inputs, label, track_id), for track-level metrics.
+    - ``cache``: keep decoded examples after the first epoch (True: memory, ~268 kB a
+      record; a path: a cache file). ``repeat``: one endless stream, for steps_per_epoch.
+    - ``shuffle_buffer``: in records; pack already spread them over the shards, so small.
+    - ``workers`` (count, index): a multi-worker run; with ``split_files`` (default:
+      ``training``) this worker reads its own shard files (every count-th), else
+      tf.distribute keeps every count-th batch.
+    - ``data_service``: a tf.data service dispatcher whose workers read and decode; batches
+      travel uncompressed unless ``service_compression`` (BENCHMARKS.md: snappy halved the
+      rate on loopback).
     """
-    manifest = schema.load_manifest(records_dir)
-    files = shard_paths(records_dir, split, manifest)
+    pack = schema.as_pack(records)
+    split_files = training if split_files is None else split_files
+    files = _shard_files(pack, split, workers if split_files and not data_service else None)
+    options = _distribution_options(options, split_files, workers, data_service)
+    resize_to = image_size if image_size and image_size != pack.image_size else None
+    dataset = _decoded(files, pack.feature_shape, training, repeat, cache, shuffle_buffer, seed,
+                       resize_to, include_track_id)
+    dataset = dataset.batch(batch_size, drop_remainder=drop_remainder,
+                            num_parallel_calls=AUTOTUNE, deterministic=not training)
+    # Known length: Keras' progress bars and epoch ends rely on it. (Not in a multi-worker run
+    # or from a tf.data service: the batches are split, and the assertion would count them
+    # after the split.)
+    if not repeat and not (workers and workers[0] > 1) and not data_service:
+        records_in_split = pack.split(split).records
+        batches = (records_in_split // batch_size if drop_remainder
+                   else math.ceil(records_in_split / batch_size))
+        dataset = dataset.apply(tf.data.experimental.assert_cardinality(batches))
+    if data_service:
+        dataset = dataset.apply(tf.data.experimental.service.distribute(
+            processing_mode="distributed_epoch", service=service_address(data_service),
+            job_name=_service_job(workers, split, seed, pack.stamp, batch_size,
+                                  image_size, cache, shuffle_buffer),
+            compression=service_compression))
+    dataset = dataset.prefetch(AUTOTUNE)
+    if options is not None:
+        dataset = dataset.with_options(options)
+    return dataset
+
+
+def _shard_files(pack, split: str, workers) -> list[str]:
+    """The split's shard files, checked against the manifest's sizes; with ``workers``,
+    this worker's share of them."""
+    files = pack.shard_paths(split)
     if not files:
-        raise InputError(f"{records_dir}: split {split!r} has no records")
-    for shard, path in zip(manifest["splits"][split]["shards"], files):
+        raise InputError(f"{pack.path}: split {split!r} has no records")
+    for shard, path in zip(pack.split(split).shards, files):
         if "bytes" in shard and tf.io.gfile.stat(path).length != shard["bytes"]:
             raise CorruptRecordsError(f"{path}: {tf.io.gfile.stat(path).length} bytes, the "
                                       f"manifest says {shard['bytes']} (truncated or replaced?); "
                                       f"re-run tclf-pack")
-    split_files = training if split_files is None else split_files
-    options = _distribution_options(options, split_files, workers, data_service)
-    if workers and workers[0] > 1 and split_files and not data_service:
-        count, index = workers
+    if workers and workers[0] > 1:
+        count, _ = workers
         if len(files) < count:
-            raise InputError(f"{records_dir}: split {split!r} has {len(files)} shard file(s) "
+            raise InputError(f"{pack.path}: split {split!r} has {len(files)} shard file(s) "
                              f"for {count} workers; every worker reads its own shard files, so "
                              f"re-pack with --min-shards {count} or more")
         files = worker_shards(files, workers)
-    feature_shape = manifest["feature_shape"]
-    stored_size = manifest["image_size"][0]
-    resize_to = image_size if image_size and image_size != stored_size else None
+    return files
 
-    # Order, and why: shuffle file names (cheap) -> [repeat, when streaming and not caching: the
-    # stream never restarts, so the shuffle buffer is filled once, not once per epoch while the
-    # decoders wait] -> interleave reads of several shards in parallel -> [shuffle serialized
-    # records: half the memory of decoded ones] -> parse + decode in parallel -> [cache decoded
-    # -> repeat -> shuffle decoded, after the cache so each epoch differs] -> batch -> prefetch,
-    # so that the model never waits for the next batch.
+
+def _decoded(files, feature_shape, training, repeat, cache, shuffle_buffer, seed, resize_to,
+             include_track_id) -> tf.data.Dataset:
+    """Decoded examples of ``files``, unbatched.
+
+    Order, and why: shuffle file names (cheap) -> [repeat, when streaming and not caching: the
+    stream never restarts, so the shuffle buffer is filled once, not once per epoch while the
+    decoders wait] -> interleave reads of several shards in parallel -> [shuffle serialized
+    records: half the memory of decoded ones] -> parse + decode in parallel -> [cache decoded
+    -> repeat -> shuffle decoded, after the cache so each epoch differs]."""
     dataset = tf.data.Dataset.from_tensor_slices(files)
     if training:
         dataset = dataset.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
@@ -161,25 +158,6 @@ def make_dataset(records_dir: str, split: str = "train", batch_size: int = 32,
             dataset = dataset.repeat()
         if training:
             dataset = dataset.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
-    dataset = dataset.batch(batch_size, drop_remainder=drop_remainder,
-                            num_parallel_calls=AUTOTUNE, deterministic=not training)
-    # Known length: Keras' progress bars and epoch ends rely on it. (Not in a multi-worker run
-    # or from a tf.data service: the batches are split, and the assertion would count them
-    # after the split.)
-    if not repeat and not (workers and workers[0] > 1) and not data_service:
-        records_in_split = manifest["splits"][split]["records"]
-        batches = (records_in_split // batch_size if drop_remainder
-                   else math.ceil(records_in_split / batch_size))
-        dataset = dataset.apply(tf.data.experimental.assert_cardinality(batches))
-    if data_service:
-        dataset = dataset.apply(tf.data.experimental.service.distribute(
-            processing_mode="distributed_epoch", service=service_address(data_service),
-            job_name=_service_job(workers, split, seed, manifest.get("created"), batch_size,
-                                  image_size, cache, shuffle_buffer),
-            compression=service_compression))
-    dataset = dataset.prefetch(AUTOTUNE)
-    if options is not None:
-        dataset = dataset.with_options(options)
     return dataset
 
 
@@ -254,7 +232,7 @@ class CorruptRecordsError(RunError):
 
 
 @contextlib.contextmanager
-def naming_corrupt_shards(records_dir: str, split: str | None = None):
+def naming_corrupt_shards(records, split: str | None = None):
     """Turn TF's anonymous "corrupted record at N" into an error naming the shard.
 
     TFRecordDataset reports a broken record without its file, so on such an
@@ -266,7 +244,7 @@ def naming_corrupt_shards(records_dir: str, split: str | None = None):
         if not (isinstance(error, tf.errors.DataLossError) or "corrupt" in error.message.lower()
                 or "png" in error.message.lower()):
             raise  # Not a data error (a shape mismatch, say): no point re-reading every shard.
-        broken = verify_shards(records_dir, split)
+        broken = verify_shards(records, split)
         if not broken:
             raise
         where = "; ".join(f"{path}: {message}" for path, message in broken)
@@ -274,16 +252,16 @@ def naming_corrupt_shards(records_dir: str, split: str | None = None):
                                   f"(re-run tclf-pack to rebuild it)") from error
 
 
-def verify_shards(records_dir: str, split: str | None = None) -> list[tuple[str, str]]:
+def verify_shards(records, split: str | None = None) -> list[tuple[str, str]]:
     """Read every shard of a pack end to end. Returns (shard, error) for the broken ones."""
-    manifest = schema.load_manifest(records_dir)
+    pack = schema.as_pack(records)
     broken = []
-    for side in [split] if split else list(manifest["splits"]):
-        for path in shard_paths(records_dir, side, manifest):
+    for side in [split] if split else list(pack.splits):
+        for path in pack.shard_paths(side):
             try:
                 for record in tf.data.TFRecordDataset(path):
                     tf.io.decode_png(tf.io.parse_single_example(
-                        record, schema.feature_description(manifest["feature_shape"]))[
+                        record, schema.feature_description(pack.feature_shape))[
                             SPECTROGRAM_KEY])
             except (tf.errors.DataLossError, tf.errors.OpError) as error:
                 message = re.sub(r"\{\{[^}]*\}\}|\[Op:[^\]]*\]|name: *$", "", error.message)

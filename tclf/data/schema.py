@@ -1,30 +1,24 @@
-"""The record schema: keys, splits, the manifest, and the segment shapes.
+"""The record schema: keys, splits, the manifest (checked, as a :class:`Pack`) and the segment
+shapes. The writer (:func:`create_example`) and the reader's description
+(:func:`feature_description`, which tclf.data.reader parses with) sit side by side. A record
+holds one segment:
 
-Every module takes these names from here: the feature keys, the writer
-(:func:`create_example`) and the reader's description
-(:func:`feature_description`) sit side by side, and `tclf.data` parses with
-the latter. A record holds one segment:
-
-=============  ========  =====================================================
-key            type      content
-=============  ========  =====================================================
-spectrogram    bytes     the part_N.png file, byte for byte
-features       float[]   the 10x68 matrix, row-major
-label          int64     index into manifest["classes"]
-track_id       bytes     "<class>/<track folder>"
-segment        int64     N of part_N
-=============  ========  =====================================================
+    spectrogram  bytes    the part_N.png file, byte for byte
+    features     float[]  the FEATURE_SHAPE matrix (windows x columns), row-major
+    label        int64    index into manifest["classes"]
+    track_id     bytes    "<class>/<track folder>"
+    segment      int64    N of part_N
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
 
-from tclf import InputError
+from tclf import InputError, storage
 from tclf.data.audio import FEATURE_SHAPE, IMAGE_SIZE  # noqa: F401 (the segment shapes, re-exported)
-from tclf.storage import join, read_json
 
 SCHEMA_VERSION = 1
 SPECTROGRAM_KEY = "spectrogram"
@@ -77,15 +71,14 @@ def load_manifest(records_dir: str) -> dict:
     object, another schema version, a key missing or of the wrong type: see
     :func:`check_manifest`) is an InputError naming the file and what is wrong.
     """
-    tf = _tf()
-    path = join(records_dir, MANIFEST_NAME)
-    if not tf.io.gfile.exists(path):
+    path = storage.join(records_dir, MANIFEST_NAME)
+    if not storage.exists(path):
         raise FileNotFoundError(f"{path} not found: {records_dir} is not a packed records folder "
                                 f"(run `tclf-pack DATA_DIR {records_dir}`)")
-    if tf.io.gfile.isdir(path):
+    if storage.isdir(path):
         raise InputError(f"{path}: is a folder, not a manifest file; re-run tclf-pack")
     try:
-        manifest = read_json(path)
+        manifest = storage.read_json(path)
     except RecursionError:  # JSON nested thousands deep.
         raise InputError(f"{path}: not a valid JSON file (nested too deep)") from None
     if not isinstance(manifest, dict) or manifest.get("schema_version") != SCHEMA_VERSION:
@@ -171,3 +164,57 @@ def check_manifest(manifest: dict) -> str | None:
         if not isinstance(tracks, list) or not all(isinstance(t, str) for t in tracks):
             return f"'{where}.tracks' must be a list of track ids, found {tracks!r:.80}"
     return None
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+    """One split of a pack: its record count, records per class, shard entries
+    ({"file", "records", "bytes"}) and track ids."""
+
+    records: int
+    counts: dict
+    shards: tuple
+    tracks: tuple
+
+
+@dataclasses.dataclass(frozen=True)
+class Pack:
+    """A records folder written by tclf-pack, its manifest read and checked once.
+
+    Every stage after packing takes a Pack: the reader, the stage-1 pass, training and
+    evaluation. ``stamp`` (the manifest's creation time) tells one pack from another."""
+
+    path: str
+    classes: tuple
+    splits: dict  # "train" / "val" -> Split
+    feature_shape: tuple
+    feature_mean: list
+    feature_std: list
+    image_size: int  # The stored spectrograms' side.
+    stamp: str | None
+    extraction: dict | None  # The extract.json settings of the data/ it was packed from.
+
+    @classmethod
+    def load(cls, path: str) -> "Pack":
+        manifest = load_manifest(path)
+        splits = {side: Split(info["records"], dict(info["counts"]), tuple(info["shards"]),
+                              tuple(info.get("tracks", [])))
+                  for side, info in manifest["splits"].items()}
+        return cls(path, tuple(manifest["classes"]), splits, tuple(manifest["feature_shape"]),
+                   list(manifest["feature_mean"]), list(manifest["feature_std"]),
+                   manifest["image_size"][0], manifest.get("created"),
+                   manifest.get("extraction"))
+
+    def split(self, name: str) -> Split:
+        if name not in self.splits:
+            raise InputError(f"{self.path}: no split {name!r}; the manifest has "
+                             f"{sorted(self.splits)}")
+        return self.splits[name]
+
+    def shard_paths(self, split: str) -> list[str]:
+        return [storage.join(self.path, shard["file"]) for shard in self.split(split).shards]
+
+
+def as_pack(records) -> Pack:
+    """``records`` as a Pack: a Pack as it is, a folder loaded (for callers outside a run)."""
+    return records if isinstance(records, Pack) else Pack.load(records)

@@ -11,8 +11,9 @@ import dataclasses
 import numpy as np
 
 from tclf import InputError, RunError, storage
-from tclf.data import schema
+from tclf.data import reader, schema
 from tclf.evaluation.calibration import apply_temperature, expected_calibration_error
+from tclf.model import image_size_of
 
 
 def _as_probabilities(probabilities, num_classes: int | None = None) -> np.ndarray:
@@ -83,30 +84,11 @@ def track_level(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Aggregate segment predictions into track predictions.
 
-    Parameters
-    ----------
-    probabilities : array-like of float, shape [N, C]
-        Per-segment class probabilities.
-    labels : array-like of int, shape [N]
-        Per-segment true class index.
-    track_ids : array-like of str or bytes, shape [N]
-        Track each segment belongs to. Bytes are decoded as UTF-8 (as produced
-        by ``tf.data`` string tensors).
-
-    Returns
-    -------
-    track_probs : np.ndarray of float64, shape [T, C]
-        Mean of each track's segment probabilities.
-    track_labels : np.ndarray of int64, shape [T]
-        True class of each track.
-    unique_ids : np.ndarray of str, shape [T]
-        Track ids in order of first appearance.
-
-    Raises
-    ------
-    ValueError
-        If shapes or lengths disagree, or a track has segments with different
-        labels.
+    Per segment: ``probabilities`` [N, C], ``labels`` (class index) [N] and ``track_ids``
+    [N] (str, or UTF-8 bytes as tf.data yields them). Returns (track probabilities float64
+    [T, C], the mean of each track's segments'; true classes int64 [T]; track ids str [T], in
+    order of first appearance). ValueError if shapes or lengths disagree or a track's
+    segments have different labels.
     """
     probs = _as_probabilities(probabilities)
     n = probs.shape[0]
@@ -148,20 +130,10 @@ def mean_by_track(probabilities: np.ndarray, track_ids) -> tuple[np.ndarray, np.
 
 @dataclasses.dataclass
 class Evaluation:
-    """Everything a report needs, at segment and track level.
+    """Everything a report needs, at segment and track level, for C classes.
 
-    Attributes
-    ----------
-    class_names : list of str, length C
-    segment_accuracy, segment_macro_f1 : float
-    track_accuracy, track_macro_f1 : float
-    segment_confusion : np.ndarray of int, shape [C, C]
-        Counts; rows are true classes, columns predicted classes.
-    track_confusion : np.ndarray of int, shape [C, C]
-        Same at track level.
-    segment_report, track_report : str
-        ``sklearn.metrics.classification_report`` text.
-    num_segments, num_tracks : int
+    The confusion matrices are int counts [C, C], rows true classes, columns predicted; the
+    reports are ``sklearn.metrics.classification_report`` text.
     """
 
     class_names: list[str]
@@ -176,7 +148,7 @@ class Evaluation:
     num_segments: int
     num_tracks: int
     track_ece: float = float("nan")  # Expected calibration error of the track probabilities.
-    temperature: float = 1.0  # The one the probabilities were scaled with (tclf.calibration).
+    temperature: float = 1.0  # Applied to the probabilities (tclf.evaluation.calibration).
     # Per level: sklearn's classification report as a dict (per class, macro and weighted avg).
     segment_classes: dict = dataclasses.field(default_factory=dict)
     track_classes: dict = dataclasses.field(default_factory=dict)
@@ -207,14 +179,9 @@ class Evaluation:
         return [row for row in self.track_rows() if not row["correct"]][:count]
 
     def to_dict(self) -> dict:
-        """Return a JSON-serializable summary (report text omitted).
-
-        Returns
-        -------
-        dict
-            Class names, the four headline metrics, both confusion matrices as
-            nested lists of int (shape [C, C]), and the segment/track counts.
-        """
+        """A JSON-serializable summary: class names, segment and track counts, the four
+        headline metrics, both confusion matrices (nested int lists [C, C]), the track ECE
+        and the temperature; no report text."""
         return {
             "class_names": [str(name) for name in self.class_names],
             "num_segments": int(self.num_segments),
@@ -254,31 +221,14 @@ def _classification_metrics(
 
 def evaluate_predictions(probabilities, labels, track_ids, class_names,
                          temperature: float = 1.0) -> Evaluation:
-    """Compute segment- and track-level metrics.
+    """Segment- and track-level metrics of ``probabilities`` [N, C] against ``labels`` [N]
+    (in [0, C)), with ``track_ids`` [N] (str or bytes) and C distinct ``class_names``.
 
-    Predictions are the argmax of the probabilities; a track's prediction is
-    the argmax of the mean of its segments' probabilities.
-
-    Parameters
-    ----------
-    probabilities : array-like of float, shape [N, C]
-    labels : array-like of int, shape [N]
-        Values in ``[0, C)``.
-    track_ids : array-like of str or bytes, shape [N]
-    class_names : sequence of str, length C
-    temperature : float
-        Applied to the segment probabilities first (tclf.calibration); accuracies do not
-        depend on it, the track ECE does.
-
-    Returns
-    -------
-    Evaluation
-
-    Raises
-    ------
-    ValueError
-        On empty input, inconsistent shapes, out-of-range labels, duplicate
-        class names or tracks with mixed labels.
+    A segment's prediction is its argmax, a track's the argmax of its segments' mean.
+    ``temperature`` scales the segment probabilities first (tclf.evaluation.calibration):
+    accuracies do not depend on it, the track ECE does. ValueError on empty input,
+    inconsistent shapes, out-of-range labels, duplicate class names or tracks with mixed
+    labels; RunError for NaN or infinite probabilities (training diverged).
     """
     names = [str(name) for name in class_names]
     if not names:
@@ -316,25 +266,17 @@ def evaluate_predictions(probabilities, labels, track_ids, class_names,
     )
 
 
-def predict_records(model, records_dir: str, split: str = "val", batch_size: int = 32,
+def predict_records(model, records, split: str = "val", batch_size: int = 32,
                     image_size: int | None = None):
-    """Run a model over one split, in the records' fixed order.
-
-    Returns
-    -------
-    probabilities : np.ndarray [shape=(n, classes)]
-    labels : np.ndarray [shape=(n,)]
-    track_ids : list of str [length n]
-    """
-    from tclf.data import reader
-    from tclf.model import image_size_of
-
+    """Run a model over one split of ``records`` (a Pack or its folder), in fixed order:
+    (probabilities [n, classes], labels [n], track ids: a list of n str)."""
     if image_size is None:  # Feed the size the model was built for.
         image_size = image_size_of(model)
-    dataset = reader.make_dataset(records_dir, split, batch_size=batch_size, training=False,
-                                image_size=image_size, include_track_id=True)
+    pack = schema.as_pack(records)
+    dataset = reader.make_dataset(pack, split, batch_size=batch_size, training=False,
+                                  image_size=image_size, include_track_id=True)
     probabilities, labels, track_ids = [], [], []
-    with reader.naming_corrupt_shards(records_dir, split):
+    with reader.naming_corrupt_shards(pack, split):
         for inputs, label, track in dataset:
             probabilities.append(np.asarray(model(inputs, training=False), np.float64))
             labels.append(label.numpy())
@@ -342,14 +284,14 @@ def predict_records(model, records_dir: str, split: str = "val", batch_size: int
     return np.concatenate(probabilities), np.concatenate(labels), track_ids
 
 
-def evaluate_records(model, class_names, records_dir: str, split: str = "val",
+def evaluate_records(model, class_names, records, split: str = "val",
                      batch_size: int = 32, temperature: float = 1.0) -> Evaluation:
     """Segment- and track-level metrics of a model on a packed split, its probabilities at
     ``temperature`` (the one stored in its model.h5: tclf.model.load_temperature)."""
-    manifest = schema.load_manifest(records_dir)
-    if list(manifest["classes"]) != list(class_names):
+    pack = schema.as_pack(records)
+    if list(pack.classes) != list(class_names):
         raise InputError(f"the model's classes {list(class_names)} differ from those of "
-                         f"{storage.join(records_dir, schema.MANIFEST_NAME)} "
-                         f"{manifest['classes']}: evaluate a model on records of its classes")
-    probabilities, labels, track_ids = predict_records(model, records_dir, split, batch_size)
+                         f"{storage.join(pack.path, schema.MANIFEST_NAME)} "
+                         f"{list(pack.classes)}: evaluate a model on records of its classes")
+    probabilities, labels, track_ids = predict_records(model, pack, split, batch_size)
     return evaluate_predictions(probabilities, labels, track_ids, class_names, temperature)

@@ -1,15 +1,11 @@
-"""Training-only regularization: mixup in the training step, and label smoothing in its loss.
+"""Training-only regularization for real music, where the heads overfit a few hundred segments
+a style within a few epochs (docs/real-music.md#what-each-change-did).
 
-Both exist for real music, where a few hundred segments a style are all there is and the heads
-overfit them within a few epochs (README: Learning from real music). They act in
-``model.fit``'s training step only, on the training devices: validation, evaluation,
-prediction and the saved model see the model as built. The model itself is unchanged, so
-model.h5 loads in plain Keras as before.
-
-- Mixup (Zhang et al. 2018): each training example is blended with another of its batch,
-  inputs and one-hot labels alike, with a weight drawn from Beta(alpha, alpha). Stage 1 mixes
-  the cached backbone outputs and feature matrices, stage 2 the spectrograms (rounded back to
-  uint8) and feature matrices.
+Both act in ``model.fit``'s training step only: validation, evaluation, prediction and the
+saved model (plain Keras) see the model as built.
+- Mixup (Zhang et al. 2018): each example is blended with another of its batch, inputs and
+  one-hot labels alike, with a weight drawn from Beta(alpha, alpha). Stage 1 mixes the cached
+  backbone outputs and features, stage 2 the spectrograms (rounded back to uint8) and features.
 - Label smoothing: the target puts 1 - e on the true style and spreads e over all styles.
 """
 

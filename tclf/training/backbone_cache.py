@@ -1,13 +1,12 @@
 """Stage 1's backbone outputs, computed once (tclf-train's `--stage1-cache`, the default).
 
-While the backbone is frozen it computes the same pooled output (1,280 values) for a
-spectrogram in every epoch (tclf.model keeps it in inference mode), so stage 1 computes
-the outputs of every training and validation record in one batched pass through the
-reader, on the training devices and in the training precision, and then trains
-``tclf.model.heads_model`` on (backbone output, feature matrix) pairs. The outputs are kept
-in memory (about 7.9 kB a record with its features), or, above ``memory_mb``, in a scratch
-TFRecord file inside the version folder, deleted when the stage ends, whether it succeeds
-or fails (and by the next resume or completion of a run that was killed).
+The frozen backbone gives a spectrogram the same pooled output (1,280 values) in every epoch
+(tclf.model keeps it in inference mode), so stage 1 computes those of every training and
+validation record in one batched pass, on the training devices and in the training precision,
+then trains ``tclf.model.heads_model`` on (backbone output, features) pairs. They are kept in
+memory (:func:`record_bytes` a record) or, above ``memory_mb``, in a scratch TFRecord file in
+the version folder, deleted when the stage ends, whether it succeeds or fails (after a kill:
+by the next resume or completion of the run).
 """
 
 from __future__ import annotations
@@ -19,11 +18,11 @@ import time
 
 import numpy as np
 
-from tclf.data import schema
 from tclf import storage
-from tclf.model import BACKBONE_OUTPUT_KEY
+from tclf.data import reader, schema
+from tclf.model import BACKBONE_OUTPUT_KEY, backbone_of, image_encoder
+from tclf.training import layout
 
-SCRATCH_NAME = ".stage1-cache-{split}.tfrecord"
 
 
 @dataclasses.dataclass
@@ -31,9 +30,9 @@ class CachedSplit:
     """One split's backbone outputs, features and labels: arrays, or a scratch file."""
 
     records: int
-    arrays: tuple | None = None  # (backbone outputs [N, 1280], features [N, 10, 68], labels [N])
+    arrays: tuple | None = None  # (outputs [N, width], features [N, *feature_shape], labels [N])
     path: str | None = None
-    shape: tuple = ()  # (1280, (10, 68)) for reading the scratch file.
+    shape: tuple = ()  # (width, feature_shape) for reading the scratch file.
     # In a multi-worker run: how tf.distribute splits it between the workers, "OFF" for a
     # worker's own share of the training records, "DATA" for the whole validation split.
     sharding: str | None = None
@@ -60,7 +59,8 @@ class CachedSplit:
                          schema.FEATURES_KEY: example[schema.FEATURES_KEY]},
                         tf.cast(example[schema.LABEL_KEY], tf.int32))
 
-            data = tf.data.TFRecordDataset(self.path).map(parse, num_parallel_calls=tf.data.AUTOTUNE)
+            data = tf.data.TFRecordDataset(self.path).map(parse,
+                                                           num_parallel_calls=tf.data.AUTOTUNE)
             buffer = min(self.records, 8192)
         if training:
             data = data.shuffle(buffer, seed=seed, reshuffle_each_iteration=True).repeat()
@@ -91,29 +91,28 @@ def record_bytes(width: int, feature_shape) -> int:
 
 
 @contextlib.contextmanager
-def backbone_outputs(model, records_dir: str, batch_size: int, image_size: int, folder: str,
+def backbone_outputs(model, records, batch_size: int, image_size: int, folder: str,
                      memory_mb: float = 2048.0, progress: bool = True,
                      workers: tuple[int, int] | None = None):
-    """Compute the backbone outputs of both splits of records_dir with ``model``'s backbone;
-    yield a BackboneOutputs; delete any scratch files in ``folder`` when the block ends.
+    """Compute the backbone outputs of both splits of ``records`` (a Pack) with ``model``'s
+    backbone; yield a BackboneOutputs; delete any scratch files in ``folder`` when the block ends.
 
     In a multi-worker run (``workers`` = (count, index)) each worker computes, on its own
     devices and with no collective, the outputs of the training records it reads in stage 2
     (its shard files) and of the whole validation split; stage 1 then trains each worker on
     its own share, as stage 2 does."""
-    from tclf.model import backbone_of, image_encoder
-
-    manifest = schema.load_manifest(records_dir)
+    pack = schema.as_pack(records)
     width = int(backbone_of(model).output.shape[-1])
-    feature_shape = tuple(manifest["feature_shape"])
-    total = sum(manifest["splits"][side]["records"] for side in schema.SPLITS)
+    feature_shape = pack.feature_shape
+    total = sum(pack.split(side).records for side in schema.SPLITS)
     in_memory = total * record_bytes(width, feature_shape) <= memory_mb * 2**20
-    paths = {side: storage.join(folder, SCRATCH_NAME.format(split=side)) for side in schema.SPLITS}
+    paths = {side: storage.join(folder, layout.STAGE1_SCRATCH.format(split=side))
+             for side in schema.SPLITS}
     remove_scratch(folder)  # A killed run's.
     try:
         started = time.time()
         step = _encode_step(image_encoder(model))
-        splits = {side: _compute(step, records_dir, side, manifest, batch_size, image_size,
+        splits = {side: _compute(step, pack, side, batch_size, image_size,
                                  width, feature_shape, None if in_memory else paths[side],
                                  progress, workers)
                   for side in schema.SPLITS}
@@ -124,7 +123,7 @@ def backbone_outputs(model, records_dir: str, batch_size: int, image_size: int, 
 
 def remove_scratch(folder: str) -> None:
     for side in schema.SPLITS:
-        storage.remove_quietly(storage.join(folder, SCRATCH_NAME.format(split=side)))
+        storage.remove_quietly(storage.join(folder, layout.STAGE1_SCRATCH.format(split=side)))
 
 
 def _encode_step(encoder):
@@ -158,29 +157,27 @@ def _batches(step, dataset, local: bool = False):
         yield tuple(strategy.gather(part, axis=0).numpy() for part in parts)
 
 
-def _compute(step, records_dir, split, manifest, batch_size, image_size, width,
+def _compute(step, pack, split, batch_size, image_size, width,
              feature_shape, path, progress, workers=None) -> CachedSplit:
     import tensorflow as tf
     from tqdm import tqdm
 
-    from tclf.data import reader
-
-    count = manifest["splits"][split]["records"]
+    count = pack.split(split).records
     sharding = None
     if workers and workers[0] > 1:  # The training split: this worker's shard files only.
         mine = split == "train"
         sharding = "OFF" if mine else "DATA"
         if mine:
             count = sum(shard["records"] for shard in
-                        reader.worker_shards(manifest["splits"][split]["shards"], workers))
-    dataset = reader.make_dataset(records_dir, split, batch_size, image_size=image_size,
+                        reader.worker_shards(pack.split(split).shards, workers))
+    dataset = reader.make_dataset(pack, split, batch_size, image_size=image_size,
                                 workers=workers if sharding == "OFF" else None,
                                 split_files=True)
     bar = tqdm(total=count, unit="record", desc=f"stage 1: backbone outputs ({split})",
                disable=not progress)
     done = 0
     with contextlib.ExitStack() as stack:
-        stack.enter_context(reader.naming_corrupt_shards(records_dir, split))
+        stack.enter_context(reader.naming_corrupt_shards(pack, split))
         if path is None:
             outputs = np.empty((count, width), np.float32)
             features = np.empty((count, *feature_shape), np.float32)

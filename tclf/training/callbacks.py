@@ -1,4 +1,4 @@
-"""Keras callbacks of the two-stage schedule (imported only when training runs)."""
+"""Keras callbacks of the two-stage schedule, tclf.training.schedule (imported only to train)."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ class EarlyStoppingAfter(keras.callbacks.EarlyStopping):
 
     def resume_from(self, state: dict, best_weights=None) -> None:
         """Continue from ``state`` (wait, best, best_epoch, stopped_epoch, as
-        tclf.checkpoints saves them) instead of starting afresh at the next fit."""
+        tclf.training.checkpoints saves them) instead of starting afresh at the next fit."""
         self._resume = (state, best_weights)
 
     def on_train_begin(self, logs=None):
@@ -67,7 +67,7 @@ class ProgressFile(keras.callbacks.Callback):
 
 
 class EpochCheckpoint(keras.callbacks.Callback):
-    """After every epoch, record the stage in the run's checkpoint (tclf.checkpoints).
+    """After every epoch, record the stage in the run's checkpoint (tclf.training.checkpoints).
 
     Listed after the early stopping and the progress file, so that it saves their state
     after this epoch. ``state`` is the stage's StageState, updated in place.

@@ -1,24 +1,13 @@
-"""The checkpoint of a training run, inside its version folder: models/vX/checkpoint/.
+"""models/vX/checkpoint/: what `tclf-train --resume` continues a run from.
 
-``tclf-train --resume`` continues a run from it. After every epoch of either stage the
-folder records, for that stage:
-
-- the model's weights and the optimizer's variables (Adam's moments and its step count,
-  which also drives the warm-up + cosine learning-rate schedule, and the loss scale under
-  mixed_float16);
-- the early-stopping state (best val_loss, epochs without improvement, the best epoch's
-  weights, which are restored at the end of the stage);
-- the stage's history so far and its seconds, and the training_progress.txt lines;
-- whether the stage is over (early stopping or its last epoch).
-
-state.json is what a resume reads, written last (atomically) after the files it names; files
-it no longer names are deleted only then. A process killed at any instant therefore leaves a
-state.json that names complete files: the previous epoch's or this one's.
-
-Not saved: the position in the input stream and the random state (the resumed stage draws
-its batches from a freshly seeded shuffle) and the batch within an epoch (an interrupted
-epoch is run again). Keras' own BackupAndRestore has the same limits but knows nothing of
-two stages, hence this module.
+After every epoch it records, per stage: the model's weights; the optimizer's variables (Adam's
+moments, the step count that drives the learning-rate schedule, the loss scale); the
+early-stopping state with the best epoch's weights; the history, seconds and
+training_progress.txt lines; whether the stage is over. state.json, what a resume reads, is
+written last (atomically), and only then are the files it no longer names deleted: a kill at
+any instant leaves it naming complete files. Not saved: the input position and random state
+(a resumed stage reshuffles) and the batch within an epoch (an interrupted epoch runs again).
+Keras' BackupAndRestore has the same limits but knows nothing of two stages.
 """
 
 from __future__ import annotations
@@ -30,9 +19,8 @@ import json
 import numpy as np
 
 from tclf import RunError, faults, storage
+from tclf.training import layout
 
-FOLDER_NAME = "checkpoint"
-STATE_NAME = "state.json"
 FORMAT = 1
 
 
@@ -79,7 +67,7 @@ class Checkpoint:
     """models/vX/checkpoint/: the state a resume needs, written after every epoch."""
 
     def __init__(self, run_folder: str):
-        self.folder = storage.join(run_folder, FOLDER_NAME)
+        self.folder = storage.join(run_folder, layout.CHECKPOINT)
         self.state = {"format": FORMAT, "stages": {}, "progress": []}
 
     # --- Reading -------------------------------------------------------------------------------
@@ -87,7 +75,7 @@ class Checkpoint:
     @classmethod
     def load(cls, run_folder: str) -> "Checkpoint":
         checkpoint = cls(run_folder)
-        path = storage.join(checkpoint.folder, STATE_NAME)
+        path = storage.join(checkpoint.folder, layout.CHECKPOINT_STATE)
         if not storage.exists(path):
             raise RunError(f"{run_folder} has no checkpoint ({path} is missing): it was not "
                            f"written by a tclf that can resume, or it finished")
@@ -149,11 +137,11 @@ class Checkpoint:
 
     def write_state(self) -> None:
         """Write state.json (atomically), then delete the files it no longer names."""
-        storage.write_atomic(self.path(STATE_NAME), json.dumps(self.state, indent=1))
+        storage.write_atomic(self.path(layout.CHECKPOINT_STATE), json.dumps(self.state, indent=1))
         self._remove_unreferenced()
 
     def _remove_unreferenced(self) -> None:
-        keep = {STATE_NAME}
+        keep = {layout.CHECKPOINT_STATE}
         for saved in self.state["stages"].values():
             keep.update(v for k, v in saved.items()
                         if k in ("weights", "optimizer", "best_weights") and v)

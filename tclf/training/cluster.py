@@ -1,20 +1,12 @@
 """Training on several machines: TF_CONFIG, MultiWorkerMirroredStrategy and who writes.
 
-When the environment variable TF_CONFIG describes a cluster of more than one training task
-(jobs "chief" and "worker"), every task runs the same `tclf-train` command and TensorFlow's
-MultiWorkerMirroredStrategy keeps their weights in step (one all-reduce of the gradients per
-step). This module holds what tclf adds around it:
-
-- :func:`from_env` reads TF_CONFIG without starting TensorFlow;
-- :func:`make_strategy` creates the strategy with a timeout on every collective and on
-  the start-up wait, so a worker that dies or never comes makes the others fail instead of
-  waiting forever;
-- :func:`patch_keras` works around Keras 3.15's two multi-worker bugs;
-- :func:`lost_worker` turns TensorFlow's errors after a worker loss into one clear line.
-
-The chief (task "chief", or "worker" 0 when there is no chief) alone writes the version
-folder, the reports and latest.h5; the other workers train in a private temporary folder
-that is removed when they finish (tclf.train).
+When TF_CONFIG has more than one training task (jobs "chief" and "worker"), every task runs
+the same `tclf-train` command (docs/cluster.md). :func:`from_env` reads TF_CONFIG without
+starting TensorFlow; :func:`make_strategy` bounds every collective and the start-up wait, so
+a dead or missing worker makes the others fail instead of waiting forever; :func:`lost_worker`
+turns the errors after a worker loss into one line. The chief (task "chief", else worker 0)
+alone writes the version folder, the reports and latest.h5; the others train in a private
+temporary folder, removed at the end (tclf.training.train).
 """
 
 from __future__ import annotations
@@ -27,6 +19,7 @@ import re
 import sys
 
 from tclf import InputError, RunError
+from tclf.training import compat
 
 TRAINING_JOBS = ("chief", "worker")
 
@@ -86,25 +79,12 @@ def make_strategy(cluster: Cluster, timeout_seconds: float):
     final barrier) and the start-up wait for the other workers bounded by
     ``timeout_seconds``. Must run before anything else uses TensorFlow."""
     import tensorflow as tf
-    from tensorflow.compiler.xla.tsl.protobuf import coordination_config_pb2
-    from tensorflow.python.distribute import multi_worker_util
-    from tensorflow.python.eager import context
 
-    patch_keras()
+    compat.patch_keras()
     resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()
     spec = resolver.cluster_spec()
-    milliseconds = int(timeout_seconds * 1000)
-    # The coordination service as the strategy would configure it, with two of its
-    # timeouts set: registration (a worker that never starts) and the shutdown barrier
-    # (a worker that dies at the end). Its heartbeat (10 s) detects a dead worker.
-    context.context().configure_coordination_service(
-        service_type="standalone",
-        service_leader=multi_worker_util.coordination_leader(spec),
-        cluster_register_timeout_in_ms=milliseconds,
-        shutdown_barrier_timeout_in_ms=milliseconds,
-        coordinated_jobs=[coordination_config_pb2.CoordinatedJob(
-            name=job, num_tasks=spec.num_tasks(job))
-            for job in TRAINING_JOBS if job in spec.jobs])
+    compat.configure_coordination(spec, [job for job in TRAINING_JOBS if job in spec.jobs],
+                                  timeout_seconds)
     options = tf.distribute.experimental.CommunicationOptions(timeout_seconds=timeout_seconds)
     # TensorFlow waits for every task at start-up without a bound (the registration timeout
     # above does not end that wait in TF 2.21), in C++ that holds the GIL: no Python thread
@@ -213,9 +193,7 @@ def barrier(name: str, timeout_seconds: float = LONG_WAIT_SECONDS) -> None:
     """Wait until every task of the cluster reaches this point (the coordination service's
     barrier): after the stage-1 pass, and at the end of a run, so that no worker leaves
     while the chief still writes."""
-    from tensorflow.python.eager import context
-
-    context.context().wait_at_barrier(name, int(timeout_seconds * 1000))
+    compat.wait_at_barrier(name, timeout_seconds)
 
 
 def is_lost_worker(error: BaseException) -> bool:
@@ -248,93 +226,24 @@ def lost_worker(error: BaseException, cluster: Cluster, doing: str = "training",
     again = f" and {resume}" if resume else ""
     return RunError(f"the cluster failed while {doing}: {who}; {cluster.name} stops too "
                     f"(TensorFlow: {reason}). Start every worker again with the same "
-                    f"command{again} (README: Training on a cluster)")
+                    f"command{again} (docs/cluster.md)")
 
 
 def agree(cluster: Cluster, what: dict, timeout_seconds: float) -> None:
     """Check that every worker runs the same thing: each publishes ``what`` (options,
     resumed run, precision, replicas) in the coordination service and compares the others'.
     Workers that differ would run different collectives (a hang) or diverge silently."""
-    from tensorflow.python.eager import context
-
     mine = json.dumps(what, sort_keys=True, default=str)
-    ctx = context.context()
-    ctx.set_config_key_value(f"tclf/run/{cluster.index}", mine)
+    compat.set_key(f"tclf/run/{cluster.index}", mine)
     for index in range(cluster.workers):
         if index == cluster.index:
             continue
-        theirs = ctx.get_config_key_value(f"tclf/run/{index}", int(timeout_seconds * 1000))
+        theirs = compat.get_key(f"tclf/run/{index}", timeout_seconds)
         if theirs != mine:
             a, b = json.loads(mine), json.loads(theirs)
             differ = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+            pairs = ", ".join(f"{k}: {b.get(k)!r} vs {a.get(k)!r}" for k in differ[:3])
             raise InputError(f"the workers of this cluster were not started alike: task "
                              f"{index} differs from {cluster.name} in {', '.join(differ)} "
-                             f"({', '.join(f'{k}: {b.get(k)!r} vs {a.get(k)!r}' for k in differ[:3])}"
-                             f"); start every worker with the same command (and the same "
+                             f"({pairs}); start every worker with the same command (and the same "
                              f"--resume vN)")
-
-
-# Keras 3.15 fails inside model.fit under MultiWorkerMirroredStrategy with more than one
-# worker (keras-team/keras#20585, open): in keras/src/backend/tensorflow/trainer.py,
-#  1. TensorFlowTrainer._maybe_symbolic_build reduces the first distributed batch with
-#     strategy.reduce("MEAN", batch, axis=None), only to read its shapes and dtypes; in
-#     multi-worker mode that raises "Attempt to convert a value (PerReplica...) to a Tensor".
-#     Fixed here by building from this worker's first replica's part of the batch.
-#  2. reduce_per_replica reduces every metric with strategy.reduce("MEAN", v, axis=0), which
-#     raises "Invalid reduction dimension 0 for input with 0 dimensions" for the scalar
-#     metrics. Fixed here by reducing scalars over the replicas only (axis=None): the mean of
-#     the workers' values, the same on every worker.
-# Both replacements call Keras' own code outside multi-worker mode, so single-process runs
-# are untouched. tests/test_cluster.py trains two workers; it fails without this patch.
-_PATCHED = []
-KERAS_PATCHED_FOR = "3.15."
-
-
-def patch_keras() -> None:
-    """Install the two fixes above (once per process). TCLF_KERAS_PATCH=0 leaves Keras as it
-    is, to check whether a new Keras still needs them."""
-    if _PATCHED or os.environ.get("TCLF_KERAS_PATCH", "1") == "0":
-        return
-    import keras
-    import tensorflow as tf
-    from keras.src.backend.tensorflow import trainer as tf_trainer
-
-    if (not keras.__version__.startswith(KERAS_PATCHED_FOR)
-            or not hasattr(tf_trainer, "_collective_all_reduce_multi_worker")
-            or not hasattr(tf_trainer, "reduce_per_replica")
-            or not hasattr(tf_trainer.TensorFlowTrainer, "_maybe_symbolic_build")):
-        raise RuntimeError(f"tclf.cluster.patch_keras is written for Keras {KERAS_PATCHED_FOR}x;"
-                           f" this is Keras {keras.__version__}: check whether "
-                           f"keras-team/keras#20585 is fixed and update the patch")
-    multi_worker = tf_trainer._collective_all_reduce_multi_worker
-    original_reduce = tf_trainer.reduce_per_replica
-    original_build = tf_trainer.TensorFlowTrainer._maybe_symbolic_build
-
-    def reduce_per_replica(values, strategy, reduction):
-        if not (multi_worker(strategy) and reduction in ("auto", "mean")):
-            return original_reduce(values, strategy, reduction)
-
-        def mean(value):
-            local = (strategy.experimental_local_results(value)[0]
-                     if isinstance(value, tf.distribute.DistributedValues) else value)
-            rank = getattr(getattr(local, "shape", None), "rank", None)
-            return strategy.reduce("MEAN", value, axis=None if rank == 0 else 0)
-
-        return tf.nest.map_structure(mean, values)
-
-    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
-        strategy = self._distribute_strategy
-        if strategy is None or iterator is None or not multi_worker(strategy):
-            return original_build(self, iterator=iterator, data_batch=data_batch)
-        for _, _, it in iterator:
-            batch = next(it)
-            data_batch = tf.nest.map_structure(
-                lambda v: (strategy.experimental_local_results(v)[0]
-                           if isinstance(v, tf.distribute.DistributedValues) else v), batch)
-            break
-        with strategy.scope():
-            self._symbolic_build(data_batch=data_batch)
-
-    tf_trainer.reduce_per_replica = reduce_per_replica
-    tf_trainer.TensorFlowTrainer._maybe_symbolic_build = _maybe_symbolic_build
-    _PATCHED.append(True)

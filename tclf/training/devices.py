@@ -11,29 +11,22 @@ import os
 import re
 
 from tclf import InputError
+from tclf.training.cluster import make_strategy
 
 PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
 
 
 def configure_devices(gpus: str = "all", cpu_devices: int = 1, cluster=None,
                       worker_timeout: float = 600.0):
-    """Pick the distribution strategy for `--gpus` (and `--cpu-devices`).
+    """(strategy, description, on_gpu) for `--gpus` and `--cpu-devices`; must run before
+    TensorFlow touches a device.
 
-    With a ``cluster`` (tclf.cluster, from TF_CONFIG): MultiWorkerMirroredStrategy over the
-    cluster's workers, each training on its GPUs as chosen by ``gpus`` (the same number on
-    every worker) or on its CPU, its collectives bounded by ``worker_timeout`` seconds.
-
-    "all": every visible GPU (MirroredStrategy; one GPU: that GPU; none: CPU).
-    "none": CPU only. "0,1": those GPUs. Must run before TensorFlow touches a device.
-
-    On the CPU, ``cpu_devices`` > 1 splits it into that many logical devices and
-    mirrors over them: the multi-device path (MirroredStrategy, the global batch
-    split across replicas, gradient all-reduce) runs on a machine without GPUs.
-    It tests that path; it does not make training faster.
-
-    Returns
-    -------
-    (strategy, description, on_gpu)
+    ``gpus``: "all" (every visible GPU, mirrored; one GPU: that GPU; none: the CPU), "none"
+    (the CPU) or indices like "0,1". ``cpu_devices`` > 1 splits the CPU into that many
+    mirrored logical devices, to run the multi-device path without GPUs (not faster). With a
+    ``cluster`` (tclf.training.cluster, from TF_CONFIG): MultiWorkerMirroredStrategy, each
+    worker on the GPUs ``gpus`` picks (as many on each) or its CPU, every collective bounded
+    by ``worker_timeout`` seconds. InputError for choices this machine cannot meet.
     """
     import tensorflow as tf
 
@@ -87,8 +80,6 @@ def configure_devices(gpus: str = "all", cpu_devices: int = 1, cluster=None,
 
 def _cluster_strategy(gpus: str, cpu_devices: int, cluster, worker_timeout: float):
     import tensorflow as tf
-
-    from tclf.training.cluster import make_strategy
 
     if cpu_devices > 1:
         raise InputError(f"--cpu-devices {cpu_devices}: a multi-worker run (TF_CONFIG) trains "

@@ -1,11 +1,11 @@
-"""The version folder models/vX/ (SPEC section 6): claiming it, its log, its report set,
+"""The version folder models/vX/ : claiming it, its log, its report set,
 and finding an unfinished one to resume.
 
 X is 1 + the largest existing vN, claimed with an atomic mkdir. The folder is complete
 when it holds model.h5, written last. Until then it holds UNFINISHED (a note saying how to
-resume it) and checkpoint/ (tclf.checkpoints), both removed when the run completes; a run
-that failed with an error also ends training_log.txt with the reason. While a process trains
-in it, .lock names that process, so that a resume never runs beside a live run.
+resume it) and checkpoint/ (tclf.training.checkpoints), both removed when the run completes;
+a run that failed with an error also ends training_log.txt with the reason. While a process
+trains in it, .lock names that process, so that a resume never runs beside a live run.
 """
 
 from __future__ import annotations
@@ -18,10 +18,12 @@ import time
 
 import tclf
 from tclf import RunError, faults, storage
+from tclf.evaluation import plots, reports
+from tclf.training import layout
+from tclf.training.backbone_cache import remove_scratch
+from tclf.training.checkpoints import Checkpoint
 
 _VERSION = re.compile(r"^v(\d+)$")
-UNFINISHED_NAME = "UNFINISHED"
-LOCK_NAME = ".lock"
 
 
 def claim_version_dir(models_dir: str) -> tuple[str, int]:
@@ -55,7 +57,7 @@ def _stamp(seconds: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(seconds))
 
 
-def _training_log(config, manifest, devices, precision, weights, stages, evaluation=None,
+def _training_log(config, pack, devices, precision, weights, stages, evaluation=None,
                   started=None, failure=None, resumed=(), resume_command="") -> str:
     lines = [f"tclf {tclf.__version__} training log", ""]
     lines.append(f"started: {_stamp(started)}")
@@ -64,13 +66,13 @@ def _training_log(config, manifest, devices, precision, weights, stages, evaluat
         lines.append(f"finished: {_stamp(time.time())}  "
                      f"(duration {time.time() - started:.1f} s)")
     lines += [f"devices: {devices}", f"precision: {precision}", f"records: {config.records}",
-              f"classes: {', '.join(manifest['classes'])}",
+              f"classes: {', '.join(pack.classes)}",
               "training records per class: " + ", ".join(
-                  f"{c}: {manifest['splits']['train']['counts'][c]}" for c in manifest["classes"]),
+                  f"{c}: {pack.split('train').counts[c]}" for c in pack.classes),
               "validation records per class: " + ", ".join(
-                  f"{c}: {manifest['splits']['val']['counts'][c]}" for c in manifest["classes"]),
+                  f"{c}: {pack.split('val').counts[c]}" for c in pack.classes),
               "class weights: " + ", ".join(
-                  f"{c}: {weights[i]:.4f}" for i, c in enumerate(manifest["classes"])), ""]
+                  f"{c}: {weights[i]:.4f}" for i, c in enumerate(pack.classes)), ""]
     for stage in stages:
         if not stage.epochs_run and stage.stop_reason.startswith("skipped"):
             lines.append(f"{stage.name}: {stage.stop_reason}")
@@ -99,11 +101,11 @@ def _training_log(config, manifest, devices, precision, weights, stages, evaluat
 @dataclasses.dataclass
 class RunFolder:
     """models/vX/ while a run writes it: its paths, stages so far, training_log.txt, its
-    UNFINISHED note and lock, and its checkpoint (tclf.checkpoints.Checkpoint)."""
+    UNFINISHED note and lock, and its checkpoint (tclf.training.checkpoints.Checkpoint)."""
 
     folder: str
-    config: object  # tclf.train.TrainConfig
-    manifest: dict
+    config: object  # tclf.training.config.TrainConfig
+    pack: object  # tclf.data.schema.Pack
     devices: str
     precision: str
     class_weights: dict
@@ -113,20 +115,18 @@ class RunFolder:
     checkpoint: object = None
 
     @classmethod
-    def claim(cls, config, manifest, devices, precision, class_weights,
+    def claim(cls, config, pack, devices, precision, class_weights,
               started) -> "RunFolder":
         """A new models/vX/ for a run, locked by this process, with its checkpoint started."""
-        from tclf.training.checkpoints import Checkpoint
-
         folder, _ = claim_version_dir(config.models)
         _lock(folder)
-        run = cls(folder, config, manifest, devices, precision, class_weights, started)
+        run = cls(folder, config, pack, devices, precision, class_weights, started)
         try:
-            storage.write_atomic(run.path(UNFINISHED_NAME), run.unfinished_note())
-            storage.makedirs(run.path("analysis"))
+            storage.write_atomic(run.path(layout.UNFINISHED), run.unfinished_note())
+            storage.makedirs(run.path(layout.ANALYSIS))
             run.checkpoint = Checkpoint(folder)
             run.checkpoint.start(dataclasses.asdict(config), precision,
-                                 {"started": started, "records_created": manifest.get("created"),
+                                 {"started": started, "records_created": pack.stamp,
                                   "records_path": config.records if storage.is_remote(
                                       config.records) else os.path.abspath(config.records)})
             run.write_log()
@@ -136,19 +136,19 @@ class RunFolder:
         return run
 
     @classmethod
-    def reopen(cls, folder, config, manifest, devices, precision, class_weights,
+    def reopen(cls, folder, config, pack, devices, precision, class_weights,
                checkpoint) -> "RunFolder":
         """An unfinished models/vX/ whose run continues in this process (``--resume``)."""
         _lock(folder)
         storage.remove_dead_staging(folder)  # What a kill mid-write left (model.tmp-*.h5).
         saved = checkpoint.state["run"]
-        if saved.get("records_created") != manifest.get("created"):
+        if saved.get("records_created") != pack.stamp:
             _unlock(folder)
             raise RunError(f"{config.records} was packed again since {folder} started "
-                           f"(manifest created {manifest.get('created')}, the run used the one "
+                           f"(manifest created {pack.stamp}, the run used the one "
                            f"created {saved.get('records_created')}); a resumed run must read "
                            f"the same records: start a new run")
-        run = cls(folder, config, manifest, devices, precision, class_weights,
+        run = cls(folder, config, pack, devices, precision, class_weights,
                   saved["started"], resumed=[*saved.get("resumed", []), time.time()],
                   checkpoint=checkpoint)
         checkpoint.state["run"]["resumed"] = run.resumed
@@ -172,31 +172,29 @@ class RunFolder:
                 f"To continue it from its last completed epoch: {self.resume_command()}\n")
 
     def log_text(self, evaluation=None, failure=None) -> str:
-        return _training_log(self.config, self.manifest, self.devices, self.precision,
+        return _training_log(self.config, self.pack, self.devices, self.precision,
                              self.class_weights, self.stages, evaluation, self.started, failure,
                              self.resumed, self.resume_command())
 
     def write_log(self) -> None:
-        storage.write_atomic(self.path("training_log.txt"), self.log_text())
+        storage.write_atomic(self.path(layout.LOG), self.log_text())
 
     def record(self, evaluation) -> dict:
         """config.json, also stored in model.h5: the options and what the run resolved."""
-        return {**dataclasses.asdict(self.config), "classes": self.manifest["classes"],
-                "devices": self.devices, "extraction": self.manifest.get("extraction"),
+        return {**dataclasses.asdict(self.config), "classes": list(self.pack.classes),
+                "devices": self.devices, "extraction": self.pack.extraction,
                 "resolved_precision": self.precision, "tclf_version": tclf.__version__,
                 "library_versions": tclf.library_versions(),
                 "version_dir": self.folder, "evaluation": evaluation.to_dict()}
 
     def complete(self) -> None:
         """model.h5 is written: drop the checkpoint, the UNFINISHED note and the lock."""
-        from tclf.training.backbone_cache import remove_scratch
-
         if self.checkpoint is not None:
             self.checkpoint.remove()
         remove_scratch(self.folder)  # Left by a killed stage 1, if any.
         faults.point("train.checkpoint_removed")
         storage.remove_dead_staging(self.folder)  # Left by a kill mid-write before a resume.
-        storage.remove_quietly(self.path(UNFINISHED_NAME))
+        storage.remove_quietly(self.path(layout.UNFINISHED))
         faults.point("train.unfinished_removed")
         _unlock(self.folder)
 
@@ -206,7 +204,7 @@ class RunFolder:
         reason = "interrupted" if isinstance(error, KeyboardInterrupt) else (
             f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}")
         try:
-            storage.write_atomic(self.path("training_log.txt"), self.log_text(failure=reason))
+            storage.write_atomic(self.path(layout.LOG), self.log_text(failure=reason))
         except Exception:  # noqa: BLE001 - the original error is the one to report
             pass
         _unlock(self.folder)
@@ -232,7 +230,7 @@ def _lock(folder: str, busy: str = "is being trained") -> None:
     """
     import socket
 
-    path = storage.join(folder, LOCK_NAME)
+    path = storage.join(folder, layout.LOCK)
     if storage.is_remote(folder):
         storage.write_atomic(path, _owner())
         return
@@ -247,7 +245,7 @@ def _lock(folder: str, busy: str = "is being trained") -> None:
                 storage.remove_quietly(path)  # Its process is gone: a stale lock.
                 continue
             raise RunError(f"{folder} {busy} by process {owner or '?'} (its "
-                           f"{LOCK_NAME} file); wait for it, or delete that file if the "
+                           f"{layout.LOCK} file); wait for it, or delete that file if the "
                            f"process is gone") from None
         with os.fdopen(descriptor, "w") as f:
             f.write(_owner())
@@ -265,7 +263,7 @@ def unlock_folder(folder: str) -> None:
 
 
 def _unlock(folder: str) -> None:
-    path = storage.join(folder, LOCK_NAME)
+    path = storage.join(folder, layout.LOCK)
     if storage.is_remote(folder) or _read_text(path) == _owner():
         storage.remove_quietly(path)
 
@@ -291,20 +289,18 @@ def _trained_now(folder: str) -> bool:
 
     if storage.is_remote(folder):
         return False
-    pid, _, host = _read_text(storage.join(folder, LOCK_NAME)).partition("@")
+    pid, _, host = _read_text(storage.join(folder, layout.LOCK)).partition("@")
     return host == socket.gethostname() and pid.isdigit() and storage.process_alive(int(pid))
 
 
 def unfinished_runs(models_dir: str) -> list[str]:
     """The vN folders of models_dir that have a checkpoint and no model.h5 and that no live
     process is training, newest first."""
-    from tclf.training.checkpoints import FOLDER_NAME, STATE_NAME
-
     found = []
     for _, name in _versions(models_dir):
         folder = storage.join(models_dir, name)
-        if (not storage.exists(storage.join(folder, "model.h5"))
-                and storage.exists(storage.join(folder, FOLDER_NAME, STATE_NAME))
+        if (not storage.exists(storage.join(folder, layout.MODEL))
+                and storage.exists(storage.join(folder, layout.CHECKPOINT, layout.CHECKPOINT_STATE))
                 and not _trained_now(folder)):
             found.append(folder)
     return found
@@ -322,7 +318,7 @@ def find_resumable(models_dir: str, which: str | None = None) -> str:
     folder = _folder_named(models_dir, which)
     if not storage.exists(folder):
         raise RunError(f"{folder}: no such run folder to resume")
-    if storage.exists(storage.join(folder, "model.h5")):
+    if storage.exists(storage.join(folder, layout.MODEL)):
         raise RunError(f"{folder} has finished (it holds model.h5): nothing to resume")
     return folder
 
@@ -332,21 +328,19 @@ def find_resumable(models_dir: str, which: str | None = None) -> str:
 # leaves a finished run whose publication a later run or --resume completes.
 # ---------------------------------------------------------------------------
 
-_LEFT_BY_A_RUN = (UNFINISHED_NAME, LOCK_NAME)
+_LEFT_BY_A_RUN = (layout.UNFINISHED, layout.LOCK)
 
 
 def unpublished_runs(models_dir: str) -> list[str]:
     """The vN folders of models_dir that hold model.h5 and still what their run removes at
     its very end (UNFINISHED, checkpoint/, .lock), with no live process in them, oldest
     first: runs killed after writing model.h5."""
-    from tclf.training.checkpoints import FOLDER_NAME
-
     found = []
     for _, name in reversed(_versions(models_dir)):
         folder = storage.join(models_dir, name)
-        if (storage.exists(storage.join(folder, "model.h5")) and not _trained_now(folder)
+        if (storage.exists(storage.join(folder, layout.MODEL)) and not _trained_now(folder)
                 and any(storage.exists(storage.join(folder, n))
-                        for n in (*_LEFT_BY_A_RUN, FOLDER_NAME))):
+                        for n in (*_LEFT_BY_A_RUN, layout.CHECKPOINT))):
             found.append(folder)
     return found
 
@@ -355,26 +349,23 @@ def finish_publication(folder: str, models_dir: str) -> str:
     """Complete the end of a run killed after its model.h5: latest.h5 becomes its model if
     no newer version has finished, then what the run would have removed goes. Returns a
     line saying what was done."""
-    from tclf.training.backbone_cache import remove_scratch
-    from tclf.training.checkpoints import FOLDER_NAME
-
     _lock(folder)  # Takes over the dead run's lock; refuses a live one's.
     try:
         name = os.path.basename(folder.rstrip("/"))
         newer = [n for number, n in _versions(models_dir)
                  if number > int(name[1:]) and storage.exists(
-                     storage.join(models_dir, n, "model.h5"))]
-        latest = storage.join(models_dir, "latest.h5")
+                     storage.join(models_dir, n, layout.MODEL))]
+        latest = storage.join(models_dir, layout.LATEST)
         if newer:
             done = f"latest.h5 left to the newer {newer[0]}"
         else:
-            storage.publish(storage.join(folder, "model.h5"), latest)
+            storage.publish(storage.join(folder, layout.MODEL), latest)
             done = "latest.h5 is its model.h5"
-        storage.rmtree(storage.join(folder, FOLDER_NAME), ignore_errors=True)
+        storage.rmtree(storage.join(folder, layout.CHECKPOINT), ignore_errors=True)
         remove_scratch(folder)
         storage.remove_dead_staging(folder)
         storage.remove_dead_staging(models_dir)  # A latest.h5 copy cut short.
-        storage.remove_quietly(storage.join(folder, UNFINISHED_NAME))
+        storage.remove_quietly(storage.join(folder, layout.UNFINISHED))
     finally:
         _unlock(folder)
     return f"{folder} had finished (model.h5) when it was stopped; completed its end: {done}"
@@ -400,6 +391,16 @@ def finish_if_unpublished(models_dir: str, which: str | None = None) -> str | No
     return None
 
 
+def private_copy(folder: str, parent: str) -> str:
+    """A copy of run ``folder`` in ``parent`` for a cluster's worker other than the chief:
+    the checkpoint and the notes, not the chief's lock, logs, reports or stage-1 scratch."""
+    copy = storage.join(parent, os.path.basename(folder.rstrip("/")))
+    storage.copytree(folder, copy, exclude=(
+        layout.LOCK, layout.LOGS, layout.ANALYSIS,
+        *(layout.STAGE1_SCRATCH.format(split=side) for side in ("train", "val"))))
+    return copy
+
+
 def tidy_models_dir(models_dir: str) -> list[str]:
     """Before a run: complete the runs killed after their model.h5, oldest first, and remove
     the staging files of dead processes (a latest.h5 copy cut short). Lines saying what."""
@@ -418,9 +419,7 @@ def tidy_models_dir(models_dir: str) -> list[str]:
 
 def write_report_set(run: RunFolder, evaluation) -> None:
     """report.txt, confusion_matrix.png, accuracy.png, loss.png, config.json and
-    training_log.txt in vX/, and the report set again in vX/analysis/ (SPEC section 6)."""
-    from tclf.evaluation import plots, reports
-
+    training_log.txt in vX/, and the report set again in vX/analysis/ ."""
     title = (f"{os.path.basename(run.folder.rstrip('/'))}: validation split of "
              f"{run.config.records}")
     written = reports.write_evaluation(evaluation, run.folder, title=title)
@@ -428,9 +427,9 @@ def write_report_set(run: RunFolder, evaluation) -> None:
         written.append(run.path(f"{metric}.png"))
         plots.plot_history([s.history for s in run.stages], metric, written[-1],
                            stage_names=["stage 1 (frozen)", "stage 2 (fine-tune)"])
-    storage.write_atomic(run.path("config.json"),
+    storage.write_atomic(run.path(layout.CONFIG),
                          json.dumps(run.record(evaluation), indent=1, default=str))
-    written.append(run.path("training_log.txt"))
+    written.append(run.path(layout.LOG))
     storage.write_atomic(written[-1], run.log_text(evaluation))
     for path in written:
-        storage.publish(path, run.path("analysis", os.path.basename(path)))
+        storage.publish(path, run.path(layout.ANALYSIS, os.path.basename(path)))
