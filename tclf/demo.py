@@ -1,40 +1,13 @@
-"""Synthetic trance-like demo audio (Goa, Psy, Dark).
+"""Synthetic trance-like demo audio: numpy-rendered drum-machine and oscillator patterns.
 
-The tracks made here are **synthetic, not real music**: simple drum-machine
-and oscillator patterns rendered with numpy. They exist so that the demo and
-the tests can run the whole pipeline (extraction, packing, training,
-prediction) without any copyrighted audio, and so that a model has something
-learnable to separate. Accuracy on them says nothing about real tracks.
-
-The three styles differ roughly the way the real sub-genres do:
-
-``goa``
-    135-145 BPM, bright. A detuned saw lead runs 16th-note arpeggios (with a
-    dotted-8th delay) over a minor-mode chord progression, plus a soft pad,
-    an off-beat bass, a four-on-the-floor kick with side-chain pumping,
-    open hats on the off-beats and closed 16th hats.
-``psy``
-    140-148 BPM, sparser. Short kick plus the rolling "KBBB" bass (kick, then
-    three 16th bass notes per beat) through a resonant low-pass, closed hats,
-    and only short percussive blips / zaps and an occasional short stab as
-    melodic material.
-``dark``
-    148-165 BPM, low-passed and noisy. Distorted low kick, rumbling KBBB bass
-    with minor-second / tritone steps, a dissonant (minor second + tritone)
-    cluster drone, band-passed noise sweeps, dissonant stabs and 16th hats;
-    the whole mix goes through a low-pass.
-
-Every track draws its tempo, key, patterns, mix levels and filter settings
-from its own :class:`numpy.random.Generator`, so two tracks of one style are
-not copies, and everything is deterministic for a given seed. A track has a
-short structure: fade-in, drums-only intro, bass entry, main part (with a
-breakdown without kick and bass in tracks of 45 s or more), outro without
-the melodic parts, and fade-out.
-
-Rendering is vectorized: each instrument is rendered once per 8-bar loop by
-placing pre-rendered one-shots, filtered in the frequency domain (circularly,
-so the loop repeats seamlessly) and tiled over the track. Only numpy and
-soundfile are used.
+Not real music: it lets the demo and the tests run the whole pipeline without copyrighted
+audio, on something learnable; accuracy on it says nothing about real tracks. The styles
+differ roughly as the sub-genres do: goa (135-145 BPM, bright saw arpeggios, pad, off-beat
+bass, pumping kick), psy (140-148 BPM, sparse, rolling "KBBB" bass, blips) and dark (148-165
+BPM, low-passed, distorted kick, dissonant drone, noise sweeps). Each track draws tempo, key,
+patterns, levels and filters from its own seeded generator (deterministic) and has an intro,
+a breakdown (tracks of 45 s or more), an outro and fades. Each instrument is rendered once
+per 8-bar loop, filtered circularly in the frequency domain and tiled over the track.
 """
 
 from __future__ import annotations
@@ -72,22 +45,9 @@ def _style_code(style: str) -> int:
 
 
 def track_seed(seed: int, style: str, index: int) -> int:
-    """Derive the seed of one demo track from ``(seed, style, index)``.
-
-    Parameters
-    ----------
-    seed : int >= 0
-        Seed of the whole demo set.
-    style : str
-        One of :data:`STYLES`.
-    index : int >= 0
-        Index of the track within its style.
-
-    Returns
-    -------
-    track_seed : int
-        A 32-bit seed for :func:`synthesize_track`. It does not depend on
-        which other styles or how many tracks are generated.
+    """The 32-bit seed of track ``index`` of ``style`` in the demo set seeded ``seed``, for
+    :func:`synthesize_track`. It does not depend on the other styles or on how many tracks
+    are made. ValueError for an unknown style or a negative seed or index.
     """
     _check_style(style)
     if seed < 0 or index < 0:
@@ -713,43 +673,13 @@ def _arrange(grid: _Grid, groups: dict[str, np.ndarray], n_total: int,
 
 def synthesize_track(style: str, seed: int, duration: float = 75.0,
                      sample_rate: int = 22050) -> np.ndarray:
-    """Render one synthetic trance-like track (not real music).
+    """Render one synthetic trance-like track (not real music) of ``style`` (:data:`STYLES`).
 
-    Parameters
-    ----------
-    style : str
-        One of :data:`STYLES`: ``"goa"``, ``"psy"`` or ``"dark"``.
-    seed : int >= 0
-        Seed of the track's random generator. Tempo (within
-        :data:`TEMPO_RANGES` ``[style]``), key, patterns, mix levels and filter
-        settings are drawn from it; the same ``(style, seed)`` always gives
-        the same audio.
-    duration : float > 0
-        Length in seconds.
-    sample_rate : int > 0
-        Sampling rate in Hz.
-
-    Returns
-    -------
-    y : np.ndarray [shape=(n,), dtype=float32]
-        Mono audio with ``n = round(duration * sample_rate)``, values in
-        [-1, 1] with a peak of 0.9 (unless the track is silent).
-
-    Raises
-    ------
-    ValueError
-        If ``style`` is unknown, ``duration <= 0``, ``sample_rate <= 0`` or
-        ``seed < 0``.
-
-    See Also
-    --------
-    make_demo_audio : write a whole demo set to disk.
-
-    Examples
-    --------
-    >>> y = synthesize_track("psy", seed=1, duration=5.0)
-    >>> y.shape, y.dtype
-    ((110250,), dtype('float32'))
+    ``seed`` (int >= 0) draws the tempo (within TEMPO_RANGES[style]), key, patterns, levels
+    and filters: the same (style, seed) always gives the same audio. ``duration`` is in
+    seconds, ``sample_rate`` in Hz. Returns mono float32 [round(duration * sample_rate)] in
+    [-1, 1] with a peak of 0.9 (unless silent), e.g. shape (110250,) for 5 s at 22050 Hz.
+    ValueError for an unknown style, duration or sample_rate <= 0, or a negative seed.
     """
     _check_style(style)
     if not np.isfinite(duration) or duration <= 0:
@@ -773,42 +703,15 @@ def synthesize_track(style: str, seed: int, duration: float = 75.0,
 def make_demo_audio(out_dir: str, tracks_per_style: int = 20, duration: float = 75.0,
                     seed: int = 0, sample_rate: int = 22050,
                     styles: Iterable[str] = STYLES) -> list[str]:
-    """Write a seeded set of synthetic demo tracks as 16-bit WAV files.
+    """Write ``tracks_per_style`` synthetic tracks of each of ``styles`` as 16-bit WAV files
+    ``out_dir/<style>/<style>_<NN>.wav`` (folders created; NN: the index, 2 digits or more);
+    return their paths, style by style, in index order.
 
-    Files are ``out_dir/<style>/<style>_<NN>.wav`` with ``NN`` the track index
-    (00, 01, ...). Track ``NN`` of ``style`` is
-    ``synthesize_track(style, track_seed(seed, style, NN), duration,
-    sample_rate)``, so a track does not depend on how many tracks or which
-    other styles are generated. Each file is written to a temporary name in
-    the same folder and then moved into place with :func:`os.replace`, so an
-    interrupted run never leaves a partial ``.wav``. Existing files are
-    overwritten (nothing is skipped).
-
-    Parameters
-    ----------
-    out_dir : str
-        Output folder; created if missing.
-    tracks_per_style : int >= 0
-        Number of tracks per style.
-    duration : float > 0
-        Length of each track in seconds.
-    seed : int >= 0
-        Seed of the whole set.
-    sample_rate : int > 0
-        Sampling rate in Hz.
-    styles : iterable of str
-        Styles to generate, each one of :data:`STYLES`.
-
-    Returns
-    -------
-    paths : list of str [shape=(len(styles) * tracks_per_style,)]
-        Paths of the written files, style by style, in index order.
-
-    Raises
-    ------
-    ValueError
-        For an unknown style, ``tracks_per_style < 0``, ``duration <= 0``,
-        ``sample_rate <= 0`` or ``seed < 0``.
+    Track NN is ``synthesize_track(style, track_seed(seed, style, NN), duration,
+    sample_rate)``, independent of the other tracks. Each file is staged and renamed into
+    place (tclf.storage.staged), so an interrupted run leaves no partial .wav; existing files
+    are overwritten. ValueError for an unknown style, tracks_per_style < 0, duration or
+    sample_rate <= 0, or seed < 0.
     """
     styles = tuple(styles)
     for style in styles:

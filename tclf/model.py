@@ -1,30 +1,15 @@
-"""The two-branch model (SPEC section 4), built from built-in Keras layers only.
+"""The two-branch model, built from built-in Keras layers only.
 
-    spectrogram uint8 [H, W, 3] -> EfficientNetB0 (global average pool) -> Dense(128)
-    features float32 [10, 68]   -> Normalization -> GRU(128, sequences) -> self-attention (4 heads)
-                                -> GRU(64) -> Dense(64)
+    spectrogram uint8 [H, W, 3]        -> EfficientNetB0 (average pool) -> Dense(128)
+    features float32 [*FEATURE_SHAPE]  -> Normalization -> GRU(128, sequences)
+                                       -> self-attention (4 heads) -> GRU(64) -> Dense(64)
     concatenate -> Dense(128) -> Dropout(0.4) -> Dense(64) -> Dense(classes, softmax, float32)
 
-Because every layer is a Keras built-in, model.h5 loads with plain
-``keras.models.load_model(path, compile=False)`` in a process that never
-imports tclf. The class names are stored in the .h5 file itself
-(:func:`save_model` / :func:`load_class_names`), so prediction needs only it.
-
-Precision. Under mixed_float16 / mixed_bfloat16 every layer computes in the
-policy's compute dtype except two that run in float32:
-
-- feature_normalization: its inputs are raw features (spectral centroid,
-  bandwidth and roll-off in Hz, variances up to ~10^7) and its statistics.
-  In float16 those variances overflow to inf and the layer outputs exactly 0
-  for those columns; in bfloat16 means and values keep 8 significant bits.
-- style (the output softmax), as usual for mixed precision.
-
-The rest was checked layer by layer against float32 (tests/test_precision.py):
-the image cast (uint8 0-255 is exact in both half types), EfficientNet (its
-BatchNormalization computes its statistics in float32 in Keras), the GRUs
-(gates and states bounded by sigmoid/tanh), the self-attention (Keras
-computes its scores' softmax in float32 in ops.dot_product_attention) and the
-fusion Dense layers (inputs after ReLU of O(1) values).
+Built-ins only, so model.h5 loads with ``keras.models.load_model(path, compile=False)``
+without tclf; it also stores the class names (:func:`save_model`, :func:`load_class_names`).
+Under a mixed precision policy feature_normalization (raw features in Hz, variances to ~1e7:
+inf in float16) and the softmax compute in float32; the rest is safe in half precision, as
+tests/test_precision.py checks layer by layer.
 """
 
 from __future__ import annotations
@@ -44,7 +29,7 @@ BACKBONE_NAME = "efficientnetb0"
 BACKBONE_OUTPUT_KEY = "backbone_output"  # The input of heads_model (stage 1).
 CLASS_NAMES_ATTRIBUTE = "tclf_class_names"
 CONFIG_ATTRIBUTE = "tclf_config"
-TEMPERATURE_ATTRIBUTE = "tclf_temperature"  # tclf.calibration; absent: 1.0.
+TEMPERATURE_ATTRIBUTE = "tclf_temperature"  # tclf.evaluation.calibration; absent: 1.0.
 IMAGENET_URL = ("https://storage.googleapis.com/keras-applications/efficientnetb0_notop.h5")
 
 
@@ -96,29 +81,16 @@ def build_model(num_classes: int, feature_mean=None, feature_std=None,
                 image_units: int = 128, gru_units: int = 128, gru2_units: int = 64,
                 feature_units: int = 64, fusion_units: int = 128, head_units: int = 64,
                 attention_heads: int = 4, dropout: float = 0.4):
-    """Build the two-branch classifier.
+    """Build the two-branch classifier (the module docstring's graph and precision).
 
-    Parameters
-    ----------
-    num_classes : int
-    feature_mean, feature_std : array-like [shape=(68,)], optional
-        Training-split statistics of the feature columns (manifest.json); the
-        model normalizes its feature input with them. Default: identity.
-    image_size : int
-        Side of the square spectrogram input (299 in production; small in tests).
-    attention_heads : int
-        Heads of the self-attention over the 10 windows (keras MultiHeadAttention;
-        key size gru_units / heads).
-    weights : "imagenet", "none" or a file path
-        Backbone initialization.
-
-    Returns
-    -------
-    keras.Model with inputs {"spectrogram": uint8 [B, image_size, image_size, 3],
-    "features": float32 [B, 10, 68]} and output float32 [B, num_classes].
-    The dtype policy in effect at call time applies to every layer except the
-    feature normalization and the output softmax, which compute in float32
-    (module docstring, "Precision").
+    - feature_mean, feature_std: the training split's, one value per feature column
+      (manifest.json); the model normalizes its features with them. None: identity.
+    - image_size: side of the square spectrogram input (IMAGE_SIZE; small in tests).
+    - attention_heads: over the windows; key size gru_units // attention_heads.
+    - weights: backbone initialization, "imagenet", "none" or a weights file.
+    Returns a keras.Model {"spectrogram": uint8 [B, image_size, image_size, 3], "features":
+    float32 [B, *feature_shape]} -> float32 [B, num_classes]. InputError for fewer than 2
+    classes, ValueError for statistics of the wrong length.
     """
     import keras
     from keras import layers
@@ -169,10 +141,10 @@ def build_model(num_classes: int, feature_mean=None, feature_std=None,
 
 
 def _heads(layer, image_vector, features):
-    """The graph after the backbone: image vector [B, 1280] + features [B, 10, 68] -> class
-    probabilities, through the layers ``layer(name)`` returns (new ones, or a model's)."""
+    """The graph after the backbone: image vector [B, 1280] + features [B, *FEATURE_SHAPE]
+    -> class probabilities, through the layers ``layer(name)`` returns (new, or a model's)."""
     x = layer("image_dense")(image_vector)
-    # Sequence branch over the ten 1-second windows.
+    # Sequence branch over the 1-second windows.
     s = layer("feature_normalization")(features)
     s = layer("gru_1")(s)
     s = layer("self_attention")(s, s)
@@ -187,18 +159,14 @@ def _heads(layer, image_vector, features):
 
 
 def _inference_only(backbone):
-    """Make the backbone compute as in inference mode whatever the training flag.
+    """Make ``backbone`` compute as in inference whatever the training flag; return it.
 
-    The Keras transfer-learning recipe, ``backbone(x, training=False)``, does not hold in
-    Keras 3.15 functional models: the model's own call passes its training flag to every
-    layer of the graph, overriding the one given when the graph was built (checked: a
-    trainable backbone built that way gives different outputs for one batch in two
-    training-mode calls). What it computes in training mode differs from inference in two
-    kinds of layer only: BatchNormalization, which computes in inference mode whenever it is
-    not trainable (it never is here: stage 1 freezes the backbone, stage 2 keeps its
-    BatchNormalization frozen), and EfficientNet's stochastic-depth Dropout layers, whose
-    rate is set to 0 here. The backbone then computes the same in both stages as in
-    inference, so stage 1 may compute its outputs once (tclf.train).
+    ``backbone(x, training=False)`` does not hold in Keras 3.15 functional models: the
+    model's call passes its own training flag to every layer. Training mode differs only in
+    BatchNormalization (inference mode whenever not trainable, which it never is here) and
+    EfficientNet's stochastic-depth Dropout, whose rate is set to 0 here. So the backbone
+    computes the same in both stages, and stage 1 may compute its outputs once
+    (tclf.training.backbone_cache).
     """
     import keras
 
@@ -214,19 +182,15 @@ def is_random(weights) -> bool:
 
 
 def calibrate_backbone(model, images, batch_size: int = 16) -> None:
-    """Set the backbone's BatchNormalization statistics to those of ``images`` (uint8
-    spectrograms [N, H, W, 3]): each layer's moving mean and variance become those of its
-    input over all the images and positions, with the backbone run ``batch_size`` images at
-    a time in training mode (each layer normalizing by its batch's, as it will by these; a
-    pass over 96 images at once held 17 GB at 299x299). The
-    statistics are computed here and set with ``set_weights``, which holds on every replica
-    of a tf.distribute strategy (the layers' own update in a cross-replica call does not).
+    """Set each backbone BatchNormalization layer's moving mean and variance to those of its
+    input over ``images`` (uint8 spectrograms [N, H, W, 3]); for --weights none only.
 
-    For a random backbone only (--weights none). With the initial statistics (mean 0,
-    variance 1) activations shrink from block to block and the pooled output is ~1e-5 (std
-    over the dev corpus), so the image branch contributes nothing after its Dense layer;
-    normalized, the random backbone is a random-feature extractor that does (README:
-    "Learning from real music"). A pretrained backbone keeps ImageNet's statistics.
+    With the initial statistics a random backbone's pooled output is ~1e-5 and the image
+    branch adds nothing; normalized, it is a random-feature extractor that helps
+    (docs/real-music.md#what-each-change-did). Runs ``batch_size`` images at a time in
+    training mode (96 at once held 17 GB at 299x299); sets the result with ``set_weights``,
+    which holds on every replica of a tf.distribute strategy (a layer's own update in a
+    cross-replica call does not).
     """
     import keras
 
@@ -252,7 +216,7 @@ def calibrate_backbone(model, images, batch_size: int = 16) -> None:
 
 def heads_model(model):
     """The part of ``model`` after the backbone, as a model of its own:
-    {"backbone_output": [B, 1280], "features": [B, 10, 68]} -> class probabilities.
+    {"backbone_output": [B, 1280], "features": [B, *FEATURE_SHAPE]} -> class probabilities.
 
     It holds the same layer objects as ``model``: training it trains model's heads, and
     model's backbone is not part of it. Stage 1 trains it on backbone outputs computed once.
@@ -336,8 +300,8 @@ KERAS_METADATA = "tclf.json"  # model.keras: the zip entry holding what model.h5
 def save_model(model, path: str, class_names, config: dict | None = None,
                temperature: float = 1.0) -> None:
     """Save ``path`` (no optimizer) with the class names, the training configuration and the
-    calibration temperature, atomically: model.h5 (HDF5, the format the spec asks for) keeps
-    them as HDF5 attributes, model.keras (Keras 3's own format, a zip) as its tclf.json.
+    calibration temperature, atomically: model.h5 (HDF5, tclf's model format) keeps them as
+    HDF5 attributes, model.keras (Keras 3's own format, a zip) as its tclf.json.
 
     Written, tagged, then renamed into place (tclf.storage.staged), so ``path``
     may be remote and is never half-written.
@@ -371,7 +335,7 @@ def save_model(model, path: str, class_names, config: dict | None = None,
 
 
 def _h5_notice(record: logging.LogRecord) -> bool:
-    """Drop Keras' "HDF5 is legacy" notice: model.h5 is the format the spec asks for."""
+    """Drop Keras' "HDF5 is legacy" notice: model.h5 is tclf's chosen model format."""
     return "saving your model as an HDF5 file" not in record.getMessage()
 
 

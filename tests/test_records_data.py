@@ -13,7 +13,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from tclf import DataWarning
+from tclf import DataWarning, storage
 from tclf.data import reader, records, splits
 from tests.conftest import STYLES, TRACKS_PER_STYLE
 
@@ -150,7 +150,7 @@ def test_pack_failing_midway_through_replacing_keeps_the_old_pack(
     target = tmp_path / "records"
     shutil.copytree(records_dir, target)
     before = {name: (target / name).read_bytes() for name in os.listdir(target)}
-    real_rename, moved_in = tf.io.gfile.rename, []
+    real_rename, moved_in = storage.rename, []
 
     def rename(source, destination, overwrite=False):  # Remote storage failing mid-way.
         if ".tmp-pack-" in source:
@@ -159,7 +159,7 @@ def test_pack_failing_midway_through_replacing_keeps_the_old_pack(
                 raise tf.errors.UnavailableError(None, None, "connection reset")
         return real_rename(source, destination, overwrite)
 
-    monkeypatch.setattr(tf.io.gfile, "rename", rename)
+    monkeypatch.setattr(storage, "rename", rename)
     with pytest.raises(tf.errors.UnavailableError):
         records.pack(data_dir, str(target), seed=3, overwrite=True, progress=False)
     assert {name: (target / name).read_bytes() for name in os.listdir(target)} == before

@@ -45,18 +45,8 @@ def _validate_confusion(confusion, class_names) -> tuple[np.ndarray, list[str]]:
 
 
 def row_normalized(confusion) -> np.ndarray:
-    """Row-normalize a confusion matrix.
-
-    Parameters
-    ----------
-    confusion : array-like, shape [C, C]
-        Counts, rows = true class.
-
-    Returns
-    -------
-    np.ndarray of float64, shape [C, C]
-        Each row divided by its total; rows with zero total are all 0.
-    """
+    """A confusion matrix of counts [C, C] (rows: true class) with each row divided by its
+    total, as float64; a row with a zero total stays all 0."""
     matrix = np.asarray(confusion, dtype=np.float64)
     totals = matrix.sum(axis=1, keepdims=True)
     return np.divide(matrix, totals, out=np.zeros_like(matrix), where=totals > 0)
@@ -107,25 +97,12 @@ def _confusion_figure(panels: list[tuple[np.ndarray, str]], class_names: list[st
 def plot_confusion_matrix(
     confusion, class_names, path: str, title: str = "Confusion matrix (validation)"
 ) -> None:
-    """Save an annotated confusion-matrix heatmap as PNG.
+    """Save a heatmap of ``confusion`` (counts [C, C]; rows true, columns predicted classes)
+    as the PNG ``path`` (written atomically, local or remote).
 
-    Cells are coloured by the row-normalized rate and annotated with the count
-    and the rate, e.g. ``"12\\n(85.7%)"``. Rows with zero total get rate 0.
-
-    Parameters
-    ----------
-    confusion : array-like of int, shape [C, C]
-        Counts; rows are true classes, columns predicted classes.
-    class_names : sequence of str, length C
-    path : str
-        Output PNG path (written atomically through ``tf.io.gfile``).
-    title : str, optional
-
-    Raises
-    ------
-    ValueError
-        If the matrix is not square, does not match ``class_names`` or holds
-        negative/non-finite values.
+    Cells are coloured by the row-normalized rate (0 in a row with no counts) and show the
+    count and the rate, e.g. ``"12\\n(85.7%)"``. ValueError if the matrix is not square,
+    does not match ``class_names`` or holds negative or non-finite values.
     """
     matrix, names = _validate_confusion(confusion, class_names)
     fig = _confusion_figure([(matrix, title)], names)
@@ -162,32 +139,14 @@ def _series(history: dict, key: str, length: int) -> np.ndarray:
 def plot_history(
     histories: list[dict], metric: str, path: str, stage_names=None
 ) -> None:
-    """Plot training curves of all stages on one axis and save as PNG.
+    """Plot ``metric`` (e.g. "accuracy") and ``"val_" + metric`` over every stage on one axis
+    and save the PNG ``path`` (written atomically, local or remote).
 
-    Epochs are numbered continuously ``1..total`` across stages; a dashed
-    vertical line marks the start of each later stage, and every stage is
-    labelled with its name. Missing ``val_<metric>`` keys and empty stages are
-    tolerated (the curve is simply absent there).
-
-    Parameters
-    ----------
-    histories : list of dict
-        One Keras ``History.history`` dict (or ``History`` object) per stage,
-        mapping keys such as ``"accuracy"``/``"val_accuracy"`` to per-epoch
-        value lists of shape [E_i].
-    metric : str
-        Base metric name, e.g. ``"accuracy"`` or ``"loss"``; ``"val_" + metric``
-        is plotted as the validation curve.
-    path : str
-        Output PNG path (written atomically through ``tf.io.gfile``).
-    stage_names : sequence of str, optional
-        One name per stage; defaults to ``"stage 1"``, ``"stage 2"``, ...
-
-    Raises
-    ------
-    ValueError
-        If ``histories`` is not a list of dicts, ``stage_names`` has the wrong
-        length, or epochs were recorded but none for ``metric``.
+    ``histories``: per stage, a Keras History or its ``.history`` dict (key -> per-epoch
+    values). Epochs are numbered 1..total across stages; a dashed line marks each later
+    stage's start, and each stage is labelled by ``stage_names`` (default "stage 1", ...).
+    Missing keys and empty stages leave gaps. ValueError if ``histories`` is not such a list,
+    ``stage_names`` has another length, or epochs were recorded but none for ``metric``.
     """
     if isinstance(histories, dict) or not isinstance(histories, (list, tuple)):
         raise ValueError(

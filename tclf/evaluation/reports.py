@@ -1,10 +1,10 @@
 """The report set of an evaluation: report.txt (segment and track level), metrics.json (its
 figures, for programs), predictions.csv (a row per track, for fixing labels) and the figures.
 
-Training (models/vX/ and models/vX/analysis/) and `tclf-eval` write their reports through
-:func:`write_evaluation` (and training through :func:`write_report_set`), so both have the
-same formats. :func:`format_report` renders report.txt, :func:`parse_report_metrics` reads
-its headline numbers back. Metrics are computed in tclf.evaluate, figures drawn in tclf.plots.
+Training (models/vX/ and models/vX/analysis/, via tclf.training.versions.write_report_set) and
+`tclf-eval` both write them with :func:`write_evaluation`, so the formats are the same.
+:func:`parse_report_metrics` reads report.txt's headline numbers back. Metrics are computed in
+tclf.evaluation.evaluate, figures drawn in tclf.evaluation.plots.
 """
 
 from __future__ import annotations
@@ -65,21 +65,9 @@ def _format_section(
 
 
 def format_report(evaluation: Evaluation, title: str = "") -> str:
-    """Render the content of ``report.txt``.
-
-    Parameters
-    ----------
-    evaluation : Evaluation
-    title : str, optional
-        First line of the report; ``"Evaluation report"`` if empty.
-
-    Returns
-    -------
-    str
-        The report, ending in a newline. The lines ``accuracy: X.XXXX`` and
-        ``macro F1: X.XXXX`` of each section can be read back with
-        :func:`parse_report_metrics`.
-    """
+    """The text of report.txt, ending in a newline, headed ``title`` (default "Evaluation
+    report"). Each section's ``accuracy: X.XXXX`` and ``macro F1: X.XXXX`` lines are what
+    :func:`parse_report_metrics` reads back. ValueError unless given an Evaluation."""
     if not isinstance(evaluation, Evaluation):
         raise ValueError(
             f"evaluation must be an Evaluation, got {type(evaluation).__name__}"
@@ -160,24 +148,9 @@ def format_predictions_csv(evaluation: Evaluation) -> str:
 
 
 def parse_report_metrics(text: str) -> dict:
-    """Read the headline metrics back from :func:`format_report` output.
-
-    Parameters
-    ----------
-    text : str
-        Content of a ``report.txt``.
-
-    Returns
-    -------
-    dict
-        ``{"segment_accuracy", "segment_macro_f1", "track_accuracy",
-        "track_macro_f1"}`` mapped to floats (4 decimals of precision).
-
-    Raises
-    ------
-    ValueError
-        If a section or one of its metric lines is missing.
-    """
+    """The headline metrics in ``text``, a report.txt (:func:`format_report`): a dict of
+    segment_accuracy, segment_macro_f1, track_accuracy and track_macro_f1 (floats with 4
+    decimals). ValueError if a section or one of its metric lines is missing."""
     keys = {"accuracy": "accuracy", "macro F1": "macro_f1"}
     result: dict[str, float] = {}
     section = None
@@ -201,31 +174,12 @@ def parse_report_metrics(text: str) -> dict:
 def write_evaluation(
     evaluation: Evaluation, out_dir: str, title: str = "", confusion: str = "segment"
 ) -> list[str]:
-    """Write ``report.txt``, ``confusion_matrix.png``, ``metrics.json`` and
-    ``predictions.csv`` into ``out_dir``.
+    """Write report.txt, confusion_matrix.png, metrics.json and predictions.csv into
+    ``out_dir`` (created if missing; local or remote); return their paths in that order.
 
-    Parameters
-    ----------
-    evaluation : Evaluation
-    out_dir : str
-        Output directory (created if missing; any tf.io.gfile path).
-    title : str, optional
-        Report title, also used as the figure's title.
-    confusion : {"segment", "track", "both"}, optional
-        Which confusion matrix to draw; ``"both"`` puts the segment and track
-        heatmaps side by side in the same figure.
-
-    Returns
-    -------
-    list of str
-        Paths written: ``[report.txt, confusion_matrix.png, metrics.json,
-        predictions.csv]``.
-
-    Raises
-    ------
-    ValueError
-        If ``confusion`` is not one of the choices or ``evaluation`` is not an
-        :class:`Evaluation`.
+    ``title`` heads the report and the figure. ``confusion`` ("segment", "track" or "both")
+    picks the matrix drawn; "both" puts the two side by side. ValueError for another
+    ``confusion``, a non-Evaluation or an empty ``out_dir``.
     """
     if confusion not in CONFUSION_CHOICES:
         raise ValueError(f"confusion must be one of {CONFUSION_CHOICES}, got {confusion!r}")
