@@ -40,6 +40,21 @@ def makedirs(path: str) -> None:
         os.makedirs(path, exist_ok=True)
 
 
+def make_new_dir(path: str) -> bool:
+    """Create the folder ``path``; False if it exists. Locally atomic (of two processes, one
+    gets it); object stores have no atomic mkdir, so there it is a best effort."""
+    if is_remote(path):
+        if _gfile().exists(path):
+            return False
+        _gfile().makedirs(path)
+        return True
+    try:
+        os.mkdir(path)
+        return True
+    except FileExistsError:
+        return False
+
+
 def _gfile():
     import tensorflow as tf
 

@@ -14,7 +14,7 @@ import re
 
 import tensorflow as tf
 
-from tclf import InputError, RunError
+from tclf import InputError, RunError, storage
 from tclf.data import schema
 from tclf.data.schema import FEATURES_KEY, LABEL_KEY, SPECTROGRAM_KEY, TRACK_ID_KEY
 
@@ -116,8 +116,8 @@ def _shard_files(pack, split: str, workers) -> list[str]:
     if not files:
         raise InputError(f"{pack.path}: split {split!r} has no records")
     for shard, path in zip(pack.split(split).shards, files):
-        if "bytes" in shard and tf.io.gfile.stat(path).length != shard["bytes"]:
-            raise CorruptRecordsError(f"{path}: {tf.io.gfile.stat(path).length} bytes, the "
+        if "bytes" in shard and storage.size(path) != shard["bytes"]:
+            raise CorruptRecordsError(f"{path}: {storage.size(path)} bytes, the "
                                       f"manifest says {shard['bytes']} (truncated or replaced?); "
                                       f"re-run tclf-pack")
     if workers and workers[0] > 1:

@@ -29,28 +29,17 @@ _VERSION = re.compile(r"^v(\d+)$")
 def claim_version_dir(models_dir: str) -> tuple[str, int]:
     """Create models/vX with X = 1 + the largest existing vN, atomically.
 
-    Locally, os.mkdir either creates the folder or fails because another run
-    got it first, in which case the next number is tried: two runs started
-    together never share a folder. Folders not named vN are ignored.
+    Locally the folder is created atomically, so two runs started together never share
+    one: the loser tries the next number. Folders not named vN are ignored.
     """
-    import tensorflow as tf
-
-    tf.io.gfile.makedirs(models_dir)
+    storage.makedirs(models_dir)
     while True:
-        numbers = [int(m.group(1)) for n in tf.io.gfile.listdir(models_dir)
-                   if (m := _VERSION.match(n.rstrip("/")))]
+        numbers = [int(m.group(1)) for n in storage.listdir(models_dir)
+                   if (m := _VERSION.match(n))]
         number = max(numbers, default=0) + 1
         path = storage.join(models_dir, f"v{number}")
-        if "://" in models_dir:  # Object stores have no atomic mkdir; best effort.
-            if tf.io.gfile.exists(path):
-                continue
-            tf.io.gfile.makedirs(path)
+        if storage.make_new_dir(path):
             return path, number
-        try:
-            os.mkdir(path)
-            return path, number
-        except FileExistsError:
-            continue
 
 
 def _stamp(seconds: float) -> str:
