@@ -2,7 +2,7 @@
 
 Inputs may be audio files, folders searched recursively for audio, or track
 folders in the data/ layout (part_N.png + part_N.npy). Audio goes through
-:func:`tclf.audio.analyze_file`, the code `tclf-extract` uses, in memory. A
+:func:`tclf.data.audio.analyze_file`, the code `tclf-extract` uses, in memory. A
 track's prediction is the mean of its segments' probabilities. The class
 names come from the model file, so any model.h5 written by tclf-train works
 on its own.
@@ -29,9 +29,17 @@ import time
 
 import numpy as np
 
+import tensorflow as tf
+from tqdm import tqdm
+
 from tclf import InputError, library_versions, report_skip
 from tclf.data import audio, records
+from tclf.data.reader import resize_image
 from tclf.data.schema import FEATURES_KEY, SPECTROGRAM_KEY
+from tclf.evaluation.calibration import apply_temperature
+from tclf.evaluation.evaluate import mean_by_track
+from tclf.model import (image_size_of, load_config, load_model, load_temperature,
+                        warn_if_librosa_differs)
 
 UNKNOWN = "unknown"  # The style of a track below --min-confidence.
 # The extraction settings prediction takes from a model: its standard segments, without the
@@ -139,8 +147,6 @@ def read_track_folder(path: str) -> list[tuple[int, np.ndarray, np.ndarray]]:
 
 def extraction_settings(model_path: str) -> dict:
     """The tclf-extract settings the model's training data was made with (stored in model.h5)."""
-    from tclf.model import load_config
-
     settings = (load_config(model_path) or {}).get("extraction") or {}
     return {k: v for k, v in settings.items() if k in ANALYSIS_SETTINGS}
 
@@ -149,89 +155,36 @@ def predict_paths(paths, model_path: str = "models/latest.h5", batch_size: int =
                   progress: bool = False, model=None, class_names=None,
                   min_confidence: float = 0.0, temperature: float | None = None
                   ) -> PredictionResult:
-    """Classify tracks.
+    """Classify the tracks of ``paths`` (audio files, folders of audio, data/ track folders).
 
-    Parameters
-    ----------
-    paths : list of str
-        Audio files, folders of audio, or data/ track folders.
-    model_path : str
-        A model.h5 written by tclf-train (the class names are read from it).
-    batch_size : int
-        Segments per forward pass; segments of several tracks share batches.
-    model, class_names : optional
-        An already loaded model (and its classes), to skip loading; audio is then
-        analysed with the default extraction settings. Otherwise the settings
-        stored in the model file (those of its training data) are used.
-    min_confidence : float
-        A track whose highest probability is below this is named ``UNKNOWN`` ("unknown"):
-        none of the styles the model knows, or too close to call.
-    temperature : float, optional
-        Applied to every segment's probabilities (tclf.calibration); default: the one
-        stored in the model file (1.0 with an already loaded ``model``).
-
-    Returns
-    -------
-    PredictionResult; files that could not be used are in ``failed`` and
-    reported with a DataWarning each.
+    - ``model_path``: a model.h5 or model.keras written by tclf-train, its class names,
+      temperature and extraction settings read from it; or an already loaded ``model`` and
+      its ``class_names`` (audio then analysed with the default settings).
+    - ``batch_size``: segments per forward pass; segments of several tracks share batches.
+    - ``min_confidence``: a track whose highest probability is below it is ``UNKNOWN``.
+    - ``temperature``: overrides the stored one (tclf.evaluation.calibration).
+    Files that cannot be used are in the result's ``failed``, each also reported.
     """
-    import tensorflow as tf
-
-    from tclf.data.reader import resize_image
-    from tclf.evaluation.calibration import apply_temperature
-    from tclf.model import (image_size_of, load_config, load_model, load_temperature,
-                            warn_if_librosa_differs)
-
     started = time.perf_counter()
-    config = None  # The stored training configuration, when the model is loaded here.
+    extraction, config = {}, None
     if model is None:
         model, class_names = load_model(model_path)
         config = load_config(model_path) or {}
         extraction = extraction_settings(model_path)
         if temperature is None:
             temperature = load_temperature(model_path)
-    else:
-        extraction = {}
-    temperature = 1.0 if temperature is None else temperature
-    image_size = image_size_of(model)
     items, failed = collect_inputs(paths)
     for _, error in failed:
         report_skip(error)
     if config is not None and any(kind == "audio" for kind, _ in items):
-        warn_if_librosa_differs(model_path, config,
-                                library_versions()["librosa"], "this tclf-predict analyses "
-                                "audio with")
+        warn_if_librosa_differs(model_path, config, library_versions()["librosa"],
+                                "this tclf-predict analyses audio with")
     result = PredictionResult(model_path, list(class_names), [], failed)
-
-    pending = []  # (track number, index, start, image, features) waiting for a batch.
-    tracks = []  # (source, [SegmentPrediction])
-
-    def run_batch():
-        nonlocal pending
-        if not pending:
-            return
-        tick = time.perf_counter()
-        images = np.stack([p[3] for p in pending])
-        if image_size != images.shape[1]:
-            images = resize_image(tf.constant(images), image_size).numpy()
-        inputs = {SPECTROGRAM_KEY: images, FEATURES_KEY: np.stack([p[4] for p in pending])}
-        probabilities = apply_temperature(np.asarray(model(inputs, training=False), np.float64),
-                                          temperature)
-        for (track, index, start, _, _), p in zip(pending, probabilities):
-            tracks[track][1].append(SegmentPrediction(index, start, p))
-        result.model_seconds += time.perf_counter() - tick
-        pending = []
-
-    from tqdm import tqdm
-
+    batches = _Batches(model, 1.0 if temperature is None else temperature, batch_size, result)
     for kind, path in tqdm(items, unit="track", desc="predict", disable=not progress):
         tick = time.perf_counter()
         try:
-            if kind == "audio":
-                parts = [(s.index, s.start, s.image, s.features)
-                         for s in audio.analyze_file(path, **extraction)]
-            else:
-                parts = [(i, None, image, f) for i, image, f in read_track_folder(path)]
+            parts = _parts(kind, path, extraction)
         except Exception as error:  # One bad file must not lose the others' results.
             message = str(error) if path in str(error) else f"{path}: {error}"
             result.failed.append((path, message))
@@ -239,25 +192,64 @@ def predict_paths(paths, model_path: str = "models/latest.h5", batch_size: int =
             continue
         finally:
             result.analysis_seconds += time.perf_counter() - tick
-        tracks.append((path, []))
-        for index, start, image, features in parts:
-            pending.append((len(tracks) - 1, index, start, image, features))
-            if len(pending) >= batch_size:
-                run_batch()
-    run_batch()
-
-    from tclf.evaluation.evaluate import mean_by_track
-
-    segments = [(number, s) for number, (_, track) in enumerate(tracks) for s in track]
-    if segments:
-        means, _, _ = mean_by_track(np.array([s.probabilities for _, s in segments]),
-                                    [str(number) for number, _ in segments])
-        for (source, track), mean in zip(tracks, means):
-            style = (result.classes[int(np.argmax(mean))] if mean.max() >= min_confidence
-                     else UNKNOWN)
-            result.tracks.append(TrackPrediction(source, style, mean, track))
+        batches.add(path, parts)
+    batches.flush()
+    result.tracks = _track_predictions(batches.tracks, result.classes, min_confidence)
     result.seconds = time.perf_counter() - started
     return result
+
+
+def _parts(kind: str, path: str, extraction: dict) -> list[tuple]:
+    """(index, start in seconds or None, image, features) of each segment of one input."""
+    if kind == "audio":
+        return [(s.index, s.start, s.image, s.features)
+                for s in audio.analyze_file(path, **extraction)]
+    return [(i, None, image, f) for i, image, f in read_track_folder(path)]
+
+
+class _Batches:
+    """Segments of several tracks, run through the model ``batch_size`` at a time."""
+
+    def __init__(self, model, temperature: float, batch_size: int, result: PredictionResult):
+        self.model, self.temperature, self.batch_size = model, temperature, batch_size
+        self.image_size = image_size_of(model)
+        self.result = result
+        self.tracks = []  # (source, [SegmentPrediction])
+        self.pending = []  # (track number, index, start, image, features)
+
+    def add(self, source: str, parts: list[tuple]) -> None:
+        self.tracks.append((source, []))
+        for part in parts:
+            self.pending.append((len(self.tracks) - 1, *part))
+            if len(self.pending) >= self.batch_size:
+                self.flush()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        tick = time.perf_counter()
+        images = np.stack([p[3] for p in self.pending])
+        if self.image_size != images.shape[1]:
+            images = resize_image(tf.constant(images), self.image_size).numpy()
+        inputs = {SPECTROGRAM_KEY: images, FEATURES_KEY: np.stack([p[4] for p in self.pending])}
+        probabilities = apply_temperature(
+            np.asarray(self.model(inputs, training=False), np.float64), self.temperature)
+        for (track, index, start, _, _), p in zip(self.pending, probabilities):
+            self.tracks[track][1].append(SegmentPrediction(index, start, p))
+        self.result.model_seconds += time.perf_counter() - tick
+        self.pending = []
+
+
+def _track_predictions(tracks, classes, min_confidence: float) -> list[TrackPrediction]:
+    """Each track's style from the mean of its segments' probabilities."""
+    segments = [(number, s) for number, (_, track) in enumerate(tracks) for s in track]
+    if not segments:
+        return []
+    means, _, _ = mean_by_track(np.array([s.probabilities for _, s in segments]),
+                                [str(number) for number, _ in segments])
+    return [TrackPrediction(source, classes[int(np.argmax(mean))]
+                            if mean.max() >= min_confidence else UNKNOWN, mean, track)
+            for (source, track), mean in zip(tracks, means)]
 
 
 # ---------------------------------------------------------------------------

@@ -26,6 +26,7 @@ Measured:
 from __future__ import annotations
 
 import glob
+import io
 import os
 import shutil
 import statistics
@@ -40,6 +41,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import click  # noqa: E402
 import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
 
 import benchlib  # noqa: E402
 
@@ -49,6 +51,23 @@ import benchlib  # noqa: E402
 # measurements taken side by side see the same drift. Rates are medians over rounds.
 ROUNDS = 7
 
+
+
+# The comparison point of the PNG study: Pillow's compress_level=1 with adaptive filters, how
+# spectrograms were encoded before --png-compression (docs/png-study.md).
+OLD = "old"
+
+
+def encode(image, setting) -> bytes:
+    """``image`` as PNG bytes at a --png-compression level, or the OLD encoding."""
+    from tclf.data import audio
+
+    if setting != OLD:
+        return audio.encode_png(image, setting)
+    buffer = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(image), mode="RGB").save(buffer, format="PNG",
+                                                                 compress_level=1)
+    return buffer.getvalue()
 
 def naive_extract_segment(path: str, start: float, out_png: str) -> np.ndarray:
     """What one would write first: every feature from the raw audio, a figure per PNG."""
@@ -236,11 +255,11 @@ def bench_png(data_dir: str, rounds: int) -> dict:
 
     images = [np.asarray(Image.open(p).convert("RGB")) for p in sorted(glob.glob(
         os.path.join(data_dir, "*", "*", "part_*.png")))]
-    settings = [audio.PNG_LEGACY, *audio.PNG_LEVELS]
+    settings = [OLD, *audio.PNG_LEVELS]
     encoded, encode_ms = {}, {}
     for setting in settings:
         start = time.perf_counter()
-        encoded[setting] = [audio.encode_png(image, setting) for image in images]
+        encoded[setting] = [encode(image, setting) for image in images]
         encode_ms[setting] = (time.perf_counter() - start) / len(images) * 1e3
         for png, image in zip(encoded[setting][:8], images):  # Lossless at every setting.
             assert np.array_equal(tf.io.decode_png(png, channels=3).numpy(), image)
@@ -320,7 +339,7 @@ def png_section(pn: dict, oc: dict, rounds: int, remote_mb_s: float = 100.0) -> 
     """The PNG part of the pipeline section: the table per setting and the reader per core."""
     from tclf.data import audio
 
-    legacy = audio.PNG_LEGACY
+    legacy = OLD
     rates = pn["rates"]
     rows = []
     for setting in [legacy, *audio.PNG_LEVELS]:
@@ -354,7 +373,8 @@ The reader as tclf-train reads (shuffled, uncached stream, repeat=True) in a fre
 pinned to one CPU (core {oc['core']}; TensorFlow's threads inherit the pin), over the training
 split above packed twice from the same data folder: as extracted (default, level
 {audio.PNG_COMPRESSION}, {oc['kb']['new']:.0f} kB a PNG) and re-encoded while packing to the old
-encoding (`records.pack(..., png_compression=audio.PNG_LEGACY)`, {oc['kb']['old']:.0f} kB). The one-core decode
+encoding (Pillow compress_level=1, packed with `--png-compression keep`, {oc['kb']['old']:.0f} kB).
+The one-core decode
 ceiling (the tf.io.decode_png loop over the same records' PNGs) is measured in the same rounds.
 {rounds} rounds, one run.
 
@@ -430,8 +450,16 @@ def main(tracks, copies, naive_segments, write, rounds, only_png):
                                os.path.join(target, name))
     records.pack(data_dir, records_dir, val_fraction=0.2, progress=False)
     old_records = os.path.join(work, "rec-old")
-    records.pack(data_dir, old_records, val_fraction=0.2, progress=False,
-                 png_compression=audio.PNG_LEGACY)
+    old_data = os.path.join(work, "data-old")
+    for png in glob.glob(os.path.join(data_dir, "*", "*", "part_*.png")):
+        target = os.path.join(old_data, os.path.relpath(png, data_dir))
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        with open(target, "wb") as f:
+            f.write(encode(np.asarray(Image.open(png).convert("RGB")), OLD))
+        npy = png[:-4] + ".npy"
+        os.symlink(os.path.realpath(npy), target[:-4] + ".npy")
+    records.pack(old_data, old_records, val_fraction=0.2, progress=False,
+                 png_compression="keep")
     pn = bench_png(extracted, ROUNDS)
     print(f"png: {pn}")
     oc = benchlib.in_subprocess(__file__, "one_core_reader", records_dir, old_records, ROUNDS)
