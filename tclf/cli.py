@@ -116,7 +116,7 @@ def command(function=None, *, tensorflow: bool = True):
 @click.option("--training-segments", default=audio.TRAINING_SEGMENTS, type=click.IntRange(min=0),
               help="Then up to this many more, for training only: non-overlapping, spread "
                    "evenly over the whole track (tclf-pack keeps them out of the validation "
-                   "split). More examples of each track: real music needs them (README).")
+                   "split). More examples of each track: real music needs them (docs/real-music.md).")
 @click.option("--segment-seconds", default=10.0, type=click.FloatRange(min=1.0, min_open=False),
               help="Length of each segment in seconds.")
 @click.option("--skip-fraction", default=0.1, type=click.FloatRange(0.0, 0.45),
@@ -130,7 +130,7 @@ def command(function=None, *, tensorflow: bool = True):
               help="zlib level of the spectrogram PNGs, 0-9: the same pixels at every level; "
                    "0 (uncompressed, ~268 kB) decodes several times faster than 1-9 "
                    "(~100 kB) when training; 3 suits records read from slow remote storage "
-                   "(see README). [default: 0 for a new DATA_DIR, else the folder's own]")
+                   "(docs/png-study.md). [default: 0 for a new DATA_DIR, else the folder's own]")
 @click.option("--overwrite", is_flag=True, help="Redo tracks already extracted.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @command(tensorflow=False)  # Extraction never uses TensorFlow.
@@ -139,7 +139,7 @@ def extract_command(audio_dir, data_dir, num_segments, training_segments, segmen
     """Cut AUDIO_DIR/<class>/<audio files> into DATA_DIR/<class>/<track_id>/part_N.png + .npy.
 
     Each segment becomes a 299x299 mel-spectrogram PNG and a 10x68 float32
-    feature matrix (columns: see tclf/audio.py and the README). Files that
+    feature matrix (columns: docs/data-layout.md#feature-columns). Files that
     cannot be decoded, or are shorter than one segment, are skipped with a
     warning. Tracks already in DATA_DIR are skipped unless --overwrite.
     The settings are recorded in DATA_DIR/extract.json; a later run with
@@ -456,7 +456,7 @@ def data_service_command():
     Start the dispatcher, then a worker on each machine that should do input work; the
     workers must be able to open the records path the trainers name (a shared folder or
     gs://). Its gRPC ports are unauthenticated and unencrypted: keep them on a private
-    network (README: Training on a cluster).
+    network (docs/cluster.md).
     """
 
 

@@ -1,4 +1,4 @@
-"""What helps on real music (README: Learning from real music): the random backbone's
+"""What helps on real music (docs/real-music.md): the random backbone's
 statistics, stage 2 skipped on a random backbone, calibrated probabilities, `--min-confidence`
 and validation tracks kept at 6 segments."""
 

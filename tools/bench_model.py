@@ -173,7 +173,7 @@ share of the loop spent blocked on the reader's next batch (target: under 5%:
 {rows}
 
 auto resolves to {tr['auto']} on this CPU, which has {native}. On a CPU {other} those flags
-auto picks {other_policy}, and on GPUs mixed_float16 (the README has the table).
+auto picks {other_policy}, and on GPUs mixed_float16 (docs/commands.md#precision has the table).
 """
     prediction = f"""## Prediction (tools/bench_model.py)
 

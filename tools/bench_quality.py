@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """What tclf learns from real music: two option sets and a classic baseline, on the same splits.
 
-Writes the "quality" section of BENCHMARKS.md. Usage, after tools/setup.sh:
+Writes the "quality" section of BENCHMARKS.md. Usage, after tools/setup.sh, on a folder
+CORPUS/<style>/<audio files> of real music, never committed (docs/real-music.md: the one used):
 
-    bash ../shared/corpus/build_dev_corpus.sh dev-corpus     # real music, never committed
     .venv/bin/python tools/bench_quality.py dev-corpus --work /tmp/tclf-quality
 
 For each option set, the corpus is extracted once (its extraction options), then packed with
@@ -290,7 +290,7 @@ def main(corpus, work, before, after, seeds, precision, write):
     body = "\n".join([
         "## What tclf learns from real music (tools/bench_quality.py)", "",
         f"Machine: {benchlib.machine()}. CPU only, --weights none, --precision {precision}.",
-        f"Corpus: {corpus} (../shared/corpus/build_dev_corpus.sh: "
+        f"Corpus: {corpus} (docs/real-music.md: "
         f"{', '.join(tracks['classes'])}; "
         f"{sum(len(tracks['splits'][s]['tracks']) for s in ('train', 'val'))} tracks), "
         f"{len(seeds)} track splits (tclf-pack --seed {', '.join(map(str, seeds))}), "

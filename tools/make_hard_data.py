@@ -4,7 +4,7 @@
 Each track of style S is the demo track mixed with a track of another style (3-6 dB below
 it) and with pink noise (3-6 dB below it), so that the styles overlap: the
 other style's kick, bass and leads sit in every segment. Used to choose stage 1's epoch
-budget (README, "tclf-train"); not part of the tests.
+budget (docs/commands.md#schedule); not part of the tests.
 
     .venv/bin/python tools/make_hard_data.py hard_audio/ --tracks-per-style 30 --duration 60
 """
