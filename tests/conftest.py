@@ -62,7 +62,7 @@ def data_copy(data_dir, tmp_path):
 # The package's tiny preset, pinned to the devices above and float32 whatever the machine (its
 # `--precision auto` differs between CPUs with and without native bfloat16);
 # tests/test_precision.py runs the other policies.
-TINY_TRAINING = dict(**__import__("tclf.training.train").training.train.TINY, gpus=TEST_GPUS, precision="float32",
+TINY_TRAINING = dict(**__import__("tclf.training.config").training.config.TINY, gpus=TEST_GPUS, precision="float32",
                      verbose=0)
 
 

@@ -21,6 +21,7 @@ from tclf import model as tclf_model
 from tclf.data import records
 from tclf.evaluation import reports
 from tclf.training import schedule as stages
+from tclf.training import config as config_module
 from tclf.training import train, versions
 from tests.conftest import STYLES, TINY_TRAINING
 
@@ -262,11 +263,11 @@ def test_failing_run_leaves_latest_untouched(trained, records_dir, tmp_path):
 def test_hparams_file_overrides_options(tmp_path):
     path = tmp_path / "hp.json"
     path.write_text(json.dumps({"dropout": 0.25, "stage1_lr": 3e-4}))
-    config = train.TrainConfig().replace(**train.load_hparams(str(path)))
+    config = train.TrainConfig().replace(**config_module.load_hparams(str(path)))
     assert config.dropout == 0.25 and config.stage1_lr == 3e-4
     path.write_text("[1, 2]")
     with pytest.raises(ValueError, match="JSON object"):
-        train.load_hparams(str(path))
+        config_module.load_hparams(str(path))
 
 
 def test_records_schema_manifest_is_used_for_normalization(trained, records_dir):

@@ -164,6 +164,7 @@ def manifest_loads(records: str) -> int:
 
     from tclf.data import schema
     from tclf.training import train
+    from tclf.training.config import TINY
 
     calls = [0]
     original = schema.load_manifest
@@ -179,7 +180,7 @@ def manifest_loads(records: str) -> int:
             module.load_manifest = counted
     with tempfile.TemporaryDirectory() as models:
         train.train(train.TrainConfig(records=records, models=models, gpus="none",
-                                      precision="float32", verbose=0, **train.TINY))
+                                      precision="float32", verbose=0, **TINY))
     return calls[0]
 
 

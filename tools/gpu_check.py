@@ -97,7 +97,7 @@ def run_tiny_training(work: str, image_size: int) -> dict:
     """Synthetic tracks -> tclf-extract -> tclf-pack -> tclf-train --gpus all --precision auto."""
     bin_dir = os.path.dirname(PYTHON)
     tool = lambda name: os.path.join(bin_dir, name)  # noqa: E731
-    from tclf.training.train import TINY
+    from tclf.training.config import TINY
 
     audio, data, records, models = (os.path.join(work, n)
                                     for n in ("audio", "data", "records", "models"))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
 import dataclasses
 import json
 import multiprocessing
@@ -24,6 +25,7 @@ import time
 import uuid
 
 import numpy as np
+from tqdm import tqdm
 
 from tclf import InputError, RunError, faults, library_versions, report_skip, storage
 from tclf.data import audio, schema
@@ -394,39 +396,22 @@ def extract(audio_dir: str, data_dir: str, num_segments: int = 6, segment_second
         else:
             tasks.append((track.class_name, track.track_id, track.path, track_dir, options,
                           track.state == REDO, track.source, png_compression))
-    jobs = max(1, min(jobs or os.cpu_count() or 1, len(tasks) or 1))
-
-    from tqdm import tqdm
-
     bar = tqdm(total=len(tasks), unit="track", desc="extract", disable=not progress)
-    limits = None
-    if jobs == 1:  # One core, as each worker of a pool: BLAS must not spread to the others.
-        limits = _thread_limits()
-        results = map(_extract_one, tasks)
-        pool = None
-    else:
-        _warm_up(options)
-        methods = multiprocessing.get_all_start_methods()
-        context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
-        # An executor, not multiprocessing.Pool: a worker that dies (the OOM killer) breaks
-        # it with an error, where a Pool would wait forever for the lost task.
-        pool = concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context,
-                                                      initializer=_init_worker)
-        results = (future.result() for future in concurrent.futures.as_completed(
-            [pool.submit(_extract_one, task) for task in tasks]))
     try:
-        for class_name, track_id, path, count, error, fatal in results:
-            if fatal:
-                done = sum(summary.extracted.values())
-                raise RunError(f"{error}; stopped after {done} of {len(tasks)} tracks (those "
-                               f"are complete and kept): fix that and re-run to go on")
-            if error:
-                summary.failed.append((path, error))
-                report_skip(f"skipped {error}")
-            else:
-                summary.extracted[class_name] += 1
-                summary.segments[class_name] += count
-            bar.update(1)
+        with _running(tasks, jobs, options) as results:
+            for class_name, track_id, path, count, error, fatal in results:
+                if fatal:
+                    done = sum(summary.extracted.values())
+                    raise RunError(f"{error}; stopped after {done} of {len(tasks)} tracks "
+                                   f"(those are complete and kept): fix that and re-run to go "
+                                   f"on")
+                if error:
+                    summary.failed.append((path, error))
+                    report_skip(f"skipped {error}")
+                else:
+                    summary.extracted[class_name] += 1
+                    summary.segments[class_name] += count
+                bar.update(1)
     except concurrent.futures.process.BrokenProcessPool as error:
         done = sum(summary.extracted.values())
         raise RunError(
@@ -435,12 +420,34 @@ def extract(audio_dir: str, data_dir: str, num_segments: int = 6, segment_second
             f"--jobs if memory is short") from error
     finally:
         bar.close()
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
-        if limits is not None:
-            limits.restore_original_limits()
     summary.seconds = time.perf_counter() - start_time
     if not summary.extracted and not summary.existing:
         raise RunError(f"no track could be extracted from {audio_dir} "
-                           f"({len(tracks)} files found, {len(summary.failed)} failed)")
+                       f"({len(tracks)} files found, {len(summary.failed)} failed)")
     return summary
+
+
+@contextlib.contextmanager
+def _running(tasks: list, jobs: int | None, options: dict):
+    """The results of :func:`_extract_one` over ``tasks``, as they finish: in this process
+    with ``jobs`` 1, else in a pool of worker processes (shut down when the block ends)."""
+    jobs = max(1, min(jobs or os.cpu_count() or 1, len(tasks) or 1))
+    if jobs == 1:  # One core, as each worker of a pool: BLAS must not spread to the others.
+        limits = _thread_limits()
+        try:
+            yield map(_extract_one, tasks)
+        finally:
+            limits.restore_original_limits()
+        return
+    _warm_up(options)
+    methods = multiprocessing.get_all_start_methods()
+    context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+    # An executor, not multiprocessing.Pool: a worker that dies (the OOM killer) breaks it
+    # with an error, where a Pool would wait forever for the lost task.
+    pool = concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context,
+                                                  initializer=_init_worker)
+    try:
+        yield (future.result() for future in concurrent.futures.as_completed(
+            [pool.submit(_extract_one, task) for task in tasks]))
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)

@@ -27,7 +27,7 @@ from tclf.model import save_model
 from tclf.training import cluster as clusters
 from tclf.training.callbacks import StallWatch
 from tclf.training.checkpoints import Checkpoint
-from tclf.training.config import PLACE, TINY, TrainConfig, load_hparams  # noqa: F401 (API)
+from tclf.training.config import PLACE, TrainConfig
 from tclf.training.schedule import class_weights, two_stages
 from tclf.training.session import Session, make_datasets, model_for
 from tclf.training.versions import (RunFolder, find_resumable, private_copy,
