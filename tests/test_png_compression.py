@@ -127,12 +127,12 @@ def test_a_folder_of_an_older_tclf_is_one_clear_error(audio_dir, tmp_path):
 def test_prediction_ignores_the_png_setting(monkeypatch):
     """model.h5 keeps the extraction settings; the PNG setting (or its absence in an older
     model) never reaches the in-memory analysis, which writes no PNG."""
-    from tclf import model, predict
+    from tclf import predict
 
     analysis = dict(num_segments=6, segment_seconds=10.0, sample_rate=22050, skip_fraction=0.1)
     for stored in ({**analysis, "image_size": 299, "png_compression": 9},
                    {**analysis, "image_size": 299}, None):
-        monkeypatch.setattr(model, "load_config", lambda path, s=stored: {"extraction": s})
+        monkeypatch.setattr(predict, "load_config", lambda path, s=stored: {"extraction": s})
         assert predict.extraction_settings("model.h5") == (analysis if stored else {})
 
 

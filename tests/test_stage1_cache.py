@@ -125,7 +125,7 @@ def test_runs_with_and_without_the_cache_complete_and_a_failing_one_leaves_no_sc
     def fail(*args, **kwargs):
         raise RuntimeError("stage 2 failed")
 
-    monkeypatch.setattr(train, "stage2", fail)
+    monkeypatch.setattr(schedule, "unfreeze_top", fail)  # The first step of stage 2.
     with pytest.raises(RuntimeError, match="stage 2 failed"):
         train.train(train.TrainConfig(records=records_dir, models=str(models),
                                       **{**TINY_TRAINING, "stage1_cache_mb": 0.0}))
