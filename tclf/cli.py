@@ -13,8 +13,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import click  # noqa: E402
 
 from tclf import UserError, __version__  # noqa: E402
-from tclf.data import audio  # noqa: E402
+from tclf import model as tclf_model  # noqa: E402
+from tclf.data import audio, extract, records, schema  # noqa: E402
 from tclf.data.schema import SPLITS  # noqa: E402
+from tclf.training import cluster as clusters  # noqa: E402
 from tclf.training.config import TrainConfig, load_hparams  # noqa: E402
 from tclf.training.devices import PRECISIONS  # noqa: E402
 from tclf.tune.results import duration  # noqa: E402
@@ -116,7 +118,8 @@ def command(function=None, *, tensorflow: bool = True):
 @click.option("--training-segments", default=audio.TRAINING_SEGMENTS, type=click.IntRange(min=0),
               help="Then up to this many more, for training only: non-overlapping, spread "
                    "evenly over the whole track (tclf-pack keeps them out of the validation "
-                   "split). More examples of each track: real music needs them (docs/real-music.md).")
+                   "split). More examples of each track: real music needs them "
+                   "(docs/real-music.md).")
 @click.option("--segment-seconds", default=10.0, type=click.FloatRange(min=1.0, min_open=False),
               help="Length of each segment in seconds.")
 @click.option("--skip-fraction", default=0.1, type=click.FloatRange(0.0, 0.45),
@@ -145,8 +148,6 @@ def extract_command(audio_dir, data_dir, num_segments, training_segments, segmen
     The settings are recorded in DATA_DIR/extract.json; a later run with
     other settings into the same folder is refused.
     """
-    from tclf.data import extract
-
     summary = extract.extract(audio_dir, data_dir, num_segments=num_segments,
                               training_segments=training_segments,
                               segment_seconds=segment_seconds, sample_rate=sample_rate,
@@ -184,8 +185,6 @@ def pack_command(data_dir, records_dir, val_fraction, seed, groups_file, shard_m
     counts, shards, track ids per split, feature statistics). Bad or
     unpaired files are skipped with a warning naming them.
     """
-    from tclf.data import records
-
     manifest = records.pack(data_dir, records_dir, val_fraction=val_fraction, seed=seed,
                             groups_file=groups_file, shard_megabytes=shard_megabytes,
                             min_shards=min_shards, overwrite=overwrite, progress=not quiet,
@@ -241,8 +240,7 @@ def train_command(hparams_file, quiet, resume, **options):
     """
     from click.core import ParameterSource
 
-    from tclf.training import cluster as clusters
-    from tclf.training import train, versions
+    from tclf.training import train, versions  # TensorFlow: only when training.
 
     cluster = clusters.from_env()
     context = click.get_current_context()
@@ -390,7 +388,7 @@ def predict_command(paths, model_path, show_segments, output_format, batch_size,
     that cannot be read are reported and skipped; the exit code is non-zero
     only when nothing could be classified.
     """
-    from tclf import predict
+    from tclf import predict  # TensorFlow: only when predicting.
 
     output_format = output_format or ("table" if sys.stdout.isatty() else "json")
     result = predict.predict_paths(list(paths), model_path, batch_size=batch_size,
@@ -424,18 +422,16 @@ def eval_command(model_path, records_dir, split, out_dir, batch_size, quiet):
     Works for any model written by tclf-train on any packed split whose
     classes match the model's.
     """
-    from tclf.evaluation import evaluate, reports
-    from tclf.data import schema
-    from tclf.model import load_config, load_model, load_temperature, warn_if_librosa_differs
+    from tclf.evaluation import evaluate, reports  # TensorFlow: only when evaluating.
 
-    model, classes = load_model(model_path)
+    model, classes = tclf_model.load_model(model_path)
     pack = schema.Pack.load(records_dir)
     extraction = pack.extraction or {}
-    warn_if_librosa_differs(model_path, load_config(model_path),
-                            extraction.get("librosa_version"),
-                            f"the features of {records_dir} were computed by")
+    tclf_model.warn_if_librosa_differs(model_path, tclf_model.load_config(model_path),
+                                       extraction.get("librosa_version"),
+                                       f"the features of {records_dir} were computed by")
     evaluation = evaluate.evaluate_records(model, classes, pack, split, batch_size,
-                                           load_temperature(model_path))
+                                           tclf_model.load_temperature(model_path))
     title = f"{model_path}: {split} split of {records_dir}"
     if out_dir:
         for path in reports.write_evaluation(evaluation, out_dir, title=title):
@@ -475,9 +471,7 @@ def data_service_dispatcher(port, work_dir):
 
     import tensorflow as tf
 
-    from tclf.training.cluster import port_taken
-
-    if port_taken(port):
+    if clusters.port_taken(port):
         raise click.ClickException(f"port {port} is in use on this machine (another "
                                    f"dispatcher?); choose another --port, or 0 for any free one")
     service = tf.data.experimental.service
@@ -506,16 +500,15 @@ def data_service_worker(dispatcher, port, host, timeout):
 
     import tensorflow as tf
 
-    from tclf.training.cluster import port_taken, service_watchdog
-    from tclf.data.reader import check_service, service_address
+    from tclf.data.reader import check_service, service_address  # TensorFlow.
 
-    if port_taken(port):
+    if clusters.port_taken(port):
         raise click.ClickException(f"port {port} is in use on this machine; choose another "
                                    f"--port, or 0 for any free one")
     check_service(dispatcher, timeout)  # Nothing there: one line, not a silent wait.
     service = tf.data.experimental.service
     address = service_address(dispatcher).split("://", 1)[1]
-    service_watchdog(address, timeout)  # Ends this process if the dispatcher goes away.
+    clusters.service_watchdog(address, timeout)  # Ends this process if the dispatcher goes away.
     server = service.WorkerServer(service.WorkerConfig(
         dispatcher_address=address, worker_address=f"{host or socket.gethostname()}:%port%",
         port=port))

@@ -20,7 +20,7 @@ import shutil
 import tempfile
 import uuid
 
-from tclf import faults
+from tclf import InputError, faults
 
 
 def is_remote(path: str) -> bool:
@@ -224,8 +224,6 @@ def process_alive(pid: int) -> bool:
 def read_json(path: str):
     """The JSON value in the file ``path``; a file that is not valid UTF-8 JSON is the
     user's to fix (InputError naming it)."""
-    from tclf import InputError
-
     try:
         return json.loads(read_bytes(path).decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
