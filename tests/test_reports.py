@@ -1,4 +1,4 @@
-"""Tests for tclf.reports."""
+"""Tests for tclf.evaluation.reports."""
 
 import json
 import os

@@ -1,4 +1,4 @@
-"""Stage 1 on backbone outputs computed once (tclf.backbone_cache), the backbone in inference
+"""Stage 1 on backbone outputs computed once (tclf.training.backbone_cache), the backbone in inference
 mode in both stages, and both stages on one TensorBoard epoch axis."""
 
 from __future__ import annotations

@@ -433,11 +433,12 @@ def _running(tasks: list, jobs: int | None, options: dict):
     with ``jobs`` 1, else in a pool of worker processes (shut down when the block ends)."""
     jobs = max(1, min(jobs or os.cpu_count() or 1, len(tasks) or 1))
     if jobs == 1:  # One core, as each worker of a pool: BLAS must not spread to the others.
-        limits = _thread_limits()
+        limits = _thread_limits()  # None without threadpoolctl.
         try:
             yield map(_extract_one, tasks)
         finally:
-            limits.restore_original_limits()
+            if limits is not None:
+                limits.restore_original_limits()
         return
     _warm_up(options)
     methods = multiprocessing.get_all_start_methods()

@@ -1,6 +1,6 @@
 """`tclf-pack`: data/<class>/<track>/part_N.{png,npy} -> sharded TFRecords + manifest.json.
 
-The record layout is tclf.schema's; its names are re-exported here.
+The record layout is tclf.data.schema's; its names are re-exported here.
 """
 
 from __future__ import annotations

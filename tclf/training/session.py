@@ -37,8 +37,12 @@ class Session:
         self.devices = devices + _batch_split(config.batch_size,
                                               self.strategy.num_replicas_in_sync)
         self.precision = resolve_precision(config.precision, on_gpu)
-        keras.mixed_precision.set_global_policy(self.precision)
-        seed_everything(config)
+        try:
+            keras.mixed_precision.set_global_policy(self.precision)
+            seed_everything(config)
+        except BaseException:
+            self.__exit__()
+            raise
         return self
 
     def __exit__(self, *error) -> None:
@@ -54,13 +58,17 @@ class Session:
         """Stage 1's backbone outputs of the whole pack, computed once for many trials:
         yields (the backbone's weights, the outputs); a search's trials depend on neither
         (the image size, weights and seed are fixed for it)."""
-        with self.strategy.scope():
-            model = model_for(self.config, self.pack)
-        freeze_backbone(model)
-        weights = backbone_of(model).get_weights()
-        with self.strategy.scope(), backbone_outputs(
-                model, self.pack, self.config.batch_size, self.config.image_size, scratch,
-                self.config.stage1_cache_mb, progress=progress) as outputs:
+        with contextlib.ExitStack() as stack:
+            with self.strategy.scope():
+                model = model_for(self.config, self.pack)
+            freeze_backbone(model)
+            weights = backbone_of(model).get_weights()
+            # The scope only around the pass: the trials' clear_session() resets the graph
+            # that a scope left open would be popped from.
+            with self.strategy.scope():
+                outputs = stack.enter_context(backbone_outputs(
+                    model, self.pack, self.config.batch_size, self.config.image_size,
+                    scratch, self.config.stage1_cache_mb, progress=progress))
             del model
             yield weights, outputs
 

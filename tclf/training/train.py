@@ -49,7 +49,7 @@ class TrainResult:
     precision: str
     model: object = None  # The trained keras.Model.
     replicas: int = 1  # Devices the global batch was split over.
-    cluster: object = None  # tclf.cluster.Cluster of a multi-worker run.
+    cluster: object = None  # tclf.training.cluster.Cluster of a multi-worker run.
     fingerprint: str = ""  # weights_fingerprint of the trained model.
 
 
