@@ -340,3 +340,27 @@ def test_an_option_given_twice_says_which_value_wins():
         space = tune_space.search_space({"dropout": 0.2, "stage1_lr": [1e-4, 3e-4]},
                                   fixed={"dropout"}, base=base)
     assert "dropout" not in space and "stage1_lr" in space
+
+
+SHARED_STAGE1 = """
+import sys, tempfile, keras
+from tclf.training.config import TrainConfig, TINY
+from tclf.training.session import Session
+config = TrainConfig(records=sys.argv[1], **{**TINY, "cpu_devices": 2, "gpus": "none",
+                                             "precision": "float32", "verbose": 0})
+with Session(config) as session:
+    session.load_pack()
+    with session.shared_stage1(tempfile.mkdtemp(), False) as (weights, outputs):
+        keras.backend.clear_session()  # What Keras Tuner does before every trial.
+        print("records", outputs.train.records)
+print("done")
+"""
+
+
+def test_the_shared_stage1_pass_survives_the_trials_clearing_the_session(records_dir):
+    """A search on several devices (MirroredStrategy) keeps the backbone outputs while its
+    trials clear Keras' session: the strategy's scope must not stay open around them."""
+    done = subprocess.run([sys.executable, "-c", SHARED_STAGE1, records_dir],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[-1] == "done" and "records" in done.stdout
