@@ -14,6 +14,7 @@ from click.testing import CliRunner
 
 from tclf import DataWarning, cli, predict
 from tclf.data import reader, records
+from tclf.data.schema import Pack
 
 
 def _audio_file(audio_dir, style="goa"):
@@ -27,7 +28,7 @@ def _segments_from_records(records_dir, track_id, image_size):
     description = records.feature_description(manifest["feature_shape"])
     found = {}
     for split in records.SPLITS:
-        for path in reader.shard_paths(records_dir, split):
+        for path in Pack.load(records_dir).shard_paths(split):
             for serialized in tf.data.TFRecordDataset(path):
                 parsed = tf.io.parse_single_example(serialized, description)
                 if parsed["track_id"].numpy().decode() == track_id:

@@ -156,6 +156,7 @@ def bench_reader(data_dir: str, records_dir: str, epochs: int = 3) -> dict:
     from PIL import Image
 
     from tclf.data import reader, records
+    from tclf.data.schema import Pack
 
     manifest = records.load_manifest(records_dir)
     count = manifest["splits"]["train"]["records"]
@@ -186,7 +187,7 @@ def bench_reader(data_dir: str, records_dir: str, epochs: int = 3) -> dict:
     # The decode ceiling: one core decoding the same PNG bytes in a plain loop, times cores.
     description = records.feature_description(manifest["feature_shape"])
     pngs = [tf.io.parse_single_example(r, description)[records.SPECTROGRAM_KEY]
-            for path in reader.shard_paths(records_dir, "train")
+            for path in Pack.load(records_dir).shard_paths("train")
             for r in tf.data.TFRecordDataset(path)]
     for png in pngs[:20]:
         tf.io.decode_png(png, channels=3)
@@ -290,6 +291,7 @@ def one_core_reader(records_new: str, records_old: str, rounds: int) -> dict:
     import tensorflow as tf
 
     from tclf.data import reader, records
+    from tclf.data.schema import Pack
 
     def stream_rate(records_dir):
         dataset = reader.make_dataset(records_dir, "train", 32, training=True, repeat=True)
@@ -309,7 +311,7 @@ def one_core_reader(records_new: str, records_old: str, rounds: int) -> dict:
         manifest = records.load_manifest(records_dir)
         description = records.feature_description(manifest["feature_shape"])
         return [tf.io.parse_single_example(r, description)[records.SPECTROGRAM_KEY]
-                for path in reader.shard_paths(records_dir, "train")
+                for path in Pack.load(records_dir).shard_paths("train")
                 for r in tf.data.TFRecordDataset(path)]
 
     pngs = {"new": pngs_of(records_new), "old": pngs_of(records_old)}

@@ -21,11 +21,6 @@ from tclf.data.schema import FEATURES_KEY, LABEL_KEY, SPECTROGRAM_KEY, TRACK_ID_
 AUTOTUNE = tf.data.AUTOTUNE
 
 
-def shard_paths(records, split: str) -> list[str]:
-    """The shard files of a split of ``records`` (a Pack or its folder)."""
-    return schema.as_pack(records).shard_paths(split)
-
-
 def worker_shards(shards: list, workers: tuple[int, int] | None) -> list:
     """The shard files (or manifest entries) that worker ``index`` of ``count`` reads in a
     multi-worker run: every count-th, from the index-th on."""

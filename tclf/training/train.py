@@ -25,6 +25,7 @@ from tclf.evaluation.calibration import fit_temperature
 from tclf.evaluation.evaluate import evaluate_predictions, predict_records
 from tclf.model import save_model
 from tclf.training import cluster as clusters
+from tclf.training import layout
 from tclf.training.callbacks import StallWatch
 from tclf.training.checkpoints import Checkpoint
 from tclf.training.config import PLACE, TrainConfig
@@ -182,11 +183,11 @@ def _run(session: Session, resume: str | None, started: float) -> TrainResult:
 
             # --- The model last: model.h5's presence marks the run finished. A kill after it
             # leaves the publication to a later run or --resume (versions.finish_publication).
-            for name in ("model.keras", "model.h5"):
+            for name in (layout.MODEL_KERAS, layout.MODEL):
                 save_model(model, run.path(name), list(pack.classes), run.record(evaluation),
                            evaluation.temperature)
                 faults.point(f"train.{name.replace('.', '_')}_written")
-            storage.publish(run.path("model.h5"), storage.join(config.models, "latest.h5"))
+            storage.publish(run.path(layout.MODEL), storage.join(config.models, layout.LATEST))
             faults.point("train.latest_published")
             run.complete()
     except BaseException as error:
@@ -197,7 +198,7 @@ def _run(session: Session, resume: str | None, started: float) -> TrainResult:
             raise error from None
         run.fail(error)
         raise
-    return TrainResult(run.folder if writes else None, run.path("model.h5") if writes else None,
+    return TrainResult(run.folder if writes else None, run.path(layout.MODEL) if writes else None,
                        evaluation, run.stages, time.time() - started, session.devices,
                        session.precision, model, strategy.num_replicas_in_sync, cluster,
                        weights_fingerprint(model))
@@ -256,7 +257,7 @@ def run_schedule(model, data, config: TrainConfig, run: RunFolder,
             f"{config.data_service_timeout:g} s (--data-service-timeout): its dispatcher or "
             f"workers stopped or cannot be reached; {run.resume_command()} continues the run "
             f"(with a running service, or --data-service '' to read the records here)")))
-    two_stages(model, data, config, run.pack, logs_dir=run.path("logs"),
-               progress_path=run.path("training_progress.txt"), checkpoint=run.checkpoint,
+    two_stages(model, data, config, run.pack, logs_dir=run.path(layout.LOGS),
+               progress_path=run.path(layout.PROGRESS), checkpoint=run.checkpoint,
                scratch=run.folder, stages=run.stages, callbacks=callbacks,
                after_stage1=run.write_log, workers=workers)

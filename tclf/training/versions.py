@@ -18,6 +18,7 @@ import time
 
 import tclf
 from tclf import RunError, faults, storage
+from tclf.data import schema
 from tclf.evaluation import plots, reports
 from tclf.training import layout
 from tclf.training.backbone_cache import remove_scratch
@@ -386,7 +387,7 @@ def private_copy(folder: str, parent: str) -> str:
     copy = storage.join(parent, os.path.basename(folder.rstrip("/")))
     storage.copytree(folder, copy, exclude=(
         layout.LOCK, layout.LOGS, layout.ANALYSIS,
-        *(layout.STAGE1_SCRATCH.format(split=side) for side in ("train", "val"))))
+        *(layout.STAGE1_SCRATCH.format(split=side) for side in schema.SPLITS)))
     return copy
 
 
