@@ -134,14 +134,21 @@ def command(function=None, *, tensorflow: bool = True):
                    "0 (uncompressed, ~268 kB) decodes several times faster than 1-9 "
                    "(~100 kB) when training; 3 suits records read from slow remote storage "
                    "(docs/png-study.md). [default: 0 for a new DATA_DIR, else the folder's own]")
+@click.option("--backbone", default=audio.EFFICIENTNET, type=click.Choice(audio.BACKBONES),
+              help="The image branch's network, which decides the spectrogram stored: "
+                   "efficientnetb0 (the 299x299 mel image; ImageNet weights) or musicnn "
+                   "(its own 16 kHz log-mel; weights trained on music, from the musicnn "
+                   "package). Training, prediction and evaluation read it from the data.")
 @click.option("--overwrite", is_flag=True, help="Redo tracks already extracted.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @command(tensorflow=False)  # Extraction never uses TensorFlow.
 def extract_command(audio_dir, data_dir, num_segments, training_segments, segment_seconds,
-                    skip_fraction, sample_rate, png_compression, jobs, overwrite, quiet):
+                    skip_fraction, sample_rate, png_compression, backbone, jobs, overwrite,
+                    quiet):
     """Cut AUDIO_DIR/<class>/<audio files> into DATA_DIR/<class>/<track_id>/part_N.png + .npy.
 
-    Each segment becomes a 299x299 mel-spectrogram PNG and a 10x68 float32
+    Each segment becomes a spectrogram PNG (299x299 mel image, or musicnn's
+    log-mel with --backbone musicnn) and a 10x68 float32
     feature matrix (columns: docs/data-layout.md#feature-columns). Files that
     cannot be decoded, or are shorter than one segment, are skipped with a
     warning. Tracks already in DATA_DIR are skipped unless --overwrite.
@@ -152,7 +159,8 @@ def extract_command(audio_dir, data_dir, num_segments, training_segments, segmen
                               training_segments=training_segments,
                               segment_seconds=segment_seconds, sample_rate=sample_rate,
                               skip_fraction=skip_fraction, jobs=jobs, overwrite=overwrite,
-                              progress=not quiet, png_compression=png_compression)
+                              progress=not quiet, png_compression=png_compression,
+                              backbone=backbone)
     click.echo(summary.line())
 
 

@@ -1,6 +1,7 @@
 """The two-branch model, built from built-in Keras layers only.
 
     spectrogram uint8 [H, W, 3]        -> EfficientNetB0 (average pool) -> Dense(128)
+      or uint16 [frames, 96, 1]        -> / scale -> musicnn (its 200-d embedding) -> Dense(128)
     features float32 [*FEATURE_SHAPE]  -> Normalization -> GRU(128, sequences)
                                        -> self-attention (4 heads) -> GRU(64) -> Dense(64)
     concatenate -> Dense(128) -> Dropout(0.4) -> Dense(64) -> Dense(classes, softmax, float32)
@@ -22,10 +23,11 @@ import tempfile
 
 import numpy as np
 
-from tclf import InputError, RunError, faults, storage
+from tclf import InputError, RunError, faults, musicnn, storage
+from tclf.data.audio import BACKBONES, EFFICIENTNET, MUSICNN, MUSICNN_SCALE, spectrogram_shape
 from tclf.data.schema import FEATURE_SHAPE, FEATURES_KEY, IMAGE_SIZE, SPECTROGRAM_KEY
 
-BACKBONE_NAME = "efficientnetb0"
+BACKBONE_NAME = EFFICIENTNET
 BACKBONE_OUTPUT_KEY = "backbone_output"  # The input of heads_model (stage 1).
 CLASS_NAMES_ATTRIBUTE = "tclf_class_names"
 CONFIG_ATTRIBUTE = "tclf_config"
@@ -37,14 +39,19 @@ class WeightsError(RunError):
     """The backbone weights asked for cannot be loaded."""
 
 
-def build_backbone(image_size: int = IMAGE_SIZE, weights: str | None = "imagenet"):
-    """EfficientNetB0 without its top, average-pooled, named "efficientnetb0".
+def build_backbone(image_size: int = IMAGE_SIZE, weights: str | None = "imagenet",
+                   backbone: str = EFFICIENTNET, frames: int | None = None):
+    """The image branch's network, named after ``backbone``: EfficientNetB0 without its top,
+    average-pooled, for ``image_size`` squares; or musicnn's embedding for ``frames``.
 
     Parameters
     ----------
-    weights : "imagenet", None / "none", or a path to a weights file
+    weights : "imagenet" (the pretrained weights: ImageNet's for EfficientNetB0, the Million
+        Song Dataset's for musicnn), None / "none", or a path to a weights file
         (e.g. a local copy of efficientnetb0_notop.h5).
     """
+    if backbone == MUSICNN:
+        return _musicnn(frames, weights)
     if is_random(weights):
         weights = None
     elif weights != "imagenet":
@@ -54,6 +61,21 @@ def build_backbone(image_size: int = IMAGE_SIZE, weights: str | None = "imagenet
         with storage.local_copy(weights) as local:  # Keras reads local files only.
             return _efficientnet(image_size, local)
     return _efficientnet(image_size, weights)
+
+
+def _musicnn(frames, weights):
+    if is_random(weights):
+        return musicnn.build(frames, weights=None, name=MUSICNN)
+    if weights == "imagenet":  # The default: the backbone's pretrained weights.
+        return musicnn.build(frames, weights="msd", name=MUSICNN)
+    if not storage.exists(weights):
+        raise WeightsError(f"backbone weights file {weights} not found; use --weights none, "
+                           f"the default (musicnn's own), or the path of an existing file")
+    try:
+        with storage.local_copy(weights) as local:
+            return musicnn.build(frames, weights=local, name=MUSICNN)
+    except Exception as error:  # noqa: BLE001 - Keras raises many kinds for a bad file.
+        raise WeightsError(f"could not load musicnn weights from {weights}: {error}") from None
 
 
 def _efficientnet(image_size: int, weights):
@@ -80,14 +102,17 @@ def build_model(num_classes: int, feature_mean=None, feature_std=None,
                 weights: str | None = "imagenet",
                 image_units: int = 128, gru_units: int = 128, gru2_units: int = 64,
                 feature_units: int = 64, fusion_units: int = 128, head_units: int = 64,
-                attention_heads: int = 4, dropout: float = 0.4):
+                attention_heads: int = 4, dropout: float = 0.4, backbone: str = EFFICIENTNET,
+                segment_seconds: float = 10.0):
     """Build the two-branch classifier (the module docstring's graph and precision).
 
     - feature_mean, feature_std: the training split's, one value per feature column
       (manifest.json); the model normalizes its features with them. None: identity.
     - image_size: side of the square spectrogram input (IMAGE_SIZE; small in tests).
     - attention_heads: over the windows; key size gru_units // attention_heads.
-    - weights: backbone initialization, "imagenet", "none" or a weights file.
+    - weights: backbone initialization, "imagenet" (pretrained), "none" or a weights file.
+    - backbone: "efficientnetb0" or "musicnn" (the pack's); musicnn reads uint16 log-mel
+      [frames, 96, 1] of ``segment_seconds`` (image_size does not apply to it).
     Returns a keras.Model {"spectrogram": uint8 [B, image_size, image_size, 3], "features":
     float32 [B, *feature_shape]} -> float32 [B, num_classes]. InputError for fewer than 2
     classes, ValueError for statistics of the wrong length.
@@ -107,12 +132,22 @@ def build_model(num_classes: int, feature_mean=None, feature_std=None,
     # rather than dividing by ~0 and blowing up whatever differs at prediction time.
     std = np.where(std > 1e-6, std, 1.0)
 
-    spectrogram = keras.Input((image_size, image_size, 3), dtype="uint8", name=SPECTROGRAM_KEY)
     features = keras.Input((steps, columns), dtype="float32", name=FEATURES_KEY)
-
-    # Image branch. EfficientNet rescales 0-255 itself; Rescaling(1) only casts uint8 to float.
-    x = layers.Rescaling(1.0, name="image_to_float")(spectrogram)
-    x = _inference_only(build_backbone(image_size, weights))(x)
+    if backbone == MUSICNN:
+        # The stored integers back to log-mel values, exactly (a power-of-two scale) and in
+        # float32: under float16 the largest would overflow, under bfloat16 lose bits.
+        shape = spectrogram_shape(MUSICNN, segment_seconds)
+        spectrogram = keras.Input(shape, dtype="uint16", name=SPECTROGRAM_KEY)
+        x = layers.Rescaling(1.0 / MUSICNN_SCALE, dtype="float32", name="image_to_float")(
+            spectrogram)
+        x = _inference_only(build_backbone(weights=weights, backbone=MUSICNN,
+                                           frames=shape[0]))(x)
+    else:
+        spectrogram = keras.Input((image_size, image_size, 3), dtype="uint8",
+                                  name=SPECTROGRAM_KEY)
+        # EfficientNet rescales 0-255 itself; Rescaling(1) only casts uint8 to float.
+        x = layers.Rescaling(1.0, name="image_to_float")(spectrogram)
+        x = _inference_only(build_backbone(image_size, weights))(x)
 
     # The rest, after the backbone, is also the stage-1 model (heads_model): one description.
     # The normalization computes in float32 under every policy: the spectral columns are in
@@ -202,8 +237,9 @@ def calibrate_backbone(model, images, batch_size: int = 16) -> None:
     sums = None  # Per layer: (values, sum, sum of squares) over every image and position.
     for start in range(0, len(images), batch_size):
         inputs = probe(to_float(images[start:start + batch_size]), training=True)
-        batch = [(x.shape[0] * x.shape[1] * x.shape[2], x.sum(axis=(0, 1, 2)),
-                  (x * x).sum(axis=(0, 1, 2)))
+        # Every axis but the channels': images [B, H, W, C], musicnn's vectors [B, C].
+        batch = [(x.size // x.shape[-1], x.sum(axis=tuple(range(x.ndim - 1))),
+                  (x * x).sum(axis=tuple(range(x.ndim - 1))))
                  for x in (np.asarray(t, np.float64) for t in inputs)]
         sums = batch if sums is None else [tuple(a + b for a, b in zip(old, new))
                                            for old, new in zip(sums, batch)]
@@ -234,33 +270,52 @@ def heads_model(model):
 
 
 def image_encoder(model):
-    """spectrogram uint8 [B, H, W, 3] -> backbone output [B, 1280], with ``model``'s layers."""
+    """spectrogram [B, ...] -> backbone output [B, width], with ``model``'s layers."""
     import keras
 
     image_input = model.get_layer(SPECTROGRAM_KEY)
-    spectrogram = keras.Input(tuple(image_input.batch_shape[1:]), dtype="uint8",
+    spectrogram = keras.Input(tuple(image_input.batch_shape[1:]), dtype=image_input.dtype,
                               name=SPECTROGRAM_KEY)
     x = model.get_layer("image_to_float")(spectrogram)
     return keras.Model(spectrogram, backbone_of(model)(x), name="tclf_image_encoder")
 
 
 def image_size_of(model) -> int:
-    """Side of the spectrogram input a model was built for."""
+    """Side of the spectrogram input a model was built for (musicnn's: its frames)."""
     for tensor in model.inputs:
         if len(tensor.shape) == 4:
             return int(tensor.shape[1])
     raise ValueError("model has no image input")
 
 
-@functools.lru_cache(maxsize=1)
-def backbone_layer_count() -> int:
+@functools.lru_cache(maxsize=2)
+def backbone_layer_count(backbone: str = EFFICIENTNET) -> int:
     """Layers of the backbone (the range of stage 2's unfrozen count); the same at any input
     size and with any weights."""
+    if backbone == MUSICNN:
+        return musicnn.layer_count()
     return len(build_backbone(32, None).layers)
 
 
+def backbone_name(model) -> str:
+    """The backbone a model holds: efficientnetb0 or musicnn."""
+    names = {layer.name for layer in model.layers}
+    for name in BACKBONES:
+        if name in names:
+            return name
+    raise InputError(f"model {model.name!r} holds none of the backbones {', '.join(BACKBONES)}")
+
+
+def check_backbone_matches(model_backbone: str, data_backbone: str, where: str) -> None:
+    """One line when a model meets spectrograms made for the other backbone."""
+    if model_backbone != data_backbone:
+        raise InputError(f"{where} holds spectrograms for the {data_backbone} backbone, and the "
+                         f"model is a {model_backbone} model; use a model trained on "
+                         f"{data_backbone} data, or extract with --backbone {model_backbone}")
+
+
 def backbone_of(model):
-    return model.get_layer(BACKBONE_NAME)
+    return model.get_layer(backbone_name(model))
 
 
 def freeze_backbone(model) -> None:

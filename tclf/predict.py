@@ -38,13 +38,14 @@ from tclf.data.reader import resize_image
 from tclf.data.schema import FEATURES_KEY, SPECTROGRAM_KEY
 from tclf.evaluation.calibration import apply_temperature
 from tclf.evaluation.evaluate import mean_by_track
-from tclf.model import (image_size_of, load_config, load_model, load_temperature,
-                        warn_if_librosa_differs)
+from tclf.model import (backbone_name, check_backbone_matches, image_size_of, load_config,
+                        load_model, load_temperature, warn_if_librosa_differs)
 
 UNKNOWN = "unknown"  # The style of a track below --min-confidence.
 # The extraction settings prediction takes from a model: its standard segments, without the
 # training-only ones (tclf-extract --training-segments).
-ANALYSIS_SETTINGS = ("num_segments", "segment_seconds", "sample_rate", "skip_fraction")
+ANALYSIS_SETTINGS = ("num_segments", "segment_seconds", "sample_rate", "skip_fraction",
+                     "backbone")
 
 
 @dataclasses.dataclass
@@ -125,12 +126,17 @@ def collect_inputs(paths) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]
     return items, missing
 
 
-def read_track_folder(path: str) -> list[tuple[int, np.ndarray, np.ndarray]]:
-    """(index, image uint8 [299, 299, 3], features [10, 68]) per valid part of a data/ track."""
+def read_track_folder(path: str, backbone: str = audio.EFFICIENTNET,
+                      segment_seconds: float = 10.0) -> list[tuple[int, np.ndarray, np.ndarray]]:
+    """(index, spectrogram, features [10, 68]) per valid part of a data/ track whose
+    spectrograms ``backbone`` reads (one line naming both when they are the other's)."""
     parts = []
+    shape = audio.spectrogram_shape(backbone, segment_seconds)
     for index, png_path, npy_path in records.track_parts(path):
         try:
-            _, features, image = records.read_pair(png_path, npy_path)
+            _, features, image = records.read_pair(png_path, npy_path, shape)
+        except records.OtherBackbone as error:
+            check_backbone_matches(backbone, error.backbone, path)
         except (ValueError, OSError) as error:
             report_skip(f"skipped {error}")
             continue
@@ -173,6 +179,8 @@ def predict_paths(paths, model_path: str = "models/latest.h5", batch_size: int =
         extraction = extraction_settings(model_path)
         if temperature is None:
             temperature = load_temperature(model_path)
+    # The spectrogram is the one the model's backbone reads, whatever else is stored.
+    extraction = {**extraction, "backbone": backbone_name(model)}
     items, failed = collect_inputs(paths)
     for _, error in failed:
         report_skip(error)
@@ -204,7 +212,9 @@ def _parts(kind: str, path: str, extraction: dict) -> list[tuple]:
     if kind == "audio":
         return [(s.index, s.start, s.image, s.features)
                 for s in audio.analyze_file(path, **extraction)]
-    return [(i, None, image, f) for i, image, f in read_track_folder(path)]
+    return [(i, None, image, f) for i, image, f in read_track_folder(
+        path, extraction.get("backbone", audio.EFFICIENTNET),
+        extraction.get("segment_seconds", 10.0))]
 
 
 class _Batches:

@@ -40,6 +40,20 @@ PNG_LEVELS = tuple(range(10))
 # Samples are -1..1 (float files may go a little over); beyond this no audio is meant, and
 # the spectrum's power would overflow float32 near 1e16.
 MAX_PEAK = 1000.0
+# The backbones, each with the spectrogram it reads (tclf-extract --backbone; recorded in
+# extract.json, the manifest and the model). efficientnetb0: the 299x299 colour-mapped mel
+# image. musicnn: its own input, log10(1 + 10000 mel) at 16 kHz (512-point FFT, hop 256,
+# 96 bands), stored as 16-bit grayscale [frames, 96] of round(value * MUSICNN_SCALE).
+EFFICIENTNET = "efficientnetb0"
+MUSICNN = "musicnn"
+BACKBONES = (EFFICIENTNET, MUSICNN)
+MUSICNN_RATE = 16000
+MUSICNN_N_FFT = 512
+MUSICNN_HOP = 256
+MUSICNN_MELS = 96
+# A power of two: the stored integers divide back exactly. Values reach about 7 for loud
+# music (a full-scale sine: 6.8); 16 is the ceiling, 1/8192 the largest rounding error.
+MUSICNN_SCALE = 4096.0
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".oga", ".mp3", ".aiff", ".aif", ".au", ".opus",
                     ".m4a")
 
@@ -71,8 +85,10 @@ class Segment:
         1-based position in the track (part_<index>.png / .npy).
     start : float
         Start time in seconds in the source audio.
-    image : np.ndarray [shape=(size, size, 3), dtype=uint8]
-        The mel spectrogram rendered as RGB (low frequencies at the bottom).
+    image : np.ndarray
+        What the backbone reads: efficientnetb0, the mel spectrogram rendered as RGB
+        uint8 [size, size, 3] (low frequencies at the bottom); musicnn, its quantized log-mel
+        uint16 [frames, 96].
     features : np.ndarray [shape=(10, 68), dtype=float32]
         The feature matrix (columns: docs/data-layout.md#feature-columns).
     """
@@ -85,6 +101,26 @@ class Segment:
     def png_bytes(self, compression: int | None = None) -> bytes:
         """The image as PNG bytes (see :func:`encode_png`); default ``PNG_COMPRESSION``."""
         return encode_png(self.image, PNG_COMPRESSION if compression is None else compression)
+
+
+def spectrogram_shape(backbone: str = EFFICIENTNET, segment_seconds: float = 10.0) -> tuple:
+    """(height, width, channels) of the stored spectrogram that ``backbone`` reads."""
+    if backbone == MUSICNN:
+        samples = int(round(segment_seconds * MUSICNN_RATE))
+        return (1 + samples // MUSICNN_HOP, MUSICNN_MELS, 1)
+    return (IMAGE_SIZE, IMAGE_SIZE, 3)
+
+
+def backbone_of_settings(settings: dict | None) -> str:
+    """The backbone of extraction settings (extract.json, a manifest's or a model's); those
+    of a tclf before the choice existed are efficientnetb0's."""
+    return (settings or {}).get("backbone", EFFICIENTNET)
+
+
+def check_backbone(backbone) -> str:
+    if backbone not in BACKBONES:
+        raise InputError(f"backbone must be one of {', '.join(BACKBONES)}, got {backbone!r}")
+    return backbone
 
 
 # ---------------------------------------------------------------------------
@@ -374,6 +410,28 @@ def _stft_magnitude(y: np.ndarray, window: np.ndarray) -> np.ndarray:
     return np.abs(scipy.fft.rfft(frames * window, axis=1)).T
 
 
+@functools.lru_cache(maxsize=1)
+def _musicnn_filters():
+    import librosa
+
+    return librosa.filters.mel(sr=MUSICNN_RATE, n_fft=MUSICNN_N_FFT,
+                               n_mels=MUSICNN_MELS).astype(np.float32)
+
+
+def musicnn_input(y: np.ndarray, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+    """musicnn's input for one segment, quantized: uint16 [frames, 96] of
+    round(log10(1 + 10000 mel) * MUSICNN_SCALE), mel as librosa.feature.melspectrogram(
+    sr=16000, n_fft=512, hop_length=256, n_mels=96) computes it, all in float32 (musicnn's
+    own float16 overflows to inf on loud bands)."""
+    import librosa
+
+    y16 = _resample(np.asarray(y, np.float32), sample_rate, MUSICNN_RATE)
+    power = np.abs(librosa.stft(y16, n_fft=MUSICNN_N_FFT, hop_length=MUSICNN_HOP)) ** 2
+    log_mel = np.log10(1.0 + 10000.0 * (_musicnn_filters() @ power)).T
+    return np.ascontiguousarray(np.clip(np.rint(log_mel * MUSICNN_SCALE), 0, 65535),
+                                dtype=np.uint16)
+
+
 def render_image(mel_db: np.ndarray, size: int = IMAGE_SIZE) -> np.ndarray:
     """Map a mel dB matrix to an RGB image, with no axes and no margins.
 
@@ -408,11 +466,12 @@ def _png_chunk(kind: bytes, data: bytes) -> bytes:
 
 
 def encode_png(image: np.ndarray, compression: int = PNG_COMPRESSION) -> bytes:
-    """Encode an RGB uint8 image as PNG bytes; the pixels decode the same at every setting.
+    """Encode an RGB uint8 image (or a uint16 grayscale one [H, W], musicnn's input) as PNG
+    bytes; the pixels decode the same at every setting.
 
     Parameters
     ----------
-    image : np.ndarray [shape=(height, width, 3), dtype=uint8]
+    image : np.ndarray [shape=(height, width, 3), dtype=uint8] or [(height, width), uint16]
     compression : int
         A zlib level 0-9: 8-bit RGB, one IDAT chunk, every row with filter type 0 (none).
         A colour-mapped spectrogram compresses better unfiltered than with the adaptive
@@ -422,14 +481,23 @@ def encode_png(image: np.ndarray, compression: int = PNG_COMPRESSION) -> bytes:
     """
     compression = check_png_compression(compression)
     image = np.asarray(image)
-    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-        raise ValueError(f"expected an RGB uint8 image [H, W, 3], got {image.dtype} "
-                         f"{image.shape}")
-    height, width, _ = image.shape
-    rows = np.empty((height, width * 3 + 1), np.uint8)
+    if image.dtype == np.uint16 and image.ndim == 3 and image.shape[2] == 1:
+        image = image[:, :, 0]
+    if image.dtype == np.uint16 and image.ndim == 2:
+        height, width = image.shape
+        depth, colour = 16, 0
+        data = np.ascontiguousarray(image, dtype=">u2").view(np.uint8)  # PNG: big-endian.
+    elif image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3:
+        height, width, _ = image.shape
+        depth, colour, data = 8, 2, image
+    else:
+        raise ValueError(f"expected an RGB uint8 image [H, W, 3] or a uint16 grayscale one "
+                         f"[H, W], got {image.dtype} {image.shape}")
+    data = data.reshape(height, -1)
+    rows = np.empty((height, data.shape[1] + 1), np.uint8)
     rows[:, 0] = 0  # Filter type 0 (none) on every row.
-    rows[:, 1:] = image.reshape(height, width * 3)
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB, no interlace.
+    rows[:, 1:] = data
+    header = struct.pack(">IIBBBBB", width, height, depth, colour, 0, 0, 0)  # No interlace.
     return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header)
             + _png_chunk(b"IDAT", zlib.compress(rows.tobytes(), compression))
             + _png_chunk(b"IEND", b""))
@@ -450,7 +518,8 @@ def _window_stats(frames: np.ndarray, window_of_frame: np.ndarray, windows: int)
 
 
 def analyze_segment(y: np.ndarray, sample_rate: int = SAMPLE_RATE, image_size: int = IMAGE_SIZE,
-                    windows: int = WINDOWS) -> tuple[np.ndarray, np.ndarray]:
+                    windows: int = WINDOWS, backbone: str = EFFICIENTNET
+                    ) -> tuple[np.ndarray, np.ndarray]:
     """Spectrogram image and feature matrix of one segment.
 
     Parameters
@@ -460,7 +529,8 @@ def analyze_segment(y: np.ndarray, sample_rate: int = SAMPLE_RATE, image_size: i
 
     Returns
     -------
-    image : np.ndarray [shape=(image_size, image_size, 3), dtype=uint8]
+    image : np.ndarray [shape=(image_size, image_size, 3), dtype=uint8], or with the
+        musicnn backbone its input (:func:`musicnn_input`)
     features : np.ndarray [shape=(windows, 68), dtype=float32]
     """
     import librosa
@@ -474,7 +544,8 @@ def analyze_segment(y: np.ndarray, sample_rate: int = SAMPLE_RATE, image_size: i
     mel = mel_basis @ power  # [128, t]
     mel_db = 10.0 * np.log10(np.maximum(mel, 1e-10))
     peak = mel_db.max()
-    image = render_image(np.maximum(mel_db - peak, -TOP_DB), image_size)
+    image = (musicnn_input(y, sample_rate) if backbone == MUSICNN
+             else render_image(np.maximum(mel_db - peak, -TOP_DB), image_size))
 
     # MFCC as librosa.feature.mfcc(S=power_to_db(mel), n_mfcc=20): top_db clipped, DCT-II ortho.
     import scipy.fft
@@ -557,7 +628,8 @@ def _tempo(onset: np.ndarray, sample_rate: int) -> tuple[float, float]:
 
 def analyze_file(path: str, num_segments: int = 6, segment_seconds: float = 10.0,
                  sample_rate: int = SAMPLE_RATE, image_size: int = IMAGE_SIZE,
-                 skip_fraction: float = 0.1, training_segments: int = 0) -> list[Segment]:
+                 skip_fraction: float = 0.1, training_segments: int = 0,
+                 backbone: str = EFFICIENTNET) -> list[Segment]:
     """All segments of one audio file, analysed: the standard ones (indices 1 to
     num_segments at most), then the training-only ones (:func:`load_segments`).
 
@@ -572,7 +644,7 @@ def analyze_file(path: str, num_segments: int = 6, segment_seconds: float = 10.0
             load_segments(path, num_segments, segment_seconds, sample_rate, skip_fraction,
                           training_segments), start=1):
         try:
-            image, features = analyze_segment(y, sample_rate, image_size)
+            image, features = analyze_segment(y, sample_rate, image_size, backbone=backbone)
         except AudioError as error:
             raise AudioError(f"{path}: {error}") from None
         if not np.all(np.isfinite(features)):

@@ -291,6 +291,7 @@ PNG_COMPRESSION_KEY = "png_compression"  # In extract.json: the zlib level of th
 # Like the PNG level, it is recorded, not compared: a folder may be extended after an upgrade.
 LIBROSA_KEY = "librosa_version"
 RECORDED_KEYS = (PNG_COMPRESSION_KEY, LIBROSA_KEY)
+BACKBONE_KEY = "backbone"  # In extract.json: the backbone the spectrograms are made for.
 
 
 def record_settings(data_dir: str, options: dict, png_compression: int | None = None,
@@ -312,6 +313,12 @@ def record_settings(data_dir: str, options: dict, png_compression: int | None = 
         existing = storage.read_json(path)
         analysis = ({k: v for k, v in existing.items() if k not in RECORDED_KEYS}
                     if isinstance(existing, dict) else existing)
+        if isinstance(analysis, dict):  # Folders from before the choice: efficientnetb0's.
+            analysis.setdefault(BACKBONE_KEY, audio.backbone_of_settings(analysis))
+            theirs, ours = analysis[BACKBONE_KEY], options.get(BACKBONE_KEY)
+            if ours is not None and theirs != ours:
+                raise InputError(f"{data_dir} holds spectrograms for the {theirs} backbone, not "
+                                 f"--backbone {ours}; extract into another DATA_DIR")
         if analysis != options:
             raise InputError(f"{data_dir} was extracted with {analysis}, not {options}; use the "
                              f"same settings or another DATA_DIR")
@@ -357,14 +364,16 @@ def extract(audio_dir: str, data_dir: str, num_segments: int = 6, segment_second
             sample_rate: int = audio.SAMPLE_RATE, image_size: int = audio.IMAGE_SIZE,
             skip_fraction: float = 0.1, jobs: int | None = None, overwrite: bool = False,
             progress: bool = True, png_compression: int | None = None,
-            training_segments: int = audio.TRAINING_SEGMENTS) -> ExtractSummary:
+            training_segments: int = audio.TRAINING_SEGMENTS,
+            backbone: str = audio.EFFICIENTNET) -> ExtractSummary:
     """Extract every track of AUDIO_DIR into DATA_DIR (see :func:`plan_tracks`).
 
     jobs: worker processes, default all cores; 1 runs in this process. png_compression: zlib
     level 0-9 of the PNGs; None: the folder's own (:func:`record_settings`). training_segments:
     up to this many more segments a track, for training only, numbered after the standard
-    ones (:func:`audio.training_segment_starts`). A file that cannot be used is reported by a
-    DataWarning naming it.
+    ones (:func:`audio.training_segment_starts`). backbone: the one the spectrograms are made
+    for (:data:`audio.BACKBONES`). A file that cannot be used is reported by a DataWarning
+    naming it.
 
     Raises InputError if AUDIO_DIR or DATA_DIR is a file or DATA_DIR holds other settings
     or an older tclf's tracks; RunError if no track could be extracted and none was complete,
@@ -374,7 +383,8 @@ def extract(audio_dir: str, data_dir: str, num_segments: int = 6, segment_second
     start_time = time.perf_counter()
     options = dict(num_segments=num_segments, segment_seconds=segment_seconds,
                    sample_rate=sample_rate, image_size=image_size, skip_fraction=skip_fraction,
-                   training_segments=training_segments)
+                   training_segments=training_segments,
+                   backbone=audio.check_backbone(backbone))
     for path in (audio_dir, data_dir):
         if "://" in path:
             raise InputError(f"{path}: tclf-extract works on local folders; copy the result "

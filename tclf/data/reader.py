@@ -39,11 +39,17 @@ def resize_image(image, image_size: int):
     return tf.cast(tf.clip_by_value(tf.round(resized), 0, 255), tf.uint8)
 
 
+def decode_png(png, channels: int = 3):
+    """A stored spectrogram: RGB uint8 [H, W, 3], or musicnn's uint16 [frames, 96, 1]."""
+    return tf.io.decode_png(png, channels=channels,
+                            dtype=tf.uint8 if channels == 3 else tf.uint16)
+
+
 def decode_example(serialized: tf.Tensor, feature_shape, image_size: int | None = None,
-                   include_track_id: bool = False):
-    """Parse one serialized record and decode its PNG. Image stays uint8."""
+                   include_track_id: bool = False, channels: int = 3):
+    """Parse one serialized record and decode its PNG (:func:`decode_png`), not rescaled."""
     parsed = tf.io.parse_single_example(serialized, schema.feature_description(feature_shape))
-    image = tf.io.decode_png(parsed[SPECTROGRAM_KEY], channels=3)
+    image = decode_png(parsed[SPECTROGRAM_KEY], channels)
     if image_size is not None:
         image = resize_image(image, image_size)
     inputs = {SPECTROGRAM_KEY: image, FEATURES_KEY: parsed[FEATURES_KEY]}
@@ -79,9 +85,11 @@ def make_dataset(records, split: str = "train", batch_size: int = 32,
     split_files = training if split_files is None else split_files
     files = _shard_files(pack, split, workers if split_files and not data_service else None)
     options = _distribution_options(options, split_files, workers, data_service)
-    resize_to = image_size if image_size and image_size != pack.image_size else None
+    # Only the mel images resize; musicnn reads its log-mel as stored.
+    resize_to = (image_size if image_size and image_size != pack.image_size
+                 and pack.backbone == schema.EFFICIENTNET else None)
     dataset = _decoded(files, pack.feature_shape, training, repeat, cache, shuffle_buffer, seed,
-                       resize_to, include_track_id)
+                       resize_to, include_track_id, pack.spectrogram_shape[2])
     dataset = dataset.batch(batch_size, drop_remainder=drop_remainder,
                             num_parallel_calls=AUTOTUNE, deterministic=not training)
     # Known length: Keras' progress bars and epoch ends rely on it. (Not in a multi-worker run
@@ -126,7 +134,7 @@ def _shard_files(pack, split: str, workers) -> list[str]:
 
 
 def _decoded(files, feature_shape, training, repeat, cache, shuffle_buffer, seed, resize_to,
-             include_track_id) -> tf.data.Dataset:
+             include_track_id, channels=3) -> tf.data.Dataset:
     """Decoded examples of ``files``, unbatched.
 
     Order, and why: shuffle file names (cheap) -> [repeat, when streaming and not caching: the
@@ -145,7 +153,7 @@ def _decoded(files, feature_shape, training, repeat, cache, shuffle_buffer, seed
     if training and not cache:
         dataset = dataset.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
     dataset = dataset.map(
-        lambda x: decode_example(x, feature_shape, resize_to, include_track_id),
+        lambda x: decode_example(x, feature_shape, resize_to, include_track_id, channels),
         num_parallel_calls=AUTOTUNE, deterministic=not training)
     if cache:
         dataset = dataset.cache("" if cache is True else cache)
@@ -255,9 +263,9 @@ def verify_shards(records, split: str | None = None) -> list[tuple[str, str]]:
         for path in pack.shard_paths(side):
             try:
                 for record in tf.data.TFRecordDataset(path):
-                    tf.io.decode_png(tf.io.parse_single_example(
+                    decode_png(tf.io.parse_single_example(
                         record, schema.feature_description(pack.feature_shape))[
-                            SPECTROGRAM_KEY])
+                            SPECTROGRAM_KEY], pack.spectrogram_shape[2])
             except (tf.errors.DataLossError, tf.errors.OpError) as error:
                 message = re.sub(r"\{\{[^}]*\}\}|\[Op:[^\]]*\]|name: *$", "", error.message)
                 broken.append((path, message.splitlines()[0].strip()))

@@ -22,6 +22,8 @@ import tclf
 from tclf import InputError, RunError, faults, report_skip, storage
 from tclf.data import audio
 from tclf.data.audio import FEATURE_SHAPE, IMAGE_SIZE
+
+SPECTROGRAM_SHAPE = (IMAGE_SIZE, IMAGE_SIZE, 3)  # efficientnetb0's; musicnn's differs.
 from tclf.data.schema import (  # noqa: F401 (re-exported)
     EXTRACTION_SETTINGS_NAME, FEATURES_KEY, LABEL_KEY, MANIFEST_NAME, SCHEMA_VERSION, SEGMENT_KEY,
     SPECTROGRAM_KEY, SPLITS, TRACK_ID_KEY, create_example, feature_description, load_manifest)
@@ -125,22 +127,23 @@ def scan_data(data_dir: str) -> tuple[list[str], list[Sample], collections.Count
 
 
 def validate_samples(data_dir: str, classes: list[str], samples: list[Sample],
-                     skipped: collections.Counter, progress: bool = False
-                     ) -> tuple[list[str], list[Sample]]:
+                     skipped: collections.Counter, progress: bool = False,
+                     shape: tuple = SPECTROGRAM_SHAPE) -> tuple[list[str], list[Sample]]:
     """The classes and samples of a scan that pass :func:`read_sample`, before the split.
 
     Every pair is read and checked once (nothing decoded is kept: only whether it
     passed), so the split is drawn over tracks that really have data: a track whose
     parts are all bad cannot take a class's place in the validation split. Bad pairs
     are reported and counted in skipped; a class left without any valid pair is
-    reported and dropped, and the labels of the others renumbered.
+    reported and dropped, and the labels of the others renumbered. shape: the spectrograms'
+    (:func:`audio.spectrogram_shape`).
     """
     from tqdm import tqdm
 
     valid = []
     for sample in tqdm(samples, unit="segment", desc="check", disable=not progress):
         try:
-            read_sample(sample)
+            read_sample(sample, shape)
         except ValueError as error:
             report_skip(f"skipped {error}")
             skipped[classes[sample.label]] += 1
@@ -207,39 +210,64 @@ def _load_features(path: str, content: bytes, feature_shape) -> np.ndarray:
     return converted
 
 
-def read_sample(sample: Sample) -> tuple[bytes, np.ndarray, np.ndarray]:
+def read_sample(sample: Sample, shape: tuple = SPECTROGRAM_SHAPE
+                ) -> tuple[bytes, np.ndarray, np.ndarray]:
     """:func:`read_pair` of a sample of :func:`scan_data`."""
-    return read_pair(sample.png_path, sample.npy_path)
+    return read_pair(sample.png_path, sample.npy_path, shape)
 
 
-def read_pair(png_path: str, npy_path: str, image_size: int = IMAGE_SIZE,
+# Pillow's modes of the stored spectrograms: 8-bit RGB, and musicnn's 16-bit grayscale.
+_MODES = {3: ("RGB",), 1: ("I;16", "I;16B", "I")}
+_BACKBONE_OF_CHANNELS = {3: audio.EFFICIENTNET, 1: audio.MUSICNN}
+
+
+class OtherBackbone(InputError):
+    """A spectrogram made for the other backbone than the one expected."""
+
+    def __init__(self, message: str, backbone: str):
+        super().__init__(message)
+        self.backbone = backbone
+
+
+def read_pair(png_path: str, npy_path: str, shape: tuple = SPECTROGRAM_SHAPE,
               feature_shape=FEATURE_SHAPE) -> tuple[bytes, np.ndarray, np.ndarray]:
     """Read and check one part_N.png + part_N.npy; InputError (a ValueError) naming the bad file.
 
     A file that cannot be read (permissions, a folder or dangling link by that
-    name) or is empty, a PNG that is not a 299x299 RGB PNG, and a .npy that is not
-    a finite real matrix of the feature shape (see :func:`_load_features`) are
-    errors. Returns (png bytes, features float32 [10, 68], image uint8 [H, W, 3]);
-    the image is the decode that checked the PNG, so callers need not decode again.
+    name) or is empty, a PNG that is not of ``shape`` (height, width, channels: 299x299 RGB,
+    or musicnn's 16-bit grayscale), and a .npy that is not a finite real matrix of the
+    feature shape (see :func:`_load_features`) are errors. Returns (png bytes, features
+    float32 [10, 68], pixels: uint8 [H, W, 3] or uint16 [H, W]); the pixels are the decode
+    that checked the PNG, so callers need not decode again.
     """
     from PIL import Image, UnidentifiedImageError
 
+    height, width, channels = shape
+    modes = _MODES[channels]
     png = _read_file(png_path)
     try:
         with Image.open(io.BytesIO(png)) as image:
             if image.format != "PNG":
                 raise InputError(f"a {image.format} image, not a PNG")
             size, mode = image.size, image.mode
-            if size == (image_size, image_size) and mode == "RGB":
+            if size == (width, height) and mode in modes:
                 image.load()
                 pixels = np.asarray(image)
+                if pixels.ndim == 2:
+                    pixels = pixels.astype(np.uint16)
     except UnidentifiedImageError:
         raise InputError(f"{png_path}: unreadable PNG (not an image file)") from None
     except Exception as error:  # noqa: BLE001 - Pillow raises many kinds for bad bytes.
         raise InputError(f"{png_path}: unreadable PNG ({error})") from None
-    if size != (image_size, image_size) or mode != "RGB":
+    if size != (width, height) or mode not in modes:
+        kind = "RGB" if channels == 3 else "16-bit grayscale (musicnn's log-mel)"
+        for other, other_modes in _MODES.items():
+            if other != channels and mode in other_modes:
+                found, wanted = _BACKBONE_OF_CHANNELS[other], _BACKBONE_OF_CHANNELS[channels]
+                raise OtherBackbone(f"{png_path}: a spectrogram for the {found} backbone, "
+                                    f"where {wanted}'s is expected", found)
         raise InputError(f"{png_path}: image is {size[0]}x{size[1]} {mode}, expected "
-                         f"{image_size}x{image_size} RGB")
+                         f"{width}x{height} {kind}")
     features = _load_features(npy_path, _read_file(npy_path), feature_shape)
     return png, features, pixels
 
@@ -301,7 +329,8 @@ KEEP = "keep"  # tclf-pack --png-compression keep: the PNG bytes as DATA_DIR hol
 
 
 def _write_records(samples: list[Sample], paths: list[str], classes: list[str],
-                   skipped: collections.Counter, bar=None, png_compression=KEEP):
+                   skipped: collections.Counter, bar=None, png_compression=KEEP,
+                   shape: tuple = SPECTROGRAM_SHAPE):
     """Write samples, in order, round-robin into new TFRecord files at paths.
 
     A sample that fails :func:`read_sample` is reported, counted in skipped
@@ -322,7 +351,7 @@ def _write_records(samples: list[Sample], paths: list[str], classes: list[str],
             if bar is not None:
                 bar.update(1)
             try:
-                png, features, pixels = read_sample(sample)
+                png, features, pixels = read_sample(sample, shape)
             except ValueError as error:  # Changed since validate_samples read it.
                 report_skip(f"skipped {error}")
                 skipped[classes[sample.label]] += 1
@@ -374,7 +403,8 @@ def _shard_entries(out_dir: str, names: list[str], per_shard: list[int]) -> list
 def write_split(side: str, samples: list[Sample], classes: list[str], out_dir: str,
                 rng: np.random.Generator, skipped: collections.Counter, bar=None,
                 shard_megabytes: float = 128.0, min_shards: int = 8,
-                pack_id: str = "", png_compression=KEEP) -> tuple[dict, FeatureStats]:
+                pack_id: str = "", png_compression=KEEP, shape: tuple = SPECTROGRAM_SHAPE
+                ) -> tuple[dict, FeatureStats]:
     """Write one split's samples into shards `<side>-NNNNN-of-NNNNN-<pack_id>.tfrecord`.
 
     The records are shuffled with rng and dealt round-robin over the shards,
@@ -390,13 +420,16 @@ def write_split(side: str, samples: list[Sample], classes: list[str], out_dir: s
     """
     chosen = [samples[i] for i in rng.permutation(len(samples))]
     if png_compression == 0:  # Stored rows: the size follows from the image's.
-        num_bytes = len(chosen) * (IMAGE_SIZE * (IMAGE_SIZE * 3 + 1) + 100)
+        height, width, channels = shape
+        depth = 1 if channels == 3 else 2  # RGB bytes, or 16-bit grayscale.
+        num_bytes = len(chosen) * (height * (width * channels * depth + 1) + 100)
     else:
         num_bytes = sum(storage.size(s.png_path) for s in chosen)
     count = _num_shards(num_bytes, len(chosen), shard_megabytes, min_shards)
     names = [shard_name(side, i, count, pack_id) for i in range(count)]
     per_shard, per_class, tracks, stats = _write_records(
-        chosen, [join(out_dir, n) for n in names], classes, skipped, bar, png_compression)
+        chosen, [join(out_dir, n) for n in names], classes, skipped, bar, png_compression,
+        shape)
     entry = {
         "records": sum(per_shard),
         "counts": {c: per_class[c] for c in classes},
@@ -413,6 +446,8 @@ def build_manifest(data_dir: str, classes: list[str], splits: dict, skipped: col
     compression asked for (KEEP: as extracted, see "extraction") and the feature mean
     and std (of the train split, given as feature_stats)."""
     mean, std = feature_stats.mean_std()
+    extraction = _extraction_settings(data_dir)
+    backbone = audio.backbone_of_settings(extraction)
     return {
         "schema_version": SCHEMA_VERSION,
         "tclf_version": tclf.__version__,
@@ -420,7 +455,9 @@ def build_manifest(data_dir: str, classes: list[str], splits: dict, skipped: col
         "pack_id": pack_id,
         "data_dir": data_dir,
         "classes": classes,
-        "image_size": [IMAGE_SIZE, IMAGE_SIZE, 3],
+        "image_size": list(spectrogram_shape_of(extraction)),
+        "backbone": backbone,
+        "spectrogram_scale": audio.MUSICNN_SCALE if backbone == audio.MUSICNN else None,
         "feature_shape": list(FEATURE_SHAPE),
         "seed": seed,
         "val_fraction": val_fraction,
@@ -428,7 +465,7 @@ def build_manifest(data_dir: str, classes: list[str], splits: dict, skipped: col
         "png_compression": png_compression,
         "splits": splits,
         "skipped": dict(skipped),
-        "extraction": _extraction_settings(data_dir),
+        "extraction": extraction,
         "feature_mean": [float(x) for x in mean],
         "feature_std": [float(x) for x in std],
     }
@@ -619,7 +656,9 @@ def pack(data_dir: str, records_dir: str, val_fraction: float = 0.2, seed: int =
             raise RunError(f"no samples found in {data_dir} (expected "
                            f"DATA_DIR/<class>/<track>/part_N.png + part_N.npy)")
         found = len(samples)
-        classes, samples = validate_samples(data_dir, classes, samples, skipped, progress)
+        shape = spectrogram_shape_of(_extraction_settings(data_dir))
+        classes, samples = validate_samples(data_dir, classes, samples, skipped, progress,
+                                            shape)
         if not samples:
             raise RunError(f"no valid sample in {data_dir}: all {found} were skipped")
         if len(classes) < 2:
@@ -642,7 +681,8 @@ def pack(data_dir: str, records_dir: str, val_fraction: float = 0.2, seed: int =
                 chosen = [s for s in samples if side_of[s.track_id] == side]
                 splits[side], stats[side] = write_split(side, chosen, classes, tmp_dir, rng,
                                                         skipped, bar, shard_megabytes,
-                                                        min_shards, pack_id, png_compression)
+                                                        min_shards, pack_id, png_compression,
+                                                        shape)
             bar.close()
             if not sum(entry["records"] for entry in splits.values()):
                 raise RunError(f"no valid sample in {data_dir}: all {found} were skipped")
@@ -664,6 +704,13 @@ def standard_segments(samples: list[Sample], tracks: set, count: int | None) -> 
     if not count:
         return samples
     return [s for s in samples if s.track_id not in tracks or s.segment <= count]
+
+
+def spectrogram_shape_of(extraction: dict | None) -> tuple:
+    """The stored spectrograms' (height, width, channels) of extraction settings."""
+    extraction = extraction or {}
+    return audio.spectrogram_shape(audio.backbone_of_settings(extraction),
+                                   extraction.get("segment_seconds", 10.0))
 
 
 def _extraction_settings(data_dir: str) -> dict | None:

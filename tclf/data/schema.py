@@ -18,7 +18,8 @@ import math
 import numpy as np
 
 from tclf import InputError, storage
-from tclf.data.audio import FEATURE_SHAPE, IMAGE_SIZE  # noqa: F401 (the segment shapes, re-exported)
+from tclf.data.audio import (  # noqa: F401 (the segment shapes, re-exported)
+    BACKBONES, EFFICIENTNET, FEATURE_SHAPE, IMAGE_SIZE, MUSICNN)
 
 SCHEMA_VERSION = 1
 SPECTROGRAM_KEY = "spectrogram"
@@ -136,6 +137,12 @@ def check_manifest(manifest: dict) -> str | None:
                     f"column), found {value!r:.80}")
     if any(v < 0 for v in manifest["feature_std"]):
         return "'feature_std' holds a negative value"
+    backbone = manifest.get("backbone", EFFICIENTNET)
+    if backbone not in BACKBONES:
+        return f"'backbone' must be one of {', '.join(BACKBONES)}, found {backbone!r:.80}"
+    scale = manifest.get("spectrogram_scale")
+    if backbone == MUSICNN and not (_is_number(scale) and scale > 0):
+        return f"'spectrogram_scale' must be a positive number, found {scale!r:.80}"
     splits = manifest.get("splits")
     if not isinstance(splits, dict):
         return f"'splits' must be an object with {' and '.join(SPLITS)}, found {splits!r:.80}"
@@ -190,9 +197,12 @@ class Pack:
     feature_shape: tuple
     feature_mean: list
     feature_std: list
-    image_size: int  # The stored spectrograms' side.
+    image_size: int  # The stored spectrograms' side (their height).
     stamp: str | None
     extraction: dict | None  # The extract.json settings of the data/ it was packed from.
+    backbone: str = EFFICIENTNET  # The one its spectrograms are made for.
+    spectrogram_shape: tuple = (IMAGE_SIZE, IMAGE_SIZE, 3)  # (height, width, channels)
+    spectrogram_scale: float | None = None  # musicnn: stored integer = value * this.
 
     @classmethod
     def load(cls, path: str) -> "Pack":
@@ -203,7 +213,8 @@ class Pack:
         return cls(path, tuple(manifest["classes"]), splits, tuple(manifest["feature_shape"]),
                    list(manifest["feature_mean"]), list(manifest["feature_std"]),
                    manifest["image_size"][0], manifest.get("created"),
-                   manifest.get("extraction"))
+                   manifest.get("extraction"), manifest.get("backbone", EFFICIENTNET),
+                   tuple(manifest["image_size"]), manifest.get("spectrogram_scale"))
 
     def split(self, name: str) -> Split:
         if name not in self.splits:

@@ -13,7 +13,7 @@ import numpy as np
 from tclf import InputError, RunError, storage
 from tclf.data import reader, schema
 from tclf.evaluation.calibration import apply_temperature, expected_calibration_error
-from tclf.model import image_size_of
+from tclf.model import backbone_name, check_backbone_matches, image_size_of
 
 
 def _as_probabilities(probabilities, num_classes: int | None = None) -> np.ndarray:
@@ -289,6 +289,8 @@ def evaluate_records(model, class_names, records, split: str = "val",
     """Segment- and track-level metrics of a model on a packed split, its probabilities at
     ``temperature`` (the one stored in its model.h5: tclf.model.load_temperature)."""
     pack = schema.as_pack(records)
+    check_backbone_matches(backbone_name(model), pack.backbone,
+                           storage.join(pack.path, schema.MANIFEST_NAME))
     if list(pack.classes) != list(class_names):
         raise InputError(f"the model's classes {list(class_names)} differ from those of "
                          f"{storage.join(pack.path, schema.MANIFEST_NAME)} "

@@ -11,6 +11,7 @@ import inspect
 import numbers
 
 from tclf import InputError, storage
+from tclf.data.audio import EFFICIENTNET
 from tclf.model import backbone_layer_count, build_model
 from tclf.training.devices import PRECISIONS
 
@@ -66,11 +67,14 @@ class TrainConfig:
     # The model.
     weights: str = option(
         MODEL, "imagenet",
-        "EfficientNetB0 initialization: imagenet (downloaded once to ~/.keras/models), none "
-        "(random), or the path of a weights file.")
+        "Backbone initialization: imagenet = its pretrained weights (EfficientNetB0: "
+        "ImageNet's, downloaded once to ~/.keras/models; musicnn: the Million Song Dataset's, "
+        "from the musicnn package), none (random), or the path of a weights file. The "
+        "backbone is the records' (tclf extract --backbone).")
     image_size: int = option(
         MODEL, 299,
-        "Side of the square spectrogram input; records are resized if it differs from 299.")
+        "EfficientNetB0: side of the square spectrogram input; records are resized if it "
+        "differs from 299. (musicnn reads its log-mel as stored.)")
     image_units: int = option(MODEL, 128, "Units of the image branch's Dense layer.")
     gru_units: int = option(MODEL, 128, "Units of the first GRU (returns sequences).")
     gru2_units: int = option(MODEL, 64, "Units of the second GRU.")
@@ -229,11 +233,13 @@ class TrainConfig:
             if not ok:
                 raise InputError(message)
 
-    def validate_model_options(self) -> None:
-        """The checks that build a backbone (so they start TensorFlow: after the devices)."""
-        if not 0 <= self.stage2_layers <= backbone_layer_count():
-            raise InputError(f"stage2_layers must be 0-{backbone_layer_count()}, got "
-                             f"{self.stage2_layers}")
+    def validate_model_options(self, backbone: str = EFFICIENTNET) -> None:
+        """The checks that build a backbone (so they start TensorFlow: after the devices), for
+        the pack's ``backbone``."""
+        count = backbone_layer_count(backbone)
+        if not 0 <= self.stage2_layers <= count:
+            raise InputError(f"stage2_layers must be 0-{count} for the {backbone} backbone, "
+                             f"got {self.stage2_layers}")
 
 
 # The tiny preset: a two-stage run in about a minute on 2 CPU cores (32x32 spectrograms, small

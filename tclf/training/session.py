@@ -33,7 +33,6 @@ class Session:
         config = self.config
         self.strategy, devices, on_gpu = configure_devices(
             config.gpus, config.cpu_devices, self.cluster, config.cluster_timeout)
-        config.validate_model_options()  # Builds a backbone: after the devices.
         self.devices = devices + _batch_split(config.batch_size,
                                               self.strategy.num_replicas_in_sync)
         self.precision = resolve_precision(config.precision, on_gpu)
@@ -49,8 +48,10 @@ class Session:
         keras.mixed_precision.set_global_policy(self._previous_policy)
 
     def load_pack(self, resume: str | None = None) -> schema.Pack:
-        """config.records, checked for training (:func:`training_pack`)."""
+        """config.records, checked for training (:func:`training_pack`), and the options
+        that depend on its backbone."""
         self.pack = training_pack(self.config.records, resume)
+        self.config.validate_model_options(self.pack.backbone)  # Builds a backbone.
         return self.pack
 
     @contextlib.contextmanager
@@ -113,7 +114,9 @@ def model_for(config: TrainConfig, pack, calibrate: bool = True):
     features; a random backbone's statistics set from the first training records (in the
     pack's fixed order, the same on every worker and on a resume) unless not ``calibrate``."""
     model = build_model(len(pack.classes), pack.feature_mean, pack.feature_std,
-                        feature_shape=pack.feature_shape, **config.model_options())
+                        feature_shape=pack.feature_shape, backbone=pack.backbone,
+                        segment_seconds=(pack.extraction or {}).get("segment_seconds", 10.0),
+                        **config.model_options())
     if calibrate and is_random(config.weights) and config.random_backbone_stats > 0:
         calibrate_backbone(model, first_spectrograms(config, pack, config.random_backbone_stats))
     return model

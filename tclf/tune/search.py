@@ -20,6 +20,8 @@ import time
 import tensorflow as tf
 
 from tclf import InputError, storage
+from tclf.data.schema import EFFICIENTNET, Pack
+from tclf.model import backbone_layer_count
 from tclf.training.cluster import from_env
 from tclf.training.config import TrainConfig
 from tclf.training.session import Session
@@ -27,7 +29,7 @@ from tclf.training.versions import lock_folder, unlock_folder
 from tclf.tune.chief import HEARTBEAT_SECONDS, failures_error, heartbeat, serve, wait_when_idle
 from tclf.tune.hypermodel import Shared, TclfHyperModel
 from tclf.tune.results import PROJECT, TuneResult, write_results
-from tclf.tune.space import OBJECTIVES, TUNERS, search_space
+from tclf.tune.space import OBJECTIVES, TUNERS, for_backbone, search_space
 from tclf.tune.tuner import make_tuner
 
 
@@ -97,6 +99,8 @@ def tune(base: TrainConfig, out_dir: str, *, kind: str = "random", max_trials: i
                          f"heartbeats of a worker), got {worker_timeout:g}")
     space = search_space() if space is None else space
     base.validate()
+    backbone = _backbone(base.records)
+    space = for_backbone(space, backbone, backbone_layer_count(backbone))
     where, tuner_id = role()
     owner = where != "worker"  # The search's one owner of --out: a local search or the chief.
     if owner:
@@ -120,6 +124,15 @@ def tune(base: TrainConfig, out_dir: str, *, kind: str = "random", max_trials: i
     finally:
         if owner:
             unlock_folder(out_dir)
+
+
+def _backbone(records: str) -> str:
+    """The backbone of the pack at ``records``; efficientnetb0 where there is no readable pack
+    yet (the session says what is wrong with it, as for tclf-train)."""
+    try:
+        return Pack.load(records).backbone
+    except (OSError, ValueError):
+        return EFFICIENTNET
 
 
 def _run_trials(base, out_dir, space, kind, objective, max_trials, where, tuner_id, progress,

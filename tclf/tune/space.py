@@ -33,6 +33,29 @@ SPACE = {
     "stage2_warmup_epochs": {"min": 0.0, "max": 2.0, "step": 0.5},
     "stage2_layers": {"min": 0, "max": 80, "step": 10},
 }
+# Ranges that count backbone layers, per backbone other than EfficientNetB0 (238 layers).
+# musicnn has 40: its top 20 are the mid end and the embedding's Dense, the rest the front end.
+BACKBONE_SPACE = {"musicnn": {"stage2_layers": {"min": 0, "max": 40, "step": 5}}}
+
+
+def for_backbone(space: dict, backbone: str, layer_count: int) -> dict:
+    """``space`` for a pack of ``backbone`` (with ``layer_count`` layers): the default range of
+    each option that counts its layers replaced by the backbone's, and every value checked
+    against the count."""
+    space = {name: dict(spec) for name, spec in space.items()}
+    spec = space.get("stage2_layers")
+    if spec is None:
+        return space
+    default = {k: v for k, v in SPACE["stage2_layers"].items()}
+    if {k: v for k, v in spec.items() if k != "default"} == default:
+        own = BACKBONE_SPACE.get(backbone, {}).get("stage2_layers", default)
+        spec = {**own, "default": _nearest(own, TrainConfig().stage2_layers)}
+        space["stage2_layers"] = spec
+    highest = max(spec["values"]) if "values" in spec else spec["max"]
+    if highest > layer_count:
+        raise InputError(f"--space: stage2_layers: {highest} is more than the {layer_count} "
+                         f"layers of the {backbone} backbone")
+    return space
 
 def search_space(overrides: dict | None = None, fixed=None,
                  base: TrainConfig | None = None) -> dict:
