@@ -53,14 +53,17 @@ def weights_prefix() -> str:
     """The checkpoint prefix of MSD_musicnn inside the installed package (not imported: its
     TF1 code does not run here). Its `checkpoint` file names the author's own path, so the
     prefix is given directly."""
-    spec = importlib.util.find_spec("musicnn")
-    folders = list(spec.submodule_search_locations or []) if spec else []
-    for folder in folders:
+    for folder in _package_folders():
         prefix = os.path.join(folder, WEIGHTS_NAME, "")
         if os.path.exists(prefix + ".index"):
             return prefix
     raise MusicnnMissing(f"the musicnn backbone needs the weights in the musicnn package "
                          f"(ISC license), which is not installed: {INSTALL_HINT}")
+
+
+def _package_folders() -> list[str]:
+    spec = importlib.util.find_spec("musicnn")
+    return list(spec.submodule_search_locations or []) if spec else []
 
 
 def build(frames: int | None = None, tags: bool = False, weights: str | None = "msd",

@@ -12,7 +12,7 @@ PACKAGE = pathlib.Path(tclf.__file__).parent
 LAYERS = [
     {"tclf", "tclf.storage", "tclf.faults", "tclf.demo"},
     {"tclf.data"},
-    {"tclf.model"},
+    {"tclf.model", "tclf.musicnn"},
     {"tclf.evaluation"},
     {"tclf.training"},
     {"tclf.tune"},

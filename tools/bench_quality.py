@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""What tclf learns from real music: two option sets and a classic baseline, on the same splits.
+"""What tclf learns from real music: option sets and two yardsticks, on the same splits.
 
 Writes the "quality" section of BENCHMARKS.md. Usage, after tools/setup.sh, on a folder
 CORPUS/<style>/<audio files> of real music, never committed (docs/real-music.md: the one used):
@@ -8,21 +8,25 @@ CORPUS/<style>/<audio files> of real music, never committed (docs/real-music.md:
 
 For each option set, the corpus is extracted once (its extraction options), then packed with
 every split seed (the same tracks on each side for every set: the split is drawn over track
-ids), and tclf-train runs on each pack in its own process, CPU only, --weights none (ImageNet
-weights cannot be downloaded here) and float32 (the same arithmetic on every CPU). Each model
-is scored on its validation split: segment and track accuracy, track macro F1, and the
-expected calibration error (ECE) of the track probabilities, raw (temperature 1) and at the
+ids), and tclf-train runs on each pack with every training seed, each run in its own
+process, CPU only and float32 (the same arithmetic on every CPU). Each model is scored on
+its validation split: segment and track accuracy, track macro F1, and the expected
+calibration error (ECE) of the track probabilities, raw (temperature 1) and at the
 temperature tclf-train stored; "cross-fitted" fits the temperature on one half of the
 validation tracks and measures the other half, both ways, so that it is not scored on what
-it was fitted to.
+it was fitted to. The first model of each set also times `tclf predict` on a few tracks.
 
-The classic baseline, on the same validation tracks: per track, the mean and standard
-deviation over the frames of 20 MFCCs, 12 chroma bins, spectral centroid, bandwidth,
-roll-off, 7 contrast bands, zero-crossing rate and RMS (librosa, on up to 120 s from the
-middle of the track), then a logistic regression (scikit-learn, standardized inputs).
+The yardsticks, on the same validation tracks, each a logistic regression (scikit-learn,
+standardized inputs) on one vector a track:
+- classic: the mean and standard deviation over the frames of 20 MFCCs, 12 chroma bins,
+  spectral centroid, bandwidth, roll-off, 7 contrast bands, zero-crossing rate and RMS
+  (librosa, on up to 120 s from the middle of the track);
+- musicnn + LR, the first thing a user would try instead of tclf: MSD_musicnn's 200-d
+  embedding (tclf's port, the package's weights) of the track's 6 standard segments, each
+  10 s as 3 patches of 3 s, averaged.
 
 An option set is "LABEL: EXTRACT OPTIONS | TRAIN OPTIONS" (either side may be empty), e.g.
---before "today: --segments 6 | --random-backbone-stats 0 --stage2-random-backbone".
+--set "musicnn: --backbone musicnn |" --set "efficientnetb0: | --weights none".
 """
 
 from __future__ import annotations
@@ -44,10 +48,10 @@ import numpy as np  # noqa: E402
 
 import benchlib  # noqa: E402
 
-# tclf's defaults before issue 19, spelled out against today's options.
-BEFORE = ("tclf 0.1 defaults: --training-segments 0 | --random-backbone-stats 0 --stage2-random-backbone "
-          "--no-calibrate --mixup 0 --label-smoothing 0")
-AFTER = "defaults: |"
+# ImageNet weights cannot be downloaded here: EfficientNetB0 runs with a random backbone.
+SETS = ("efficientnetb0 (--weights none): | --weights none",
+        "musicnn: --backbone musicnn |")
+PREDICT_TRACKS = 12  # Timed with each set's first model.
 
 
 def parse_set(text: str) -> tuple[str, list[str], list[str]]:
@@ -124,14 +128,33 @@ def cross_fitted_ece(probabilities, labels, tracks, classes) -> float:
 
 def train_and_score(records: str, models: str, options: list[str], precision: str,
                     log: str) -> dict:
+    """One tclf-train run (reused when its model.h5 is there) and its validation scores."""
+    done = os.path.join(models, "v1", "model.h5")
+    marker = os.path.join(models, "seconds")
+    if not (os.path.exists(done) and os.path.exists(marker)):
+        started = time.time()
+        run([tool("tclf-train"), "--records", records, "--models-dir", models, "--gpus", "none",
+             "--precision", precision, "--verbose", "0", *options], log)
+        open(marker, "w").write(str(time.time() - started))
+    return {**score(done, records), "seconds": float(open(marker).read()),
+            "epochs": _epochs(os.path.join(models, "v1", "training_log.txt")),
+            "model": done}
+
+
+def prediction_time(model: str, corpus: str, log: str) -> dict:
+    """Seconds of a whole `tclf predict` process on PREDICT_TRACKS tracks of the corpus, and
+    per minute of their audio (it reads only their standard segments)."""
+    import soundfile
+
+    files = sorted(os.path.join(corpus, c, f) for c in sorted(os.listdir(corpus))
+                   if os.path.isdir(os.path.join(corpus, c)) and not c.startswith(".")
+                   for f in sorted(os.listdir(os.path.join(corpus, c)))[:PREDICT_TRACKS // 3])
+    minutes = sum(soundfile.info(f).duration for f in files) / 60
     started = time.time()
-    run([tool("tclf-train"), "--records", records, "--models-dir", models, "--weights", "none",
-         "--gpus", "none", "--precision", precision, "--verbose", "0", *options], log)
+    run([tool("tclf-predict"), "--model", model, "--format", "csv", *files], log)
     seconds = time.time() - started
-    latest = sorted((d for d in os.listdir(models) if d[1:].isdigit()), key=lambda d: int(d[1:]))
-    path = os.path.join(models, latest[-1], "model.h5")
-    return {**score(path, records), "seconds": seconds,
-            "epochs": _epochs(os.path.join(models, latest[-1], "training_log.txt"))}
+    return {"tracks": len(files), "seconds": seconds, "per_minute": seconds / minutes,
+            "per_track": seconds / len(files)}
 
 
 def _epochs(log_path: str) -> str:
@@ -184,6 +207,30 @@ def baseline_features(corpus: str, data: str) -> dict[str, np.ndarray]:
     return out
 
 
+def musicnn_features(corpus: str, data: str) -> dict[str, np.ndarray]:
+    """Per track id: MSD_musicnn's embedding of its 6 standard segments, each 3 patches of
+    187 frames (musicnn's training length), averaged."""
+    from tclf import musicnn
+    from tclf.data import audio
+    from tclf.data.extract import read_source
+
+    patch = 187
+    model = musicnn.build(patch)
+    out = {}
+    for label in sorted(os.listdir(data)):
+        folder = os.path.join(data, label)
+        if not os.path.isdir(folder) or label.startswith("."):
+            continue
+        for track in sorted(os.listdir(folder)):
+            path = os.path.join(corpus, label, read_source(os.path.join(folder, track)))
+            mels = [audio.musicnn_input(y) / audio.MUSICNN_SCALE
+                    for _, y in audio.load_segments(path, num_segments=6)]
+            patches = np.stack([m[i * patch:(i + 1) * patch] for m in mels
+                                for i in range(len(m) // patch)])
+            out[f"{label}/{track}"] = model.predict(patches[..., None], verbose=0).mean(axis=0)
+    return out
+
+
 def baseline_scores(features: dict, records: str) -> dict:
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import f1_score
@@ -220,34 +267,46 @@ def _mean(rows, key):
     return float(np.mean([r[key] for r in rows]))
 
 
-def table(results: dict, baseline: list, seeds: list[int]) -> str:
+def table(results: dict, yardsticks: dict, seeds: list[int], train_seeds: list[int],
+          timing: dict) -> str:
+    """Every run (split seed x training seed) of every set, then the means and spreads."""
     labels = list(results)
-    head = ["split seed"] + [f"{label}: {what}" for label in labels
-                             for what in ("segments", "tracks", "track F1")]
-    head += ["baseline: tracks", "baseline: track F1"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" + "---:|" * (len(head) - 1)]
-
-    def row(name, cells):
-        lines.append("| " + " | ".join([name] + [f"{c:.3f}" for c in cells]) + " |")
-
+    head = ["split", "train seed"] + [f"{label}: {what}" for label in labels
+                                      for what in ("segments", "tracks")]
+    head += [f"{name}: tracks" for name in yardsticks]
+    lines = ["| " + " | ".join(head) + " |", "|---|---|" + "---:|" * (len(head) - 2)]
     for i, seed in enumerate(seeds):
-        row(str(seed), [results[label][i][k] for label in labels
-                        for k in ("segment_accuracy", "track_accuracy", "track_macro_f1")]
-            + [baseline[i]["track_accuracy"], baseline[i]["track_macro_f1"]])
-    row("**mean**", [_mean(results[label], k) for label in labels
-                     for k in ("segment_accuracy", "track_accuracy", "track_macro_f1")]
-        + [_mean(baseline, "track_accuracy"), _mean(baseline, "track_macro_f1")])
-    lines += ["", "| option set | track ECE raw | track ECE calibrated (in-sample) | "
-              "track ECE calibrated (cross-fitted) | temperatures | epochs (stage 1+2) | "
-              "training s (mean) |", "|---|---:|---:|---:|---|---|---:|"]
+        for j, train_seed in enumerate(train_seeds):
+            cells = [f"{results[label][i][j][k]:.3f}" for label in labels
+                     for k in ("segment_accuracy", "track_accuracy")]
+            cells += [f"{rows[i]['track_accuracy']:.3f}" if j == 0 else "" for rows in
+                      yardsticks.values()]
+            lines.append("| " + " | ".join([str(seed), str(train_seed)] + cells) + " |")
+    flat = {label: [run for split in results[label] for run in split] for label in labels}
+    cells = [f"**{_mean(flat[label], k):.3f}**" for label in labels
+             for k in ("segment_accuracy", "track_accuracy")]
+    cells += [f"**{_mean(rows, 'track_accuracy'):.3f}**" for rows in yardsticks.values()]
+    lines.append("| **mean** | | " + " | ".join(cells) + " |")
+    cells = [f"{min(r[k] for r in flat[label]):.3f}-{max(r[k] for r in flat[label]):.3f}"
+             for label in labels for k in ("segment_accuracy", "track_accuracy")]
+    cells += [f"{min(r['track_accuracy'] for r in rows):.3f}-"
+              f"{max(r['track_accuracy'] for r in rows):.3f}" for rows in yardsticks.values()]
+    lines.append("| spread (min-max) | | " + " | ".join(cells) + " |")
+    lines += ["", "| option set | track F1 | track ECE raw | track ECE calibrated (in-sample) | "
+              "track ECE calibrated (cross-fitted) | epochs (stage 1+2) | training s a run "
+              "(mean) | tclf predict: s a track, s a minute of audio |",
+              "|---|---:|---:|---:|---:|---|---:|---|"]
     for label in labels:
-        rows = results[label]
+        rows, t = flat[label], timing[label]
         lines.append(
-            f"| {label} | {_mean(rows, 'ece_raw'):.3f} | {_mean(rows, 'ece_calibrated'):.3f} | "
-            f"{_mean(rows, 'ece_cross_fitted'):.3f} | "
-            f"{', '.join('%.2f' % r['temperature'] for r in rows)} | "
-            f"{', '.join(r['epochs'] for r in rows)} | {_mean(rows, 'seconds'):.0f} |")
-    lines.append(f"| classic baseline | {_mean(baseline, 'ece_raw'):.3f} | | | | | |")
+            f"| {label} | {_mean(rows, 'track_macro_f1'):.3f} | {_mean(rows, 'ece_raw'):.3f} | "
+            f"{_mean(rows, 'ece_calibrated'):.3f} | {_mean(rows, 'ece_cross_fitted'):.3f} | "
+            f"{', '.join(r['epochs'] for r in rows)} | {_mean(rows, 'seconds'):.0f} | "
+            f"{t['per_track']:.2f}, {t['per_minute']:.2f} ({t['tracks']} tracks, "
+            f"{t['seconds']:.0f} s with start-up) |")
+    for name, rows in yardsticks.items():
+        lines.append(f"| {name} | {_mean(rows, 'track_macro_f1'):.3f} | "
+                     f"{_mean(rows, 'ece_raw'):.3f} | | | | | |")
     return "\n".join(lines)
 
 
@@ -255,18 +314,21 @@ def table(results: dict, baseline: list, seeds: list[int]) -> str:
 @click.argument("corpus", type=click.Path(exists=True, file_okay=False))
 @click.option("--work", default="/tmp/tclf-quality", show_default=True,
               help="Extracted data, packs, models and the log (reused when re-run).")
-@click.option("--before", "before", default=BEFORE, show_default=True)
-@click.option("--after", "after", default=AFTER, show_default=True)
+@click.option("--set", "option_sets", multiple=True, default=SETS, show_default=True,
+              help="An option set, \"LABEL: EXTRACT OPTIONS | TRAIN OPTIONS\"; repeat for more.")
 @click.option("--seeds", default="0,1,2", show_default=True, help="Split seeds of tclf-pack.")
+@click.option("--train-seeds", default="0,1", show_default=True,
+              help="tclf-train --seed values, each run on every split.")
 @click.option("--precision", default="float32", show_default=True)
 @click.option("--write/--no-write", default=True, help="Write BENCHMARKS.md's section.")
-def main(corpus, work, before, after, seeds, precision, write):
+def main(corpus, work, option_sets, seeds, train_seeds, precision, write):
     started = time.time()
     seeds = [int(s) for s in seeds.split(",")]
+    train_seeds = [int(s) for s in train_seeds.split(",")]
     os.makedirs(work, exist_ok=True)
     log = os.path.join(work, "bench_quality.log")
-    sets = [parse_set(before), parse_set(after)]
-    results, extract_seconds = {}, {}
+    sets = [parse_set(text) for text in option_sets]
+    results, extract_seconds, timing = {}, {}, {}
     for label, extract_options, train_options in sets:
         tick = time.time()
         data = extracted(corpus, work, extract_options, log)
@@ -274,34 +336,46 @@ def main(corpus, work, before, after, seeds, precision, write):
         results[label] = []
         for seed in seeds:
             records = packed(data, seed, log)
-            models = os.path.join(work, "models", hashlib.sha256(
-                label.encode()).hexdigest()[:8], f"split{seed}")
-            outcome = train_and_score(records, models, train_options, precision, log)
-            results[label].append(outcome)
-            click.echo(f"{label} split {seed}: {json.dumps(outcome)}", err=True)
-    tick = time.time()
-    features = baseline_features(corpus, extracted(corpus, work, sets[0][1], log))
-    baseline = [baseline_scores(features, packed(extracted(corpus, work, sets[0][1], log), seed,
-                                                 log)) for seed in seeds]
-    baseline_seconds = time.time() - tick
-    tracks = json.load(open(os.path.join(packed(extracted(corpus, work, sets[0][1], log),
-                                                seeds[0], log), "manifest.json")))
+            runs = []
+            for train_seed in train_seeds:
+                models = os.path.join(work, "models", hashlib.sha256(
+                    label.encode()).hexdigest()[:8], f"split{seed}-seed{train_seed}")
+                outcome = train_and_score(records, models,
+                                          [*train_options, "--seed", str(train_seed)],
+                                          precision, log)
+                runs.append(outcome)
+                click.echo(f"{label} split {seed} seed {train_seed}: {json.dumps(outcome)}",
+                           err=True)
+            results[label].append(runs)
+        timing[label] = prediction_time(results[label][0][0]["model"], corpus, log)
+    first = extracted(corpus, work, sets[0][1], log)
+    yardsticks, seconds = {}, {}
+    for name, vectors in (("classic baseline", baseline_features),
+                          ("musicnn + LR", musicnn_features)):
+        tick = time.time()
+        features = vectors(corpus, first)
+        yardsticks[name] = [baseline_scores(features, packed(first, seed, log))
+                            for seed in seeds]
+        seconds[name] = time.time() - tick
+    tracks = json.load(open(os.path.join(packed(first, seeds[0], log), "manifest.json")))
     minutes = (time.time() - started) / 60
     body = "\n".join([
         "## What tclf learns from real music (tools/bench_quality.py)", "",
-        f"Machine: {benchlib.machine()}. CPU only, --weights none, --precision {precision}.",
+        f"Machine: {benchlib.machine()}. CPU only, --precision {precision}.",
         f"Corpus: {corpus} (docs/real-music.md: "
         f"{', '.join(tracks['classes'])}; "
         f"{sum(len(tracks['splits'][s]['tracks']) for s in ('train', 'val'))} tracks), "
         f"{len(seeds)} track splits (tclf-pack --seed {', '.join(map(str, seeds))}), "
         f"{len(tracks['splits']['val']['tracks'])} validation tracks each, 6 segments a "
-        f"validation track.", "",
+        f"validation track; tclf-train --seed {', '.join(map(str, train_seeds))} on each.", "",
         *[f"- **{label}**: extract `{shlex.join(e) or '(defaults)'}`, train "
           f"`{shlex.join(t) or '(defaults)'}` (extraction {extract_seconds[label]:.0f} s)"
           for label, e, t in sets],
         f"- **classic baseline**: MFCC/chroma/spectral statistics + logistic regression "
-        f"({baseline_seconds:.0f} s)", "",
-        table(results, baseline, seeds), "",
+        f"({seconds['classic baseline']:.0f} s)",
+        f"- **musicnn + LR**: MSD_musicnn embeddings (6 segments x 3 patches a track, "
+        f"averaged) + logistic regression ({seconds['musicnn + LR']:.0f} s)", "",
+        table(results, yardsticks, seeds, train_seeds, timing), "",
         f"Whole run: {minutes:.1f} min."])
     click.echo(body)
     if write:
