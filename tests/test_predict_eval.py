@@ -149,7 +149,8 @@ def test_eval_equals_the_training_report(trained, records_dir, tmp_path):
 
 def test_model_carries_the_extraction_settings(trained):
     assert predict.extraction_settings(trained.model_path) == {
-        "num_segments": 6, "segment_seconds": 10.0, "sample_rate": 22050, "skip_fraction": 0.1}
+        "num_segments": 6, "segment_seconds": 10.0, "sample_rate": 22050, "skip_fraction": 0.1,
+        "backbone": "efficientnetb0"}
 
 
 def test_model_keras_and_model_h5_carry_the_same_model(trained, audio_dir, tmp_path):
