@@ -4,6 +4,7 @@ run with its real weights from audio to prediction, and the one-line errors arou
 from __future__ import annotations
 
 import io
+import json
 import os
 
 import numpy as np
@@ -147,3 +148,23 @@ def test_layer_counts_are_per_backbone():
     assert for_backbone(search_space(), "efficientnetb0", 238)["stage2_layers"]["max"] == 80
     with pytest.raises(InputError, match="more than the 40 layers"):
         for_backbone(search_space({"stage2_layers": [10, 60]}), "musicnn", 40)
+
+
+def test_a_search_on_a_musicnn_pack_searches_its_layers(musicnn_run, tmp_path):
+    """tclf-tune with the pretrained musicnn: its range of stage2_layers, both stages a trial."""
+    from tclf.training.config import TrainConfig
+    from tclf.tune import search
+    from tclf.tune import space as tune_space
+
+    _, packed, _ = musicnn_run
+    options = {**TINY_TRAINING, "weights": "imagenet", "stage2_random_backbone": False}
+    base = TrainConfig(records=packed, **options)
+    fixed = set(options) - {"stage2_layers", "gpus", "verbose"}
+    space = tune_space.search_space({"stage1_lr": 1e-4, "stage2_lr": 1e-5, "dropout": 0.4,
+                                     "stage1_warmup_epochs": 1.0, "stage2_warmup_epochs": 1.0},
+                                    fixed=fixed, base=base)
+    result = search.tune(base, str(tmp_path / "search"), max_trials=1, space=space,
+                         progress=False, echo=lambda line: None)
+    assert [row["status"] for row in result.rows] == ["COMPLETED"]
+    best = json.load(open(tmp_path / "search" / "best_hparams.json"))
+    assert 0 <= best["stage2_layers"] <= 40 and best["stage2_layers"] % 5 == 0

@@ -19,7 +19,7 @@ import numpy as np
 
 from tclf import InputError, storage
 from tclf.data.audio import (  # noqa: F401 (the segment shapes, re-exported)
-    BACKBONES, EFFICIENTNET, FEATURE_SHAPE, IMAGE_SIZE, MUSICNN)
+    BACKBONES, EFFICIENTNET, FEATURE_SHAPE, IMAGE_SIZE, MUSICNN, MUSICNN_SCALE)
 
 SCHEMA_VERSION = 1
 SPECTROGRAM_KEY = "spectrogram"
@@ -141,8 +141,9 @@ def check_manifest(manifest: dict) -> str | None:
     if backbone not in BACKBONES:
         return f"'backbone' must be one of {', '.join(BACKBONES)}, found {backbone!r:.80}"
     scale = manifest.get("spectrogram_scale")
-    if backbone == MUSICNN and not (_is_number(scale) and scale > 0):
-        return f"'spectrogram_scale' must be a positive number, found {scale!r:.80}"
+    if backbone == MUSICNN and scale != MUSICNN_SCALE:
+        return (f"'spectrogram_scale' must be {MUSICNN_SCALE:g} (musicnn's log-mel x "
+                f"{MUSICNN_SCALE:g}), found {scale!r:.80}")
     splits = manifest.get("splits")
     if not isinstance(splits, dict):
         return f"'splits' must be an object with {' and '.join(SPLITS)}, found {splits!r:.80}"
