@@ -127,11 +127,14 @@ def cross_fitted_ece(probabilities, labels, tracks, classes) -> float:
 
 
 def train_and_score(records: str, models: str, options: list[str], precision: str,
-                    log: str) -> dict:
-    """One tclf-train run (reused when its model.h5 is there) and its validation scores."""
+                    log: str, train: bool = True) -> dict | None:
+    """One tclf-train run (reused when its model.h5 is there; not run unless ``train``: None)
+    and its validation scores."""
     done = os.path.join(models, "v1", "model.h5")
     marker = os.path.join(models, "seconds")
     if not (os.path.exists(done) and os.path.exists(marker)):
+        if not train:
+            return None
         started = time.time()
         run([tool("tclf-train"), "--records", records, "--models-dir", models, "--gpus", "none",
              "--precision", precision, "--verbose", "0", *options], log)
@@ -278,12 +281,13 @@ def table(results: dict, yardsticks: dict, seeds: list[int], train_seeds: list[i
     lines = ["| " + " | ".join(head) + " |", "|---|---|" + "---:|" * (len(head) - 2)]
     for i, seed in enumerate(seeds):
         for j, train_seed in enumerate(train_seeds):
-            cells = [f"{results[label][i][j][k]:.3f}" for label in labels
-                     for k in ("segment_accuracy", "track_accuracy")]
+            cells = [f"{results[label][i][j][k]:.3f}" if results[label][i][j] else "not run"
+                     for label in labels for k in ("segment_accuracy", "track_accuracy")]
             cells += [f"{rows[i]['track_accuracy']:.3f}" if j == 0 else "" for rows in
                       yardsticks.values()]
             lines.append("| " + " | ".join([str(seed), str(train_seed)] + cells) + " |")
-    flat = {label: [run for split in results[label] for run in split] for label in labels}
+    flat = {label: [run for split in results[label] for run in split if run]
+            for label in labels}
     cells = [f"**{_mean(flat[label], k):.3f}**" for label in labels
              for k in ("segment_accuracy", "track_accuracy")]
     cells += [f"**{_mean(rows, 'track_accuracy'):.3f}**" for rows in yardsticks.values()]
@@ -321,8 +325,11 @@ def table(results: dict, yardsticks: dict, seeds: list[int], train_seeds: list[i
 @click.option("--train-seeds", default="0,1", show_default=True,
               help="tclf-train --seed values, each run on every split.")
 @click.option("--precision", default="float32", show_default=True)
+@click.option("--finished-only", is_flag=True,
+              help="Report the runs already trained in --work; train none (missing runs are "
+                   "shown as such).")
 @click.option("--write/--no-write", default=True, help="Write BENCHMARKS.md's section.")
-def main(corpus, work, option_sets, seeds, train_seeds, precision, write):
+def main(corpus, work, option_sets, seeds, train_seeds, precision, finished_only, write):
     started = time.time()
     seeds = [int(s) for s in seeds.split(",")]
     train_seeds = [int(s) for s in train_seeds.split(",")]
@@ -334,21 +341,26 @@ def main(corpus, work, option_sets, seeds, train_seeds, precision, write):
         tick = time.time()
         data = extracted(corpus, work, extract_options, log)
         extract_seconds[label] = time.time() - tick
-        results[label] = []
-        for seed in seeds:
-            records = packed(data, seed, log)
-            runs = []
-            for train_seed in train_seeds:
+        runs = {}
+        # Every split with the first training seed, then the next seed: a cut-short run
+        # still has whole splits.
+        for train_seed in train_seeds:
+            for seed in seeds:
                 models = os.path.join(work, "models", hashlib.sha256(
                     label.encode()).hexdigest()[:8], f"split{seed}-seed{train_seed}")
-                outcome = train_and_score(records, models,
+                outcome = train_and_score(packed(data, seed, log), models,
                                           [*train_options, "--seed", str(train_seed)],
-                                          precision, log)
-                runs.append(outcome)
+                                          precision, log, train=not finished_only)
+                if outcome is None:
+                    continue
+                runs[seed, train_seed] = outcome
                 click.echo(f"{label} split {seed} seed {train_seed}: {json.dumps(outcome)}",
                            err=True)
-            results[label].append(runs)
+        results[label] = [[runs.get((seed, t)) for t in train_seeds] for seed in seeds]
         timing[label] = prediction_time(results[label][0][0]["model"], corpus, log)
+        if len(runs) < len(seeds) * len(train_seeds):
+            click.echo(f"{label}: {len(runs)} of {len(seeds) * len(train_seeds)} runs trained",
+                       err=True)
     first = extracted(corpus, work, sets[0][1], log)
     yardsticks, seconds = {}, {}
     for name, vectors in (("classic baseline", baseline_features),
@@ -371,7 +383,9 @@ def main(corpus, work, option_sets, seeds, train_seeds, precision, write):
         f"{len(tracks['splits']['val']['tracks'])} validation tracks each, 6 segments a "
         f"validation track; tclf-train --seed {', '.join(map(str, train_seeds))} on each.", "",
         *[f"- **{label}**: extract `{shlex.join(e) or '(defaults)'}`, train "
-          f"`{shlex.join(t) or '(defaults)'}` (extraction {extract_seconds[label]:.0f} s)"
+          f"`{shlex.join(t) or '(defaults)'}` (extraction {extract_seconds[label]:.0f} s; "
+          f"{sum(bool(r) for split in results[label] for r in split)} of "
+          f"{len(seeds) * len(train_seeds)} runs)"
           for label, e, t in sets],
         f"- **classic baseline**: MFCC/chroma/spectral statistics + logistic regression "
         f"({seconds['classic baseline']:.0f} s)",
